@@ -1,0 +1,69 @@
+"""Hugging Face Hub I/O for diffs through the real ``huggingface_hub`` client.
+
+Downloads honour ``revision``, ``token`` and the usual cache/``HF_ENDPOINT``/offline settings.
+Uploads go in one commit.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from intervene.diff_format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from intervene.errors import DiffFormatError, DiffNotFoundError
+
+if TYPE_CHECKING:
+    from intervene.intervenable import Intervenable
+
+
+def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """A local directory holding the diff: ``repo_or_dir`` itself, or a Hub snapshot of it."""
+    path = Path(repo_or_dir).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise DiffFormatError(f"{path} is a file; a diff is a directory holding {CONFIG_NAME}")
+    repo_id = str(repo_or_dir)
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
+        raise DiffNotFoundError(f"no diff directory at {repo_id!r} (and it is not a Hub repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        local = snapshot_download(repo_id, revision=revision, token=token,
+                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    except RevisionNotFoundError as e:
+        raise DiffNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
+    except RepositoryNotFoundError as e:
+        raise DiffNotFoundError(f"no Hub repo {repo_id!r} (or no access to it: pass token=...)") from e
+    except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+        raise DiffNotFoundError(f"could not fetch {repo_id!r} (offline and not cached?): {e}") from e
+    local = Path(local)
+    if not (local / CONFIG_NAME).is_file():
+        raise DiffNotFoundError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no {CONFIG_NAME}: "
+                                "it is not an intervene diff")
+    return local
+
+
+def push_diff(ivm: Intervenable, repo_id: str, private: bool = False, token: str | None = None,
+              commit_message: str | None = None, revision: str | None = None, create_repo: bool = True) -> Any:
+    """Save ``ivm``'s diff with a card and upload it to ``repo_id`` as one commit."""
+    from huggingface_hub import HfApi
+
+    from intervene.cards import diff_card
+    from intervene.diff_format import read_config
+
+    api = HfApi(token=token)
+    if create_repo:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = ivm.save_pretrained(tmp, card=False)
+        (Path(d) / CARD_NAME).write_text(diff_card(read_config(Path(d)), repo_id=repo_id))
+        return api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision,
+                                 commit_message=commit_message or "Upload intervene diff")

@@ -1,0 +1,263 @@
+"""Architecture-neutral site names resolved to modules from a per-family table plus the config.
+
+Names (DESIGN §3):
+
+* ``layers.{i}`` — output of decoder block ``i`` (the residual stream after it);
+  ``layers.{i}:input`` — its input.
+* ``layers.{i}.attn`` / ``layers.{i}.mlp`` — what attention / the MLP write into the residual.
+* ``layers.{i}.heads`` — the input of the attention output projection viewed as
+  ``[..., n_heads, head_dim]`` (exact under grouped-query attention: it is after attention).
+* any module path (``model.layers.3.self_attn.o_proj``) with an optional ``:input`` / ``:output``.
+
+Wildcards (``layers.*``, ``layers.*.heads``) expand in layer order.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from intervene.errors import SiteError, UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its blocks and the modules that write into the residual stream.
+
+    Paths are relative to the causal-LM wrapper (``LlamaForCausalLM``); the bare base model
+    (``LlamaModel``) is handled by dropping the first path component.
+    """
+
+    layers: str
+    attn_out: str  # relative to a block: the attention output projection
+    mlp_out: str  # relative to a block: the last module of the MLP branch
+    embed: str  # token embedding, relative to the wrapper
+    attn_writer: str | None = None  # module whose *output* is added to the residual, if not attn_out
+    mlp_writer: str | None = None  # likewise for the MLP (post-norms in Gemma-2/3)
+    moe: bool = False
+
+
+_LLAMA = Family("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.embed_tokens")
+_GEMMA2 = Family("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.embed_tokens",
+                 attn_writer="post_attention_layernorm", mlp_writer="post_feedforward_layernorm")
+_MOE = Family("model.layers", "self_attn.o_proj", "mlp", "model.embed_tokens", moe=True)
+
+FAMILIES: dict[str, Family] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "granite")},
+    "gemma2": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "mixtral": _MOE,
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE,
+    "gpt2": Family("transformer.h", "attn.c_proj", "mlp.c_proj", "transformer.wte"),
+    "gpt_neox": Family("gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", "gpt_neox.embed_in"),
+    "gptj": Family("transformer.h", "attn.out_proj", "mlp.fc_out", "transformer.wte"),
+    "opt": Family("model.decoder.layers", "self_attn.out_proj", "fc2", "model.decoder.embed_tokens"),
+    "falcon": Family("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "transformer.word_embeddings"),
+    "bloom": Family("transformer.h", "self_attention.dense", "mlp.dense_4h_to_h", "transformer.word_embeddings"),
+    "phi": Family("model.layers", "self_attn.dense", "mlp.fc2", "model.embed_tokens"),
+}
+
+
+def register_family(model_type: str, family: Family) -> None:
+    """Teach the site table a new ``config.model_type`` (or override a built-in one)."""
+    FAMILIES[model_type] = family
+
+
+@dataclass(frozen=True)
+class Site:
+    """One resolved site: which module, which side of it, and how to view the activation.
+
+    ``heads`` is ``(n_heads, head_dim)`` when the activation is viewed per head; ``width`` is the
+    size of the activation's last dimension as the module sees it (``n_heads*head_dim`` for heads).
+    """
+
+    name: str
+    module_path: str
+    module: nn.Module = field(compare=False, repr=False)
+    side: Literal["input", "output"]
+    layer: int | None = None
+    heads: tuple[int, int] | None = None
+    width: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """Trailing shape of the activation an intervention sees at this site."""
+        if self.heads is not None:
+            return self.heads
+        return None if self.width is None else (self.width,)
+
+
+_CANON = re.compile(r"^layers\.(\d+)(?:(:input|:output)|\.(attn|mlp|heads))?$")
+
+
+def config_value(config, *names: str, default=None):
+    """First attribute of ``config`` (or its ``text_config``) among ``names`` that is set."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for n in names:
+            v = getattr(cfg, n, None)
+            if v is not None:
+                return v
+    return default
+
+
+def family_of(model: nn.Module) -> Family:
+    """The site-table entry for ``model``; raises ``UnsupportedModelError`` for unknown families."""
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    if mtype not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {mtype!r} is not in intervene's site table (known: {', '.join(sorted(FAMILIES))}). "
+            "Use raw module paths as sites, or teach it with intervene.register_family()."
+        )
+    return FAMILIES[mtype]
+
+
+def _get(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
+    """Module at ``path`` on the wrapper, or on the bare base model (first component dropped)."""
+    for p in (path, path.split(".", 1)[1] if "." in path else None):
+        if p is None:
+            continue
+        try:
+            return p, model.get_submodule(p)
+        except AttributeError:
+            continue
+    return None
+
+
+def _in_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.ndim == 2 and type(module).__name__ == "Conv1D":
+        return int(w.shape[0])  # GPT-2's Conv1D stores [in, out]
+    return None
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(config_value(model.config, "num_hidden_layers", "n_layer", "num_layers"))
+
+
+def num_heads(model: nn.Module) -> int:
+    return int(config_value(model.config, "num_attention_heads", "n_head"))
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(config_value(model.config, "hidden_size", "n_embd", "d_model"))
+
+
+def block_path(model: nn.Module, layer: int) -> tuple[str, nn.Module]:
+    fam = family_of(model)
+    found = _get(model, f"{fam.layers}.{layer}")
+    if found is None:
+        raise SiteError(f"could not find block {layer} at {fam.layers!r} on {type(model).__name__}")
+    return found
+
+
+def head_shape(model: nn.Module, o_proj: nn.Module) -> tuple[int, int]:
+    """``(n_heads, head_dim)`` of the input of an attention output projection."""
+    n = num_heads(model)
+    width = _in_features(o_proj)
+    if width is None or width % n:
+        raise SiteError(f"cannot view the input of {type(o_proj).__name__} as {n} heads")
+    return n, width // n
+
+
+def _resolve_canonical(model: nn.Module, name: str, m: re.Match) -> Site:
+    layer = int(m.group(1))
+    if layer >= num_layers(model):
+        raise SiteError(_unknown_message(model, name))
+    bpath, block = block_path(model, layer)
+    fam = family_of(model)
+    part = m.group(3)
+    hidden = hidden_size(model)
+    if part is None:
+        side = "input" if m.group(2) == ":input" else "output"
+        return Site(name, bpath, block, side, layer, None, hidden)
+    if part == "heads":
+        sub = fam.attn_out
+        mod = block.get_submodule(sub)
+        return Site(name, f"{bpath}.{sub}", mod, "input", layer, head_shape(model, mod), None)
+    sub = (fam.attn_writer or fam.attn_out) if part == "attn" else (fam.mlp_writer or fam.mlp_out)
+    try:
+        mod = block.get_submodule(sub)
+    except AttributeError as e:
+        raise SiteError(f"{type(model).__name__} block {layer} has no {sub!r} for site {name!r}") from e
+    return Site(name, f"{bpath}.{sub}", mod, "output", layer, None, hidden)
+
+
+def _resolve_raw(model: nn.Module, name: str) -> Site:
+    path, _, side = name.partition(":")
+    side = side or "output"
+    if side not in ("input", "output"):
+        raise SiteError(f"site {name!r}: the suffix must be ':input' or ':output'")
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        raise SiteError(_unknown_message(model, name)) from None
+    width = _in_features(mod) if side == "input" else None
+    return Site(name, path, mod, side, None, None, width)
+
+
+def resolve_site(model: nn.Module, name: str) -> Site:
+    """Resolve one concrete (wildcard-free) site name on ``model``."""
+    m = _CANON.match(name)
+    if m is not None:
+        return _resolve_canonical(model, name, m)
+    if name.startswith("layers.") and "." not in name[7:].split(":")[0].lstrip("0123456789"):
+        raise SiteError(_unknown_message(model, name))
+    return _resolve_raw(model, name)
+
+
+def site_names(model: nn.Module) -> list[str]:
+    """Every canonical site name of ``model``, in layer order."""
+    out = []
+    for i in range(num_layers(model)):
+        out += [f"layers.{i}:input", f"layers.{i}", f"layers.{i}.attn", f"layers.{i}.mlp", f"layers.{i}.heads"]
+    return out
+
+
+def expand_sites(model: nn.Module, patterns: str | list[str]) -> list[str]:
+    """Expand wildcards (``layers.*``, ``layers.*.heads``, ``layers.1?``) into concrete names.
+
+    Order follows the patterns, then layer order; duplicates are dropped.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names: list[str] = []
+    canon = None
+    for pat in patterns:
+        if any(c in pat for c in "*?["):
+            canon = canon or site_names(model)
+            hits = [n for n in canon if fnmatch.fnmatchcase(n, pat)]
+            if not hits:
+                raise SiteError(_unknown_message(model, pat))
+        else:
+            hits = [pat]
+        names += [h for h in hits if h not in names]
+    return names
+
+
+def resolve_sites(model: nn.Module, patterns: str | list[str]) -> list[Site]:
+    """Expand and resolve ``patterns``; raises ``SiteError`` listing valid names on a miss."""
+    return [resolve_site(model, n) for n in expand_sites(model, patterns)]
+
+
+def _unknown_message(model: nn.Module, name: str) -> str:
+    try:
+        n = num_layers(model)
+        family_of(model)
+        r = f"{{0..{n - 1}}}"
+        valid = (f"layers.{r}, layers.{r}:input, layers.{r}.attn, layers.{r}.mlp, layers.{r}.heads, "
+                 "wildcards like layers.* or layers.*.heads")
+    except Exception:
+        valid = "(this family is not in the site table; only module paths work)"
+    example = next((n for n, _ in model.named_modules() if n), "")
+    return (f"unknown site {name!r} for {type(model).__name__}. Valid names: {valid}; or a module path "
+            f"such as {example!r} with an optional ':input'/':output'.")
