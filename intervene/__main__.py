@@ -1,0 +1,5 @@
+import sys
+
+from intervene.cli import main
+
+sys.exit(main())
