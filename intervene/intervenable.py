@@ -152,14 +152,21 @@ class Intervenable:
         self._ctx = CallContext(x.shape[0], x.shape[1], named.get("attention_mask"),
                                 _past_length(named.get("past_key_values")), self._gen)
 
-    def _context_for(self, h: torch.Tensor) -> CallContext:
+    def _context_for(self, h: torch.Tensor) -> tuple[CallContext, torch.Tensor]:
+        """The call's context and ``h`` viewed as ``[batch, seq, ...]``.
+
+        Some modules see tokens flattened to ``[batch*seq, width]`` (OPT's MLP); they are viewed back.
+        """
         ctx = self._ctx
-        if ctx is not None and h.ndim >= 3 and h.shape[0] == ctx.batch and h.shape[1] == ctx.seq:
-            return ctx
+        if ctx is not None:
+            if h.ndim >= 3 and h.shape[0] == ctx.batch and h.shape[1] == ctx.seq:
+                return ctx, h
+            if h.ndim == 2 and h.shape[0] == ctx.batch * ctx.seq:
+                return ctx, h.view(ctx.batch, ctx.seq, h.shape[1])
         if h.ndim < 3:
             raise PositionsError(f"an activation of shape {tuple(h.shape)} has no [batch, seq] axes")
         # The module ran outside a call of the wrapped model (e.g. a submodule called directly).
-        return CallContext(h.shape[0], h.shape[1], None, 0, None)
+        return CallContext(h.shape[0], h.shape[1], None, 0, None), h
 
     def _make_edit(self, site: Site, entries: list[tuple[Intervention, str]]):
         heads = site.heads
@@ -168,14 +175,12 @@ class Intervenable:
             if not self._enabled:
                 return h
             try:
-                ctx = self._context_for(h)
-                x = h.view(*h.shape[:-1], *heads) if heads is not None else h
+                ctx, h3 = self._context_for(h)
+                x = h3.view(*h3.shape[:-1], *heads) if heads is not None else h3
                 y = x
                 for iv, concrete in entries:
                     y = iv.apply(concrete, y, ctx)
-                if y is x:
-                    return h
-                return y.reshape(h.shape) if heads is not None else y
+                return h if y is x else y.reshape(h.shape)
             except BaseException:
                 # Leave the model clean: a failing edit must not keep editing later calls.
                 self.detach()

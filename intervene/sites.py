@@ -14,7 +14,6 @@ Wildcards (``layers.*``, ``layers.*.heads``) expand in layer order.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -223,8 +222,24 @@ def site_names(model: nn.Module) -> list[str]:
     return out
 
 
+def wildcard_match(pattern: str, name: str) -> bool:
+    """Glob match where ``*`` / ``?`` stay within one name component (no ``.`` or ``:``)."""
+    rx = _WILDCARD_CACHE.get(pattern)
+    if rx is None:
+        parts = []
+        for ch in pattern:
+            parts.append("[^.:]+" if ch == "*" else "[^.:]" if ch == "?" else re.escape(ch))
+        rx = _WILDCARD_CACHE[pattern] = re.compile("^" + "".join(parts) + "$")
+    return rx.match(name) is not None
+
+
+_WILDCARD_CACHE: dict[str, re.Pattern] = {}
+
+
 def expand_sites(model: nn.Module, patterns: str | list[str]) -> list[str]:
     """Expand wildcards (``layers.*``, ``layers.*.heads``, ``layers.1?``) into concrete names.
+
+    ``*`` matches within one component: ``layers.*`` is every block output, not every site.
 
     Order follows the patterns, then layer order; duplicates are dropped.
     """
@@ -233,9 +248,9 @@ def expand_sites(model: nn.Module, patterns: str | list[str]) -> list[str]:
     names: list[str] = []
     canon = None
     for pat in patterns:
-        if any(c in pat for c in "*?["):
+        if any(c in pat for c in "*?"):
             canon = canon or site_names(model)
-            hits = [n for n in canon if fnmatch.fnmatchcase(n, pat)]
+            hits = [n for n in canon if wildcard_match(pat, n)]
             if not hits:
                 raise SiteError(_unknown_message(model, pat))
         else:

@@ -7,7 +7,6 @@ along it (``+ value * r``), as in refusal-direction ablation / activation clampi
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from intervene.errors import InterventionError
 from intervene.intervention import Intervention, register
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
-from intervene.sites import Site
+from intervene.sites import Site, wildcard_match
 
 
 def _as_site_dict(vectors: Mapping[str, torch.Tensor] | torch.Tensor, sites: str | list[str] | None,
@@ -62,7 +61,7 @@ class _PerSite(Intervention):
         if concrete in self.vectors:
             return concrete
         for pat in self.vectors:
-            if fnmatch.fnmatchcase(concrete, pat):
+            if wildcard_match(pat, concrete):
                 return pat
         raise InterventionError(f"{self.name}: no vector for site {concrete!r}")
 
@@ -201,8 +200,11 @@ class DirectionalAblation(_PerSite):
 
     @classmethod
     def from_saved(cls, sites, positions: Positions, name, params, tensors) -> DirectionalAblation:
-        return cls(cls._vectors_from(tensors, "direction", sites), value=params.get("value"),
-                   positions=positions, name=name)
+        # Saved directions are already unit: normalising again would move their last bits.
+        obj = cls.__new__(cls)
+        _PerSite.__init__(obj, cls._vectors_from(tensors, "direction", sites), positions, name)
+        obj.value = params.get("value")
+        return obj
 
     @classmethod
     def from_probe(cls, probe: Any, site: str | list[str], value: float | None = None,
