@@ -93,7 +93,7 @@ def _reference_generate(model, rows, positions, n: int, site_path: str, vec: tor
                     sel[b] |= pos[b] == (i if i >= 0 else int(plen[b]) + i)
         sel &= am.bool()
         hook = model.get_submodule(site_path).register_forward_hook(
-            lambda m, a, o: torch.where(sel[..., None], o + vec, o))
+            lambda m, a, o, sel=sel: torch.where(sel[..., None], o + vec, o))
         try:
             logits = model(input_ids=ids, attention_mask=am, position_ids=pos.clamp(min=0)).logits[:, -1]
         finally:
