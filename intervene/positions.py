@@ -85,6 +85,7 @@ class GenerationState:
 
     batch0: int  # rows in the user's input, before beams / num_return_sequences expand it
     prompt_len: torch.Tensor | None = None  # [batch] set by the first forward call
+    calls: int = 0  # forward calls so far
 
 
 class CallContext:
@@ -104,8 +105,13 @@ class CallContext:
         self._abs: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._prompt: torch.Tensor | None = None
-        if gen is not None and gen.prompt_len is None:
-            gen.prompt_len = self._row_lengths()
+        # A one-token call after the prompt inside generate is a cached decode step: its token is
+        # a real, generated token in every row. Named specs then need no tensor work at all.
+        self.decode_step = gen is not None and gen.calls > 0 and seq == 1
+        if gen is not None:
+            if gen.prompt_len is None:
+                gen.prompt_len = self._row_lengths()
+            gen.calls += 1
 
     def _row_lengths(self) -> torch.Tensor:
         if self._am is not None:
@@ -173,6 +179,8 @@ class CallContext:
         return m
 
     def _build(self, p: Positions) -> torch.Tensor | bool | None:
+        if self.decode_step and p.kind in _NAMED:
+            return None if p.kind in ("all", "generated") else _NONE
         if p.kind == "all":
             return self.valid
         pos, plen = self.abs_pos, self.prompt_len[:, None]
