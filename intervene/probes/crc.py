@@ -1,0 +1,118 @@
+"""Contrast-Representation Clustering (CRC): unsupervised eigenvector probes on contrast pairs.
+
+Two variants:
+
+* ``method="vinc"`` — elk's VINC objective (``EigenReporter``/``EigenFitter``): the top eigenvector
+  (largest algebraic eigenvalue) of
+
+      A = var_weight * (Cov(x+) + Cov(x-)) / 2
+          - neg_cov_weight * (Cov(x+, x-) + Cov(x-, x+)) / 2
+          - (1 - neg_cov_weight) * (within-pair-variant covariance)
+
+  Each side is centred on its own mean, so the pseudo-label (which side of the pair a statement
+  is) contributes no variance. With one prompt variant per pair — what ``fit(x_pos, x_neg)``
+  receives — the invariance term is zero, and elk's defaults (``var_weight=0``,
+  ``neg_cov_weight=0.5``) look for the direction in which the two sides of a pair are most
+  *anti*-correlated: a truth feature says yes on exactly one side. elk also erases the
+  pseudo-label direction ``mean(x+) - mean(x-)`` from ``A``; we do the same with an orthogonal
+  projection (elk uses LEACE's oblique one), controlled by ``erase_pseudolabel``.
+* ``method="pca"`` — elk-generalization's CRC-TPC: the top principal component of the centred
+  pair differences ``x+ - x-``.
+
+The sign of the eigenvector is arbitrary (we fix it canonically: largest-magnitude coordinate
+positive) until :meth:`~intervene.probes.base.Probe.calibrate` is called with labels.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from intervene.probes.base import ArrayLike, LinearProbe, check_pair, register_probe
+
+__all__ = ["CRCProbe"]
+
+
+def _canonical_sign(v: torch.Tensor) -> torch.Tensor:
+    """Flip each vector ``[..., D]`` so its largest-magnitude coordinate is positive (deterministic)."""
+    idx = v.abs().argmax(-1, keepdim=True)
+    sign = torch.sign(v.gather(-1, idx))
+    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def _cov(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cross-covariance of centred ``a``, ``b`` [*batch, N, D] -> [*batch, D, D] (float64)."""
+    n = a.shape[-2]
+    return (a.transpose(-1, -2) @ b).double() / max(n - 1, 1)
+
+
+@register_probe("crc")
+class CRCProbe(LinearProbe):
+    """Unsupervised CRC probe on contrast pairs (see the module docstring for the objectives).
+
+    Args:
+        method: ``"vinc"`` (elk's eigen objective) or ``"pca"`` (top PC of pair differences).
+        var_weight: VINC weight of the within-side variance term (elk default 0).
+        neg_cov_weight: VINC weight of the (negated) cross-side covariance, in [0, 1] (elk default 0.5).
+        erase_pseudolabel: VINC only — project ``mean(x+) - mean(x-)`` out of the objective.
+
+    Learned attributes:
+        ``coef_`` [*batch, D] (unit eigenvector, times the Platt scale after ``calibrate``),
+        ``intercept_`` [*batch] (centres the training scores; Platt bias after ``calibrate``),
+        ``direction_`` (unit), ``eigenvalue_`` [*batch] (the objective value reached).
+
+    The score of a pair is ``(x_pos - x_neg) @ coef_ + intercept_``.
+    """
+
+    n_inputs: ClassVar[int] = 2
+    _tensor_attrs: ClassVar[dict[str, int]] = {"coef_": 1, "intercept_": 0, "eigenvalue_": 0}
+
+    def __init__(
+        self,
+        method: Literal["vinc", "pca"] = "vinc",
+        var_weight: float = 0.0,
+        neg_cov_weight: float = 0.5,
+        erase_pseudolabel: bool = True,
+    ) -> None:
+        self.method = method
+        self.var_weight = var_weight
+        self.neg_cov_weight = neg_cov_weight
+        self.erase_pseudolabel = erase_pseudolabel
+
+    def fit(self, x_pos: ArrayLike, x_neg: ArrayLike) -> CRCProbe:
+        """Fit on contrast pairs ``x_pos``, ``x_neg`` [*batch, N, D] (no labels)."""
+        xp, xn = check_pair(x_pos, x_neg)
+        mu_p, mu_n = xp.mean(-2, keepdim=True), xn.mean(-2, keepdim=True)
+        if self.method == "pca":
+            diff = (xp - mu_p) - (xn - mu_n)
+            objective = _cov(diff, diff)
+        elif self.method == "vinc":
+            if not 0.0 <= self.neg_cov_weight <= 1.0:
+                raise ValueError("neg_cov_weight must be in [0, 1]")
+            cp, cn = xp - mu_p, xn - mu_n
+            var = (_cov(cp, cp) + _cov(cn, cn)) / 2
+            xcov = _cov(cp, cn)
+            objective = self.var_weight * var - self.neg_cov_weight * (xcov + xcov.transpose(-1, -2)) / 2
+            if self.erase_pseudolabel:
+                u = (mu_p - mu_n).squeeze(-2).double()
+                u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+                eye = torch.eye(u.shape[-1], dtype=torch.float64, device=u.device)
+                proj = eye - u.unsqueeze(-1) * u.unsqueeze(-2)
+                objective = proj @ objective @ proj
+        else:
+            raise ValueError(f"unknown CRC method {self.method!r}; use 'vinc' or 'pca'")
+        objective = (objective + objective.transpose(-1, -2)) / 2
+        evals, evecs = torch.linalg.eigh(objective)
+        top = _canonical_sign(evecs[..., :, -1])
+        self.coef_ = top.to(xp.dtype)
+        mean_diff = (mu_p - mu_n).squeeze(-2)
+        self.intercept_ = -(self.coef_ * mean_diff).sum(-1)
+        self.eigenvalue_ = evals[..., -1].to(xp.dtype)
+        return self
+
+    def _features(self, *xs: ArrayLike) -> torch.Tensor:
+        if len(xs) != 2:
+            raise TypeError("CRCProbe takes a contrast pair: (x_pos, x_neg), each [..., N, D]")
+        xp, xn = check_pair(*xs)
+        return xp - xn

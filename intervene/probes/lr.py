@@ -1,0 +1,245 @@
+"""Logistic-regression probe: scikit-learn's L2 ``LogisticRegression`` objective, batched solvers.
+
+Fitting ``[L, N, D]`` (layers) or ``[L, H, N, D]`` (attention heads, as ITI needs) fits every
+probe in one batched solve instead of a Python loop over scikit-learn. Two solvers:
+
+* ``"newton"`` (:mod:`intervene.probes.solvers`): ~5-15 iterations whatever the conditioning, each
+  an ``N x D^2`` GEMM and a ``(D+1)^2`` Cholesky solve.
+* ``"lbfgs"`` (:mod:`intervene.probes.lbfgs`): O(N D) per iteration, but the iteration count grows
+  with the conditioning of the features.
+
+Measured on a 2-core CPU (5,000 examples, one thread): on isotropic synthetic features L-BFGS
+catches up with Newton around ``D = 512..768``; on anisotropic ones (a power-law spectrum with a
+few massive dimensions, like real residual streams) L-BFGS — ours and scikit-learn's — needs
+600-1,700 iterations and Newton stays 3-30x faster up to ``D = 768``. ``solver="auto"`` therefore
+uses Newton up to ``D = 1024`` (where one Hessian is ~10 GFLOP) and L-BFGS above.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from intervene.probes import metrics
+from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels, register_probe
+from intervene.probes.lbfgs import lbfgs_linear
+from intervene.probes.solvers import DEFAULT_CHUNK_BYTES, fit_logistic
+
+__all__ = ["LogisticRegressionProbe"]
+
+NEWTON_MAX_DIM = 1024
+
+
+@register_probe("logistic_regression")
+class LogisticRegressionProbe(LinearProbe):
+    """L2-regularised logistic regression on activations.
+
+    Minimises ``C * sum_i loss_i + |w|^2 / 2`` (scikit-learn's objective; the intercept is not
+    penalised), so results match ``sklearn.linear_model.LogisticRegression(C=C)``.
+
+    Args:
+        C: inverse regularisation strength (scikit-learn's ``C``).
+        Cs: if given, choose ``C`` from these values by ``cv``-fold cross-validation, separately
+            for every batch item (all folds x Cs x items are solved in one batched solve).
+        cv: number of folds for ``Cs``.
+        cv_scoring: ``"log_loss"`` (mean validation log-loss), ``"accuracy"`` or ``"auroc"``.
+        fit_intercept: learn an (unpenalised) intercept.
+        solver: ``"auto"``, ``"newton"`` or ``"lbfgs"`` (see the module docstring).
+        max_iter: iterations at most (None: 100 for Newton, 1000 for L-BFGS).
+        tol: stop when the (quasi-)Newton decrement ``g^T H^-1 g / 2``, an estimate of the
+            distance to the optimal mean log-loss, is below ``tol``.
+        seed: seeds the cross-validation fold assignment.
+        chunk_bytes: features solved at once (keep it cache-sized: each chunk runs to convergence).
+
+    Learned attributes:
+        coef_ ``[*batch, D]``, intercept_ ``[*batch]``, direction_ ``[*batch, D]`` (unit norm),
+        C_ ``[*batch]`` (the C used, chosen by CV if ``Cs``), n_iter_ (iterations of the slowest
+        problem), converged_ (all problems converged), cv_scores_ ``[len(Cs), *batch]`` (if ``Cs``;
+        higher is better; not saved).
+    """
+
+    _tensor_attrs: ClassVar[dict[str, int]] = {"coef_": 1, "intercept_": 0, "C_": 0}
+    _meta_attrs: ClassVar[tuple[str, ...]] = ("n_iter_", "converged_")
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        Cs: Sequence[float] | None = None,
+        cv: int = 5,
+        cv_scoring: Literal["log_loss", "accuracy", "auroc"] = "log_loss",
+        fit_intercept: bool = True,
+        solver: Literal["auto", "newton", "lbfgs"] = "auto",
+        max_iter: int | None = None,
+        tol: float = 1e-8,
+        seed: int = 0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.C = C
+        self.Cs = Cs
+        self.cv = cv
+        self.cv_scoring = cv_scoring
+        self.fit_intercept = fit_intercept
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+        self.chunk_bytes = chunk_bytes
+
+    def fit(
+        self, x: ArrayLike, y: ArrayLike, sample_weight: ArrayLike | None = None
+    ) -> LogisticRegressionProbe:
+        """Fit on features ``x`` ``[*batch, N, D]`` and labels ``y`` ``[N]`` or ``[*batch, N]``.
+
+        ``sample_weight`` (``[N]`` or ``[*batch, N]``) scales each sample's loss, as in scikit-learn.
+        """
+        xt = as_features(x)
+        batch = xt.shape[:-2]
+        n, d = xt.shape[-2:]
+        dev = xt.device
+        yt = as_labels(y, xt)
+        yt = yt.expand(*batch, n) if yt.ndim == 1 else yt
+        if yt.shape[:-1] != batch:
+            raise ValueError(f"y's batch dims {tuple(yt.shape[:-1])} do not match x's {tuple(batch)}")
+        nb = max(1, batch.numel())
+        x_flat, y_flat = xt.reshape(nb, n, d), yt.reshape(nb, n)
+        sw = torch.ones(nb, n, dtype=torch.float64, device=dev)
+        if sample_weight is not None:
+            sw_t = torch.as_tensor(sample_weight, dtype=torch.float64).detach().to(dev)
+            sw = sw_t.expand(*batch, n).reshape(nb, n)
+        if self.Cs is not None:
+            c_best, scores = self._cross_validate(x_flat, y_flat, sw)
+            self.cv_scores_ = scores.reshape(len(self.Cs), *batch)
+        else:
+            c_best = torch.full((nb,), float(self.C), dtype=torch.float64, device=dev)
+        coef, intercept, n_iter, converged = self._solve(
+            x_flat, y_flat, sw.unsqueeze(-1), c_best.unsqueeze(-1)
+        )
+        self.coef_ = coef[:, 0].to(xt.dtype).reshape(*batch, d)
+        self.intercept_ = intercept[:, 0].to(xt.dtype).reshape(batch)
+        self.C_ = c_best.reshape(batch)
+        self.n_iter_ = n_iter
+        self.converged_ = converged
+        return self
+
+    def _solve(
+        self, x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """Fit ``R`` problems per batch item sharing its features.
+
+        ``x`` [B, N, D], ``y`` [B, N], sample weights ``sw`` [B, N, R], ``c`` [B, R] (the C of each
+        problem). Returns float64 ``coef`` [B, R, D], ``intercept`` [B, R], iterations, converged.
+        """
+        nb, n, d = x.shape
+        r = sw.shape[-1]
+        total = sw.sum(-2)  # [B, R]
+        l2 = 1.0 / (c * total)  # scikit-learn's C, on the weight-normalised objective
+        solver = self.solver if self.solver != "auto" else ("newton" if d <= NEWTON_MAX_DIM else "lbfgs")
+        if solver == "newton":
+            res = fit_logistic(
+                x,
+                y,
+                l2.reshape(-1),
+                sample_weight=sw.transpose(-1, -2).reshape(nb * r, n),
+                x_index=torch.arange(nb, device=x.device).repeat_interleave(r),
+                y_index=torch.arange(nb, device=x.device).repeat_interleave(r),
+                fit_intercept=self.fit_intercept,
+                max_iter=self.max_iter or 100,
+                tol=self.tol,
+                chunk_bytes=self.chunk_bytes,
+            )
+            coef, intercept = res.coef.reshape(nb, r, d), res.intercept.reshape(nb, r)
+            return coef, intercept, int(res.n_iter.max()), bool(res.converged.all())
+        if solver != "lbfgs":
+            raise ValueError(f"unknown solver {self.solver!r}; use 'auto', 'newton' or 'lbfgs'")
+        swn = sw / total.unsqueeze(-2).clamp_min(1e-300)
+        theta = torch.zeros(nb, r, d + 1, dtype=torch.float64, device=x.device)
+        n_iter, converged = 0, True
+        chunk = max(1, self.chunk_bytes // max(1, n * d * x.element_size()))
+        for start in range(0, nb, chunk):
+            sl = slice(start, start + chunk)
+            yc, wc = y[sl].double().unsqueeze(-2), swn[sl].transpose(-1, -2)  # [Bc, 1, N], [Bc, R, N]
+
+            def loss_grad(zs: list[torch.Tensor], yc=yc, wc=wc) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                z = zs[0]
+                target = yc.expand_as(z)
+                loss = (wc * F.binary_cross_entropy_with_logits(z, target, reduction="none")).sum(-1)
+                return loss, [wc * (torch.sigmoid(z) - target)]
+
+            res = lbfgs_linear(
+                [x[sl]],
+                theta[sl],
+                loss_grad,
+                l2=l2[sl],
+                fit_bias=self.fit_intercept,
+                max_iter=self.max_iter or 1000,
+                history=10,
+                dtol=self.tol,
+                ftol=1e-15,
+            )
+            theta[sl] = res.theta
+            n_iter = max(n_iter, res.n_iter)
+            converged = converged and bool(res.converged.all())
+        return theta[..., :d], theta[..., d], n_iter, converged
+
+    def _cross_validate(
+        self, x: torch.Tensor, y: torch.Tensor, sw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick C per batch item by K-fold CV; returns ``(best C [B], mean scores [len(Cs), B])``.
+
+        Each (C, fold) pair is one more problem on the same features (the folds are 0/1 sample
+        weights), so all are solved together without copying the data.
+        """
+        dev = x.device
+        cs = torch.tensor([float(c) for c in self.Cs], dtype=torch.float64, device=dev)  # type: ignore[union-attr]
+        nb, n = y.shape
+        k = int(self.cv)
+        if k < 2 or k > n:
+            raise ValueError(f"cv must be between 2 and the number of samples, got {k}")
+        shared_y = y[0].cpu() if bool((y == y[:1]).all()) else None
+        folds = _stratified_folds(shared_y, n, k, self.seed).to(dev)  # [N]
+        train = (folds.unsqueeze(0) != torch.arange(k, device=dev).unsqueeze(1)).double()  # [K, N]
+        n_c = cs.shape[0]
+        # Problems per item, ordered (C, fold): weights [B, N, C*K], Cs [B, C*K].
+        weight = (sw.unsqueeze(1) * train.unsqueeze(0)).repeat(1, n_c, 1).transpose(1, 2)
+        c_per = cs.repeat_interleave(k).expand(nb, -1)
+        coef, intercept, _, _ = self._solve(x, y, weight, c_per)
+        logits = (x.double() @ coef.transpose(-1, -2)) + intercept.unsqueeze(-2)  # [B, N, C*K]
+        logits = logits.reshape(nb, n, n_c, k).permute(2, 3, 0, 1)  # [C, K, B, N]
+        scores = torch.empty(n_c, k, nb, dtype=torch.float64, device=dev)
+        for fold in range(k):
+            val = folds == fold
+            yv = y[:, val].double().expand(n_c, nb, -1)
+            scores[:, fold] = _cv_score(self.cv_scoring, yv, logits[:, fold][..., val])
+        mean = scores.nanmean(1)  # [C, B]
+        best = mean.nan_to_num(-torch.inf).argmax(0)
+        return cs[best], mean
+
+
+def _cv_score(kind: str, y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Higher-is-better validation score per problem, ``[..., N] -> [...]``."""
+    if kind == "log_loss":
+        return -F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)
+    if kind == "accuracy":
+        return torch.as_tensor(metrics.accuracy(y, torch.sigmoid(logits)))
+    if kind == "auroc":
+        return torch.as_tensor(metrics.auroc(y, logits))
+    raise ValueError(f"unknown cv_scoring {kind!r}; use 'log_loss', 'accuracy' or 'auroc'")
+
+
+def _stratified_folds(y: torch.Tensor | None, n: int, k: int, seed: int) -> torch.Tensor:
+    """Fold id per sample: a seeded shuffle, dealt round-robin within each class if ``y`` is shared."""
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    folds = torch.empty(n, dtype=torch.int64)
+    if y is None:
+        folds[perm] = torch.arange(n) % k
+        return folds
+    offset = 0
+    for cls in (0, 1):
+        members = perm[y[perm] == cls]
+        folds[members] = (torch.arange(members.numel()) + offset) % k
+        offset += members.numel()
+    return folds
