@@ -50,3 +50,64 @@ out = ivm.generate(**inputs, max_new_tokens=64)
 ```
 Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`.
 """
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """``name`` if it can be a Hub model id (``base_model`` in a card must be one), else ``None``."""
+    import os
+
+    if not name or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
+        return None
+    return name
+
+
+def baked_card(interventions: list[dict[str, Any]], edited: list[str], created: list[str],
+               config_flags: dict[str, Any], metadata: dict[str, Any] | None = None,
+               base_model: str | None = None, repo_id: str | None = None) -> str:
+    """A card for a model with interventions baked into its weights (loads without intervene)."""
+    base = hub_model_id(base_model)
+    meta = dict(metadata or {})
+    metrics = meta.pop("metrics", None)
+    rows = "\n".join(
+        f"| `{e['name']}` | {e['type']} | {', '.join(f'`{s}`' for s in e['sites'])} | `{json.dumps(e.get('params') or {})}` |"
+        for e in interventions)
+    fitted = "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) or "- (no fitting metadata recorded)"
+    if isinstance(metrics, dict) and metrics:
+        metric_text = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
+    else:
+        metric_text = "(no metrics recorded)"
+    flags = ", ".join(f"`{k}={v}`" for k, v in config_flags.items()) or "none"
+    changed = "\n".join(f"- `{n}`" for n in edited) or "- (none)"
+    new = f"\n\nNew zero-initialised biases (created through the config flags above): {len(created)}." if created else ""
+    where = repo_id or "path/to/this/model"
+    return f"""{_front_matter(base, ["intervene", "baked", "steering"])}
+
+# {'Baked intervention on ' + base if base else 'Model with baked interventions'}
+
+The interventions below were written into the weights by
+[intervene](https://github.com/)'s exact baking: the logits equal those of the base model with the
+interventions applied as hooks (at every position; within float rounding). No extra code is needed to
+load it.
+
+| name | type | sites | params |
+|---|---|---|---|
+{rows}
+
+## What changed in the weights
+Config flags set: {flags}.
+
+{changed}{new}
+
+## How it was fitted
+{fitted}
+
+## Metrics
+{metric_text}
+
+## How to load
+```python
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained({where!r})
+```
+"""

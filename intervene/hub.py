@@ -51,19 +51,51 @@ def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token
     return local
 
 
-def push_diff(ivm: Intervenable, repo_id: str, private: bool = False, token: str | None = None,
-              commit_message: str | None = None, revision: str | None = None, create_repo: bool = True) -> Any:
-    """Save ``ivm``'s diff with a card and upload it to ``repo_id`` as one commit."""
-    from huggingface_hub import HfApi
+def upload_dir(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+               commit_message: str | None = None, revision: str | None = None, create_repo: bool = True,
+               delete_stale: tuple[str, ...] = ()) -> Any:
+    """Upload every file under ``folder`` to ``repo_id`` as exactly one commit.
 
-    from intervene.cards import diff_card
-    from intervene.diff_format import read_config
+    Uses ``create_commit`` rather than ``upload_folder``: with ``hf_xet`` installed the latter may
+    split a large folder into several commits. Creates the repo and, for ``revision``, the branch
+    (from ``main``) when missing. Remote files matching ``delete_stale`` (glob patterns) that this
+    upload does not replace are deleted in the same commit (e.g. old weight shards, which
+    ``from_pretrained`` would otherwise still pick up). Returns the ``CommitInfo``.
+    """
+    import fnmatch
 
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    folder = Path(folder)
     api = HfApi(token=token)
     if create_repo:
         api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and revision != "main" and not revision.startswith("refs/") \
+            and not _is_commit_hash(revision):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    ops: list[Any] = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+                      for p in sorted(folder.rglob("*")) if p.is_file()]
+    if delete_stale:
+        new = {op.path_in_repo for op in ops}
+        remote = api.list_repo_files(repo_id, revision=revision)
+        ops += [CommitOperationDelete(path_in_repo=f) for f in remote
+                if f not in new and any(fnmatch.fnmatchcase(f, pat) for pat in delete_stale)]
+    return api.create_commit(repo_id, operations=ops, revision=revision,
+                             commit_message=commit_message or f"Upload {len(ops)} files with intervene")
+
+
+def _is_commit_hash(rev: str) -> bool:
+    return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
+
+
+def push_diff(ivm: Intervenable, repo_id: str, private: bool = False, token: str | None = None,
+              commit_message: str | None = None, revision: str | None = None, create_repo: bool = True) -> Any:
+    """Save ``ivm``'s diff with a card and upload it to ``repo_id`` (branch ``revision``) as one commit."""
+    from intervene.cards import diff_card
+    from intervene.diff_format import read_config
+
     with tempfile.TemporaryDirectory() as tmp:
         d = ivm.save_pretrained(tmp, card=False)
         (Path(d) / CARD_NAME).write_text(diff_card(read_config(Path(d)), repo_id=repo_id))
-        return api.upload_folder(folder_path=tmp, repo_id=repo_id, revision=revision,
-                                 commit_message=commit_message or "Upload intervene diff")
+        return upload_dir(tmp, repo_id, private=private, token=token, revision=revision, create_repo=create_repo,
+                          commit_message=commit_message or "Upload intervene diff")

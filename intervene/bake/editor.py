@@ -1,0 +1,347 @@
+"""The weight editor: collects affine edits at residual locations, then folds them into weights.
+
+Every edit a baker can express is an affine map of an activation: ``y -> P y + c`` with ``P``
+either the identity or ``I - r rᵀ`` (``r`` a unit vector). Edits of a writer's *output* fold as
+``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
+reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
+
+Recording and :meth:`WeightEditor.plan` only read the source model, so every refusal comes before
+any copy. :meth:`WeightEditor.finish` then writes into the copy one tensor at a time: each new
+value is computed in float64 beside the old one, cast to the model's dtype, checked to be finite,
+and only then copied in (cf. PEFT's ``safe_merge``).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from intervene.bake.layout import Layout, Loc, Part, layout_of, writer_paths
+from intervene.errors import NotBakeableError
+from intervene.sites import hidden_size, num_layers
+
+_seq = itertools.count()
+
+
+@dataclass(frozen=True)
+class _Op:
+    r: torch.Tensor | None  # unit direction: project with I - r rᵀ first
+    c: torch.Tensor | None  # then add this constant
+    order: int
+    why: str
+    seq: int = field(default_factory=lambda: next(_seq))
+
+
+@dataclass
+class BakeReport:
+    """What a bake changed: parameter names, created biases, config flags, untied embeddings."""
+
+    edited: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    config_flags: dict[str, Any] = field(default_factory=dict)
+    untied_embeddings: bool = False
+    interventions: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Writer:
+    """A residual writer's weight viewed as ``[..., out, in]`` (Linear, GPT-2 Conv1D, MoE experts)."""
+
+    def __init__(self, model: nn.Module, path: str, hidden: int) -> None:
+        self.path = path
+        mod = model.get_submodule(path)
+        self.module = mod
+        experts = getattr(mod, "experts", None)
+        if isinstance(mod, nn.Linear):
+            self.kind, self.param = "linear", mod.weight
+        elif type(mod).__name__ == "Conv1D" and mod.weight.ndim == 2:
+            self.kind, self.param = "conv1d", mod.weight  # stored [in, out]
+        elif experts is not None and isinstance(getattr(experts, "down_proj", None), torch.Tensor) \
+                and experts.down_proj.ndim == 3 and experts.down_proj.shape[-2] == hidden \
+                and not any(hasattr(mod, a) for a in ("shared_expert", "shared_experts")):
+            self.kind, self.param = "experts", experts.down_proj  # [experts, out, in]
+        else:
+            raise NotBakeableError(f"{path} ({type(mod).__name__}) is not a Linear, Conv1D or plain MoE "
+                                   "experts block, so edits of what it writes cannot be folded into it")
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.path}.experts.down_proj" if self.kind == "experts" else f"{self.path}.weight"
+
+    @property
+    def can_hold_bias(self) -> bool:
+        return self.kind != "experts"
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.module, "bias", None) if self.kind != "experts" else None
+
+    def weight64(self) -> torch.Tensor:
+        w = self.param.detach().to(torch.float64)
+        return w.t() if self.kind == "conv1d" else w
+
+    def stored(self, w: torch.Tensor) -> torch.Tensor:
+        return w.t() if self.kind == "conv1d" else w
+
+
+class WeightEditor:
+    """Collects edits from bakers against ``source``, then writes them into a copy of it.
+
+    Recording touches nothing, so a refusal costs no copy of the model.
+
+    Bakers call :meth:`add`, :meth:`project` and :meth:`project_residual`; vectors are ``[hidden]``
+    for residual locations and ``[in_features]`` for ``"in"`` locations.
+    """
+
+    def __init__(self, source: nn.Module, n_interventions: int = 1) -> None:
+        self.source = source  # where the sites were resolved; edits are recorded against it
+        self.model = source  # until finish(target) points it at the copy being written
+        self.layout: Layout = layout_of(source)
+        self.n_layers = num_layers(source)
+        self.hidden = hidden_size(source)
+        self.n_interventions = n_interventions
+        self.report = BakeReport()
+        self._out: dict[tuple[int, Part], list[_Op]] = {}
+        self._in: dict[tuple[int, Part], list[_Op]] = {}
+        self._embed: list[_Op] = []
+        self._plan: tuple[list, dict, set, dict] | None = None
+
+    # ---- what bakers call ----------------------------------------------------------------------
+    def add(self, loc: Loc, vector: torch.Tensor, why: str) -> None:
+        """Add ``vector`` at ``loc`` (at every position)."""
+        self._push(loc, _Op(None, vector.detach().to(torch.float64).reshape(-1), loc.order, why))
+
+    def project(self, loc: Loc, direction: torch.Tensor, value: float | None, why: str) -> None:
+        """``h <- h - (h·r) r (+ value r)`` at ``loc``; ``direction`` must be a unit vector."""
+        r = direction.detach().to(torch.float64).reshape(-1)
+        if loc.kind == "resid":
+            raise NotBakeableError(f"{why}: projecting the residual stream at one point is not a local weight "
+                                   "edit (see DirectionalAblation's residual-stream bake)")
+        self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
+
+    def project_residual(self, direction: torch.Tensor, why: str) -> None:
+        """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
+        output and the output of every attention and MLP writer of every block."""
+        r = direction.detach().to(torch.float64).reshape(-1)
+        self._push(Loc("embed"), _Op(r, None, 9, why))
+        for i in range(self.n_layers):
+            for part in ("attn", "mlp"):
+                self._push(Loc("write", i, part), _Op(r, None, 9, why))
+
+    def _push(self, loc: Loc, op: _Op) -> None:
+        if loc.kind == "embed":
+            if (why := self.layout.embed_problem(self.model)) is not None:
+                raise NotBakeableError(f"{op.why}: {why}")
+            self._check_width(op, self.hidden)
+            self._embed.append(op)
+        elif loc.kind in ("write", "resid"):
+            self._check_width(op, self.hidden)
+            # the residual after block i is what its last writer added to: fold there (order > 0)
+            key = (loc.layer, "mlp" if loc.kind == "resid" else loc.part)
+            self._out.setdefault(key, []).append(op)
+        else:
+            self._in.setdefault((loc.layer, loc.part), []).append(op)
+
+    def _check_width(self, op: _Op, width: int) -> None:
+        for t in (op.r, op.c):
+            if t is not None and t.numel() != width:
+                raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
+
+    # ---- folding -------------------------------------------------------------------------------
+    def plan(self) -> None:
+        """Read-only pass over ``source``: decide which writer adds each constant and which config
+        flags must create biases. Every refusal about biases is raised here, before any copy."""
+        keys = sorted(set(self._out) | set(self._in))
+        shift: dict[tuple[int, Part], torch.Tensor] = {}  # constants moved in from a parallel partner
+        drop: set[tuple[int, Part]] = set()  # writers whose constant moved out
+        flags: dict[str, str] = {}
+        for key in list(keys):
+            w, _, b, why = self._fold_writer(key)
+            if w.bias is not None or not bool(torch.count_nonzero(b)):
+                continue
+            i, part = key
+            if (flag := self._bias_flag(w, part)) is not None:
+                flags.setdefault(flag, why)
+                continue
+            other: Part = "attn" if part == "mlp" else "mlp"
+            if self.layout.is_parallel(self.source.config):
+                # both writers add to the same residual point: the partner may add the constant
+                okey = (i, other)
+                ow = _Writer(self.source, writer_paths(self.source, i)[other], self.hidden)
+                oflag = self._bias_flag(ow, other)
+                if ow.bias is not None or oflag is not None:
+                    shift[okey] = shift[okey] + b if okey in shift else b
+                    drop.add(key)
+                    if okey not in keys:
+                        keys.append(okey)
+                    if ow.bias is None:
+                        flags.setdefault(oflag, why)
+                    continue
+            raise NotBakeableError(self._no_bias_message(w, part, why))
+        self._plan = (keys, shift, drop, flags)
+
+    def finish(self, target: nn.Module) -> BakeReport:
+        """Fold every collected edit into ``target`` (a private copy of ``source``: same module
+        paths), one tensor at a time; returns what changed."""
+        if self._plan is None:
+            self.plan()
+        keys, shift, drop, flags = self._plan
+        self.model = target
+        for flag, why in flags.items():
+            self._enable_flag(flag, why)
+        for key in keys:
+            w, wt, b, _ = self._fold_writer(key)
+            if key in drop:
+                b = torch.zeros_like(b)
+            if key in shift:
+                b = b + shift[key].to(b.device)
+            self._write(w.weight_name, w.param, w.stored(wt))
+            if w.bias is not None:
+                self._write(f"{w.path}.bias", w.bias, b)
+            elif bool(torch.count_nonzero(b)):
+                raise AssertionError(f"planned constant for {w.path} has no bias to go to")
+            del wt, b  # keep one writer's float64 copy alive at a time
+        self._fold_embed()
+        self._verify_loadable()
+        return self.report
+
+    def _write(self, name: str, param: torch.Tensor, new: torch.Tensor) -> None:
+        """Cast ``new`` to ``param``'s dtype, refuse non-finite values, then write it in place."""
+        if torch.equal(param.detach().to(torch.float64), new):
+            return
+        val = new.to(param.dtype)
+        if not bool(torch.isfinite(val).all()):
+            raise NotBakeableError(f"baking produced non-finite values in {name} ({param.dtype}); the edit is too "
+                                   "large for this dtype")
+        with torch.no_grad():
+            param.copy_(val)
+        self.report.edited.append(name)
+
+    def _fold_writer(self, key: tuple[int, Part]) -> tuple[_Writer, torch.Tensor, torch.Tensor, str | None]:
+        """(writer, folded weight ``[..., out, in]``, folded bias ``[out]``, first edit adding a constant)."""
+        i, part = key
+        w = _Writer(self.model, writer_paths(self.model, i)[part], self.hidden)
+        wt = w.weight64()
+        b = w.bias.detach().to(torch.float64) if w.bias is not None else torch.zeros(wt.shape[-2], dtype=torch.float64,
+                                                                                   device=wt.device)
+        first_const = None
+        for op in reversed(self._in.get(key, [])):  # input edits compose right to left
+            if w.kind == "experts":
+                raise NotBakeableError(f"{op.why}: the input of an MoE block is routed nonlinearly")
+            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
+            if c is not None:
+                self._check_width_in(op, c, wt)
+                b = b + wt @ c
+                first_const = first_const or op.why
+            if r is not None:
+                self._check_width_in(op, r, wt)
+                wt = wt - (wt @ r)[..., None] * r
+        for op in sorted(self._out.get(key, []), key=lambda o: (o.order, o.seq)):
+            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
+            if r is not None:
+                wt = wt - r[:, None] * torch.einsum("o,...oi->...i", r, wt)[..., None, :]
+                b = b - r * (r @ b)
+            if c is not None:
+                b = b + c
+                first_const = first_const or op.why
+        return w, wt, b, first_const
+
+    @staticmethod
+    def _dev(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        return None if t is None else t.to(device=like.device, dtype=torch.float64)
+
+    @staticmethod
+    def _check_width_in(op: _Op, t: torch.Tensor, wt: torch.Tensor) -> None:
+        if t.numel() != wt.shape[-1]:
+            raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at an input of width {wt.shape[-1]}")
+
+    def _bias_flag(self, w: _Writer, part: Part) -> str | None:
+        flag = self.layout.bias_flags.get(part)
+        return flag if flag is not None and w.can_hold_bias and hasattr(self.model.config, flag) else None
+
+    def _no_bias_message(self, w: _Writer, part: Part, why: str) -> str:
+        cfg = type(self.model.config).__name__
+        mtype = self.model.config.model_type
+        if w.kind == "experts":
+            return (f"{why}: adds a constant to what the MoE block {w.path} writes; its experts have no bias "
+                    f"and {cfg} has no flag creating one")
+        hint = "mlp_bias" if part == "mlp" else "attention_bias"
+        par = " (and the block is sequential, so no other writer can take it)" \
+            if not self.layout.is_parallel(self.model.config) else " (nor does its parallel partner)"
+        return (f"{why}: adds a constant to what {w.path} writes, which has no bias{par}; {mtype}'s {cfg} has no "
+                f"flag to create one (Llama-style configs call it `{hint}`), so vanilla from_pretrained could not "
+                "load the baked bias")
+
+    def _enable_flag(self, flag: str, why: str) -> None:
+        cfg = self.model.config
+        if getattr(cfg, flag, None) is True:
+            raise NotBakeableError(f"{why}: {type(cfg).__name__}.{flag} is already True but the writer has no bias")
+        new_cfg = copy.deepcopy(cfg)
+        setattr(new_cfg, flag, True)
+        have = dict(self.model.named_parameters(remove_duplicate=False))
+        want = dict(_skeleton(self.model, new_cfg).named_parameters(remove_duplicate=False))
+        added, lost = set(want) - set(have), set(have) - set(want)
+        bad = sorted(k for k in added if not k.endswith(".bias"))
+        if lost or bad:
+            raise NotBakeableError(f"{why}: setting {type(cfg).__name__}.{flag}=True changes more than biases "
+                                   f"(removes {sorted(lost)[:3]}, adds {bad[:3]})")
+        for name in sorted(added):
+            mod = self.model.get_submodule(name.rsplit(".", 1)[0])
+            ref = mod.weight
+            mod.bias = nn.Parameter(torch.zeros(want[name].shape, dtype=ref.dtype, device=ref.device),
+                                    requires_grad=ref.requires_grad)
+        setattr(cfg, flag, True)
+        self.report.config_flags[flag] = True
+        self.report.created += sorted(added)
+
+    def _fold_embed(self) -> None:
+        if not self._embed:
+            return
+        emb = self.model.get_input_embeddings()
+        scale = getattr(emb, "embed_scale", 1.0)
+        scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+        e = emb.weight.detach().to(torch.float64)
+        pos_mod = self.model.get_submodule(self.layout.pos_embed) if self.layout.pos_embed else None
+        pos = pos_mod.weight.detach().to(torch.float64) if pos_mod is not None else None
+        for op in sorted(self._embed, key=lambda o: (o.order, o.seq)):
+            r, c = self._dev(op.r, e), self._dev(op.c, e)
+            if r is not None:
+                e = e - (e @ r)[:, None] * r
+                pos = None if pos is None else pos - (pos @ r)[:, None] * r
+            if c is not None:
+                e = e + c / scale  # the family multiplies the looked-up row by `scale`
+        self._untie(emb)
+        name = next(n for n, p in self.model.named_parameters() if p is emb.weight)
+        self._write(name, emb.weight, e)
+        if pos is not None:
+            self._write(f"{self.layout.pos_embed}.weight", pos_mod.weight, pos)
+
+    def _untie(self, emb: nn.Module) -> None:
+        out = self.model.get_output_embeddings()
+        if out is None or out.weight is not emb.weight:
+            return
+        # the unembedding must keep the original matrix: give it its own copy
+        out.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+        for cfg in {id(c): c for c in (self.model.config, self.model.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+        self.report.untied_embeddings = True
+        self.report.config_flags["tie_word_embeddings"] = False
+
+    def _verify_loadable(self) -> None:
+        """The baked state dict must be exactly what vanilla from_pretrained expects for its config."""
+        want = set(_skeleton(self.model, self.model.config).state_dict())
+        have = set(self.model.state_dict())
+        if want != have:
+            raise NotBakeableError(f"the baked weights would not load with from_pretrained: missing "
+                                   f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
+
+
+def _skeleton(model: nn.Module, config: Any) -> nn.Module:
+    """An empty (meta-device) model of ``type(model)`` built from ``config``: its parameter names
+    are what ``from_pretrained`` will look for."""
+    with torch.device("meta"):
+        return type(model)(copy.deepcopy(config))

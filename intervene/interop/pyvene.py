@@ -1,0 +1,238 @@
+"""Read and write pyvene intervention directories (``config.json`` + ``intkey_*.bin``).
+
+Only the kinds with an exact intervene equivalent cross over: constant-source
+``AdditionIntervention`` / ``SubtractionIntervention`` (-> :class:`Steering`) and
+``ZeroIntervention`` over the first ``k`` dimensions (-> one :class:`DirectionalAblation` per
+coordinate axis, which together zero exactly those coordinates). pyvene stores positions at call
+time (``unit_locations``), not in the directory, so the importer takes ``positions`` (default:
+every position, which is what pyvene does without ``unit_locations``).
+
+Safety: pyvene's ``.bin`` files are pickles. They are read only here, only with
+``torch.load(weights_only=True)`` (tensors and plain containers, no code), and never by
+``Intervenable.load``. Class names in pyvene's config are matched against a fixed allowlist,
+never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from intervene.errors import DiffFormatError, DiffNotFoundError, InterventionError
+from intervene.intervenable import Intervenable
+from intervene.intervention import Intervention
+from intervene.interventions.steering import DirectionalAblation, Steering
+from intervene.positions import PositionsSpec
+from intervene.sites import Site, block_path, family_of, num_layers, resolve_site
+
+# pyvene's abstract components that name the same activations as our canonical sites (eval mode)
+COMPONENTS = {"block_output": "layers.{}", "block_input": "layers.{}:input", "mlp_output": "layers.{}.mlp",
+              "attention_output": "layers.{}.attn", "attention_value_output": "layers.{}.heads"}
+_TYPE = re.compile(r"^<class '(?:pyvene\.models\.interventions\.)?(\w+)'>$")
+_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
+           "intervention", "subspace_partition", "group_key", "intervention_link_key", "moe_key",
+           "source_representation", "hidden_source_representation", "latent_dim")
+MAX_ZERO_DIMS = 256
+
+
+def _local_dir(dir_or_repo: str | Path, revision: str | None, token: str | bool | None) -> Path:
+    path = Path(dir_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(dir_or_repo), revision=revision, token=token,
+                                      allow_patterns=["config.json", "intkey_*.bin"]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as e:
+        raise DiffNotFoundError(f"no pyvene directory or Hub repo at {dir_or_repo!r}: {e}") from e
+
+
+def _representation(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return {k: raw.get(k) for k in _FIELDS}
+    if isinstance(raw, (list, tuple)):
+        return dict(zip(_FIELDS, list(raw) + [None] * (len(_FIELDS) - len(raw))))
+    raise DiffFormatError(f"unreadable pyvene representation {raw!r}")
+
+
+def _key(rep: dict[str, Any], seen: dict[str, int]) -> str:
+    """pyvene's file key for a representation (``IntervenableModel._get_representation_key``)."""
+    c, u, n = str(rep["component"]), str(rep["unit"]).replace(".", "_"), rep["max_number_of_units"]
+    proposal = f"comp_{c.replace('.', '_')}_unit_{u}_nunit_{n}" if "." in c else \
+        f"layer_{rep['layer']}_comp_{c}_unit_{u}_nunit_{n}"
+    seen[proposal] = seen.get(proposal, -1) + 1
+    return f"{proposal}#{seen[proposal]}"
+
+
+def _site_for(model: nn.Module, rep: dict[str, Any]) -> str:
+    comp = str(rep["component"])
+    if comp in COMPONENTS:
+        return COMPONENTS[comp].format(int(rep["layer"]))
+    path, _, side = comp.rpartition(".")
+    if side not in ("input", "output") or not path:
+        raise InterventionError(f"pyvene component {comp!r} has no intervene site (supported: "
+                                f"{sorted(COMPONENTS)} or a module path ending in .input/.output)")
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return canonical_site(model, f"{path}:{side}")
+
+
+def canonical_site(model: nn.Module, raw: str) -> str:
+    """The canonical name of a raw ``module.path:side`` site when one names the same activation."""
+    site = resolve_site(model, raw)
+    try:
+        fam = family_of(model)
+        for i in range(num_layers(model)):
+            _, block = block_path(model, i)
+            if site.module is block:
+                return f"layers.{i}" if site.side == "output" else f"layers.{i}:input"
+            if site.side == "output" and not fam.attn_writer and site.module is block.get_submodule(fam.attn_out):
+                return f"layers.{i}.attn"
+            if site.side == "input" and site.module is block.get_submodule(fam.attn_out):
+                return f"layers.{i}.heads"
+            if site.side == "output" and not fam.mlp_writer and site.module is block.get_submodule(fam.mlp_out):
+                return f"layers.{i}.mlp"
+    except Exception:  # unknown family: the raw path is still a valid site
+        pass
+    return raw
+
+
+def _load_bin(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DiffFormatError(f"{path.name} is missing from the pyvene directory")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses anything that is not tensors / plain containers
+        raise DiffFormatError(f"{path.name} is not a plain tensor state dict (refused to unpickle it): {e}") from None
+    if not isinstance(state, dict):
+        raise DiffFormatError(f"{path.name} does not hold a state dict")
+    return state
+
+
+def _width(model: nn.Module, site: str) -> int:
+    s: Site = resolve_site(model, site)
+    if s.heads is not None:
+        return s.heads[0] * s.heads[1]
+    if s.width is not None:
+        return s.width
+    raise InterventionError(f"cannot tell the width of site {site!r}")
+
+
+def import_pyvene(dir_or_repo: str | Path, model: nn.Module, positions: PositionsSpec = "all",
+                  revision: str | None = None, token: str | bool | None = None, attach: bool = True) -> Intervenable:
+    """Build an :class:`Intervenable` from a pyvene-saved intervention directory (or Hub repo).
+
+    Each pyvene representation becomes one intervention named after its pyvene key. Raises
+    ``InterventionError`` naming any representation with no exact equivalent (trainable or
+    low-rank interventions, per-head units, sources given at call time).
+    """
+    root = _local_dir(dir_or_repo, revision, token)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise DiffNotFoundError(f"{root} has no config.json: not a pyvene intervention directory")
+    try:
+        config = json.loads(cfg_path.read_text())
+        reps = [_representation(r) for r in config["representations"]]
+        types = list(config["intervention_types"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DiffFormatError(f"{cfg_path} is not a pyvene IntervenableConfig: {e}") from None
+    if len(types) != len(reps):
+        raise DiffFormatError(f"{cfg_path}: {len(reps)} representations but {len(types)} intervention types")
+    dims = list(config.get("intervention_dimensions") or [None] * len(reps))
+    constant = list(config.get("intervention_constant_sources") or [True] * len(reps))
+    seen: dict[str, int] = {}
+    out: list[Intervention] = []
+    for rep, type_str, dim, const in zip(reps, types, dims, constant):
+        key = _key(rep, seen)
+        name = re.sub(r"[^A-Za-z0-9_\-]", "_", key)
+        m = _TYPE.match(str(type_str))
+        kind = m.group(1) if m else str(type_str)
+        if kind not in ("AdditionIntervention", "SubtractionIntervention", "ZeroIntervention"):
+            raise InterventionError(f"pyvene {kind} ({key}) has no exact intervene equivalent")
+        extras = [f for f in ("low_rank_dimension", "subspace_partition", "moe_key") if rep.get(f) is not None]
+        if extras or str(rep["unit"]) != "pos" or int(rep["max_number_of_units"] or 1) != 1:
+            raise InterventionError(f"pyvene {key}: only unit='pos' with one unit and no subspaces/low rank "
+                                    f"imports (got unit={rep['unit']!r}, {extras or 'no extras'})")
+        site = _site_for(model, rep)
+        width = _width(model, site)
+        k = width if dim is None else min(int(dim), width)
+        if kind == "ZeroIntervention":
+            if k > MAX_ZERO_DIMS:
+                raise InterventionError(f"pyvene {key} zeroes {k} coordinates; importing it as {k} axis ablations "
+                                        f"is refused above {MAX_ZERO_DIMS}")
+            out += [DirectionalAblation(torch.eye(width)[j], sites=site, positions=positions, name=f"{name}_zero{j}")
+                    for j in range(k)]
+            continue
+        if not const:
+            raise InterventionError(f"pyvene {key} takes its source from a second input at call time; only "
+                                    "constant sources (source_representation) import")
+        state = _load_bin(root / f"intkey_{key}.bin")
+        src = state.get("source_representation")
+        if not isinstance(src, torch.Tensor):
+            raise DiffFormatError(f"intkey_{key}.bin has no source_representation tensor")
+        src = src.detach().reshape(-1).float()
+        vec = torch.zeros(width)
+        vec[:k] = src[:k] if src.numel() >= k else torch.nn.functional.pad(src, (0, k - src.numel()))
+        out.append(Steering({site: vec}, scale=-1.0 if kind == "SubtractionIntervention" else 1.0,
+                            positions=positions, name=name))
+    ivm = Intervenable(model, out, attach=False)
+    ivm.metadata = {"imported_from": "pyvene", "source": str(dir_or_repo)}
+    return ivm.attach() if attach else ivm
+
+
+def export_pyvene(ivm: Intervenable, directory: str | Path) -> Path:
+    """Write ``ivm``'s steering interventions as a pyvene directory that
+    ``pyvene.IntervenableModel.load(directory, model)`` reads (constant-source
+    ``AdditionIntervention`` at module-path components, applied where pyvene applies them without
+    ``unit_locations``: every position).
+
+    Raises ``InterventionError`` for anything else (ablations, positions other than ``"all"``).
+    """
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    resolved = ivm.resolve()
+    reps: list[list[Any]] = []
+    tensors: list[tuple[dict[str, Any], torch.Tensor, int]] = []
+    for iv in ivm.interventions:
+        if iv.type_name != "steering":
+            raise InterventionError(f"{iv.name} ({iv.type_name}) has no pyvene equivalent; only steering exports")
+        if iv.positions.kind != "all":
+            raise InterventionError(f"{iv.name}: pyvene takes positions at call time (unit_locations); export "
+                                    "positions='all' and pass unit_locations to pyvene yourself")
+        for concrete, site in resolved[iv.name].items():
+            vec = iv._vec(concrete, torch.empty(0, dtype=torch.float32)).reshape(-1).clone()  # noqa: SLF001
+            comp = f"{site.module_path}.{site.side}"
+            rep = dict.fromkeys(_FIELDS)
+            rep.update(layer=0, component=comp, unit="pos", max_number_of_units=1)
+            reps.append([rep[f] for f in _FIELDS])
+            tensors.append((rep, vec, vec.numel()))
+    seen: dict[str, int] = {}
+    keys = []
+    for rep, vec, width in tensors:
+        key = _key(rep, seen)
+        keys.append(key)
+        state = {"embed_dim": torch.tensor(width), "interchange_dim": torch.tensor(width), "source_representation": vec}
+        torch.save(state, directory / f"intkey_{key}.bin")
+    config = {
+        "intervention_constant_sources": [True] * len(reps),
+        "intervention_dimensions": [w for _, _, w in tensors],
+        "intervention_types": ["<class 'pyvene.models.interventions.AdditionIntervention'>"] * len(reps),
+        "mode": "parallel",
+        "representations": reps,
+        "sorted_keys": keys,
+        "transformers_version": transformers.__version__,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+__all__: Sequence[str] = ["COMPONENTS", "canonical_site", "export_pyvene", "import_pyvene"]
