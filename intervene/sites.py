@@ -47,8 +47,9 @@ _GEMMA2 = Family("model.layers", "self_attn.o_proj", "mlp.down_proj", "model.emb
 _MOE = Family("model.layers", "self_attn.o_proj", "mlp", "model.embed_tokens", moe=True)
 
 FAMILIES: dict[str, Family] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "granite")},
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite")},
     "gemma2": _GEMMA2,
+    "olmo2": _GEMMA2,  # post-norms on the attention / MLP outputs, before the residual add
     "gemma3_text": _GEMMA2,
     "mixtral": _MOE,
     "qwen2_moe": _MOE,
