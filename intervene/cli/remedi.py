@@ -1,0 +1,190 @@
+"""``intervene remedi fit | eval``: REMEDI learned representation editors from the command line.
+
+    intervene remedi fit demo quirky:facts --layer 0 --side input --lr 3e-3 --epochs 10 --n-train 400 \
+        --out runs/remedi
+    intervene remedi eval demo runs/remedi quirky:facts
+
+MODEL: a local directory, a Hub id, or ``demo``. DATA: a CounterFact-format JSON / JSON-lines file
+(ROME's ``requested_rewrite`` records; split by subject into fit / held-out parts) or ``quirky:facts``
+(the demo world's counterfactual edits; train / test entities are disjoint). ``fit`` writes the diff
+(``intervene_config.json`` + ``intervene_weights.safetensors`` + card) and ``metrics.json`` (training
+history, held-out metrics and the inspection figures for ``quirky:facts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from intervene.errors import InterveneError
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local dir, Hub id, or 'demo'")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-eval", type=int, default=200, help="held-out samples to evaluate (default 200)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation length for fluency (default 32)")
+    p.add_argument("--no-fluency", action="store_true", help="skip generations (faster)")
+
+
+def register(subparsers: Any) -> None:
+    top = subparsers.add_parser("remedi", help="REMEDI learned representation editors: fit, evaluate",
+                                description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="remedi_command", metavar="REMEDI_COMMAND")
+    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
+
+    p = sub.add_parser("fit", help="train an editor; write the diff and metrics.json")
+    _model_args(p)
+    p.add_argument("data", help="CounterFact JSON file or quirky:facts")
+    p.add_argument("--layer", type=int, required=True, help="edit the output of this block")
+    p.add_argument("--side", default="output", choices=["output", "input"],
+                   help="edit the block's output (default) or its input (layer 0 input: the embeddings)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--rank", type=int, default=None, help="low-rank editor (default: full rank)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--use-entity", action="store_true", help="feed the entity's representation to the editor")
+    p.add_argument("--lam-m", type=float, default=1.0)
+    p.add_argument("--lam-u", type=float, default=1.0)
+    p.add_argument("--lam-kl", type=float, default=10.0)
+    p.add_argument("--norm-penalty", type=float, default=0.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--full-sequence-targets", action="store_true", help="score whole targets, not first tokens")
+    p.add_argument("--n-train", type=int, default=1000, help="training samples (default 1000)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="CounterFact: subjects held out for eval")
+    p.add_argument("--no-progress", action="store_true")
+    _eval_args(p)
+    p.set_defaults(func=_guard(_fit))
+
+    p = sub.add_parser("eval", help="efficacy / paraphrase / neighborhood / fluency of a saved editor")
+    _model_args(p)
+    p.add_argument("diff", help="diff directory or Hub repo written by `remedi fit`")
+    p.add_argument("data", help="CounterFact JSON file or quirky:facts (its test split)")
+    p.add_argument("--alpha", type=float, default=None, help="override the editor's alpha")
+    p.add_argument("--out", default=None, help="also write the metrics JSON here")
+    _eval_args(p)
+    p.set_defaults(func=_guard(_eval))
+
+
+def _guard(fn: Any) -> Any:
+    """Named library errors become one line on stderr and exit code 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except (InterveneError, FileNotFoundError, ValueError) as e:
+            print(f"intervene remedi {args.remedi_command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from intervene.elicit import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def load_samples(spec: str, part: str, n: int | None, seed: int = 0, test_fraction: float = 0.2
+                 ) -> list[dict[str, Any]]:
+    """Samples of DATA: ``part`` is ``"train"``, ``"test"`` or ``"all"`` (CounterFact only)."""
+    if spec.startswith("quirky:"):
+        if spec != "quirky:facts":
+            raise ValueError(f"REMEDI needs entity facts: use quirky:facts, not {spec}")
+        from intervene.data.quirky import facts_table, remedi_samples
+        from intervene.evaluate.remedi_metrics import add_neighbor_entities
+
+        samples = remedi_samples("test" if part == "test" else "train", n=n or 200, seed=seed)
+        return add_neighbor_entities(samples, list(facts_table()))
+    from intervene.data.counterfact import load_counterfact, split_samples
+
+    samples = load_counterfact(spec)
+    if part != "all":
+        train, test = split_samples(samples, test_fraction, seed)
+        samples = train if part == "train" else test
+    return samples[:n] if n is not None else samples
+
+
+def _summary(report: dict[str, Any]) -> str:
+    parts = []
+    for key in ("efficacy_score", "paraphrase_score", "neighborhood_score", "neighborhood_transfer_score",
+                "fluency"):
+        e, b = report["edited"].get(key), report["unedited"].get(key)
+        if e and e["estimate"] is not None:
+            parts.append(f"{key} {e['estimate']:.3f} [{e['lower']:.3f}, {e['upper']:.3f}] (unedited {b['estimate']:.3f})")
+    return "; ".join(parts)
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from intervene.evaluate.remedi_metrics import evaluate_remedi
+    from intervene.intervenable import Intervenable
+    from intervene.interventions.remedi import Remedi
+
+    model, tok = _load(args)
+    train = load_samples(args.data, "train", args.n_train, args.seed, args.test_fraction)
+    test = load_samples(args.data, "test", args.n_eval, args.seed, args.test_fraction)
+    editor = Remedi.fit(model, tok, train, layer=args.layer, side=args.side, rank=args.rank, alpha=args.alpha,
+                        use_entity=args.use_entity, lam_m=args.lam_m, lam_u=args.lam_u, lam_kl=args.lam_kl,
+                        norm_penalty=args.norm_penalty, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+                        full_sequence_targets=args.full_sequence_targets, progress=not args.no_progress)
+    result: dict[str, Any] = {"history": editor.history_, "best_epoch": editor.best_epoch_,
+                              "n_train": editor.n_train_, "n_val": editor.n_val_}
+    if test:
+        result["held_out"] = evaluate_remedi(editor, model, tok, test, fluency=not args.no_fluency,
+                                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                             seed=args.seed)
+    if args.data == "quirky:facts":
+        from intervene.remedi_inspect import inspect_attributes, quirky_items
+
+        result["inspection"] = inspect_attributes(editor, model, tok, quirky_items("test"), seed=args.seed,
+                                                  batch_size=args.batch_size)
+    out = Path(args.out)
+    ivm = Intervenable(model, [editor], attach=False)
+    held = result.get("held_out", {}).get("edited", {})
+    ivm.metadata = {"method": "REMEDI (Hernandez, Li & Andreas, 2023)", "data": args.data,
+                    "site": editor.site, "n_train": editor.n_train_, "best_epoch": editor.best_epoch_,
+                    **{f"held_out_{k}": round(v["estimate"], 4) for k, v in held.items()
+                       if v.get("estimate") is not None}}
+    ivm.save_pretrained(out)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    line = _summary(result["held_out"]) if test else "no held-out samples"
+    print(f"REMEDI at {editor.site} (best epoch {editor.best_epoch_}): {line}; wrote {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from intervene.evaluate.remedi_metrics import evaluate_remedi
+    from intervene.intervenable import Intervenable
+    from intervene.interventions.remedi import Remedi
+
+    model, tok = _load(args)
+    ivm = Intervenable.load(args.diff, model, attach=False)
+    editors = [iv for iv in ivm.interventions if isinstance(iv, Remedi)]
+    if len(editors) != 1:
+        raise ValueError(f"{args.diff} holds {len(editors)} REMEDI editors; expected one")
+    editor = editors[0]
+    if args.alpha is not None:
+        editor.alpha = args.alpha
+    part = "test" if args.data.startswith("quirky:") else "all"
+    samples = load_samples(args.data, part, args.n_eval, args.seed)
+    ivm = Intervenable(model, [editor], attach=False)  # only the editor: other edits would confound
+    report = evaluate_remedi(editor, ivm, tok, samples, fluency=not args.no_fluency,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    report["alpha"] = editor.alpha
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0

@@ -1,0 +1,313 @@
+"""Training REMEDI editors: the editing loss and :func:`fit_remedi` (behind ``Remedi.fit``).
+
+Per example ``i`` (prompt with the entity edited by ``d_i``, ``p̃`` edited / ``p`` base next-token
+distributions)::
+
+    loss_i = −λ_m·log p̃(t_new) − λ_u·log(1 − p̃(t_true)) + λ_KL·Σ_{t∈S_i} KL(p_t ‖ p̃_t) + λ_norm·‖d_i‖₂
+
+and the batch loss is the **mean over examples** of ``loss_i``. ``S_i`` holds the positions from the
+entity's last token (where the edit lands) up to, not including, the prompt's last token (which
+predicts the target): the edit should change the answer, not what the model predicts in between.
+Targets are scored on their **first token** by default; ``full_sequence_targets=True`` scores the whole
+target (teacher forced: ``log p̃(t) = Σ_j log p̃(t_j | prompt, t_<j)``). An example without
+``target_true`` (or whose true and new first tokens coincide) adds nothing to the λ_u term.
+
+The LM stays frozen without touching it: gradients are taken with ``torch.autograd.grad`` with respect
+to the editor's parameters only, so no ``.grad`` is ever allocated on the model and its
+``requires_grad`` flags are never changed; base passes run under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from intervene.errors import InterventionError
+from intervene.intervenable import Intervenable
+from intervene.interventions.remedi import (
+    Remedi,
+    RemediEditor,
+    attribute_states,
+    entity_states,
+    left_pad,
+    model_device,
+    pad_id_of,
+    prompt_entity_tokens,
+)
+from intervene.sites import hidden_size
+
+__all__ = ["EncodedSamples", "LossParts", "encode_samples", "fit_remedi", "remedi_loss", "target_ids"]
+
+REQUIRED_KEYS = ("entity", "context", "attribute", "prompt", "target_new")
+
+
+@dataclass
+class EncodedSamples:
+    """What training needs from each sample, computed once (the LM is frozen)."""
+
+    prompt_ids: list[list[int]]  # own tokens of each prompt, special tokens included
+    entity_pos: list[int]  # own-token index of the entity's last token
+    new_ids: list[list[int]]  # target_new tokens
+    true_ids: list[list[int] | None]  # target_true tokens, if given
+    h_attr: torch.Tensor  # [n, hidden] float32
+    h_ent: torch.Tensor | None  # [n, hidden] float32 (use_entity only)
+    pad_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+
+@dataclass
+class LossParts:
+    """The batch loss and its terms (each already a mean over examples, before its λ)."""
+
+    total: torch.Tensor
+    new: torch.Tensor  # mean −log p̃(t_new)
+    true: torch.Tensor  # mean −log(1 − p̃(t_true))
+    kl: torch.Tensor  # mean over examples of Σ_{t∈S_i} KL(p_t ‖ p̃_t)
+    norm: torch.Tensor  # mean ‖d_i‖₂
+
+
+def target_ids(tok: Any, target: str | None, what: str = "target") -> list[int] | None:
+    """Tokens of a target continuation (no special tokens); ``None`` for a missing target."""
+    if target is None:
+        return None
+    ids = list(tok(target, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise InterventionError(f"REMEDI: the {what} {target!r} tokenizes to nothing")
+    return ids
+
+
+def check_samples(samples: Sequence[Mapping[str, Any]]) -> None:
+    if not samples:
+        raise InterventionError("REMEDI needs at least one sample")
+    for i, s in enumerate(samples):
+        missing = [k for k in REQUIRED_KEYS if not s.get(k)]
+        if missing:
+            raise InterventionError(f"REMEDI sample {i} lacks {missing} (needs {list(REQUIRED_KEYS)})")
+
+
+def encode_samples(remedi: Remedi, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
+                   batch_size: int = 32) -> EncodedSamples:
+    """Tokenize prompts and targets and encode attributes (and entities) at the editor's layer."""
+    check_samples(samples)
+    seqs, pos = prompt_entity_tokens(tok, [s["prompt"] for s in samples], [s["entity"] for s in samples])
+    h_attr = attribute_states(model, tok, remedi.site, [s["context"] for s in samples],
+                              [s["attribute"] for s in samples], batch_size)
+    h_ent = (entity_states(model, tok, remedi.site, [s["entity"] for s in samples], batch_size)
+             if remedi.use_entity else None)
+    return EncodedSamples(
+        prompt_ids=seqs, entity_pos=[p[0] for p in pos],
+        new_ids=[target_ids(tok, s["target_new"], "target_new") for s in samples],
+        true_ids=[target_ids(tok, s.get("target_true") or None, "target_true") for s in samples],
+        h_attr=h_attr, h_ent=h_ent, pad_id=pad_id_of(tok))
+
+
+def _log1mexp(logp: torch.Tensor) -> torch.Tensor:
+    """``log(1 − exp(logp))`` for ``logp < 0``, accurate at both ends."""
+    logp = logp.clamp(max=-1e-7)
+    return torch.where(logp > -math.log(2.0), torch.log(-torch.expm1(logp)), torch.log1p(-torch.exp(logp)))
+
+
+def _target_logprob(logp: torch.Tensor, starts: list[int], targets: list[list[int]], full: bool) -> torch.Tensor:
+    """``[b]`` log-probability of each row's target: ``logp`` ``[b, T, V]``, ``starts[b]`` the padded column
+    predicting the target's first token (first token only, or the sum over all of them)."""
+    rows, cols, ids = [], [], []
+    for b, (s, t) in enumerate(zip(starts, targets)):
+        t = t if full else t[:1]
+        rows += [b] * len(t)
+        cols += range(s, s + len(t))
+        ids += t
+    dev = logp.device
+    vals = logp[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev), torch.tensor(ids, device=dev)]
+    return torch.zeros(len(targets), device=dev, dtype=vals.dtype).index_add(0, torch.tensor(rows, device=dev), vals)
+
+
+def remedi_loss(remedi: Remedi, ivm: Intervenable, enc: EncodedSamples, idx: Sequence[int], *,
+                lam_m: float = 1.0, lam_u: float = 1.0, lam_kl: float = 10.0, norm_penalty: float = 0.0,
+                full_sequence_targets: bool = False) -> LossParts:
+    """The editing loss of examples ``idx`` (see the module docstring); ``ivm`` must hold ``remedi``, attached.
+
+    Gradients flow into the editor's parameters only through the returned tensors.
+    """
+    editor = remedi.editor
+    p = next(editor.parameters())
+    idx = list(idx)
+    n = len(idx)
+    d = editor(enc.h_attr[idx].to(p.device, p.dtype),
+               None if enc.h_ent is None else enc.h_ent[idx].to(p.device, p.dtype))  # [n, hidden]
+    device = model_device(ivm.model)
+    plen = [len(enc.prompt_ids[i]) for i in idx]
+    entity = [enc.entity_pos[i] for i in idx]
+    full = full_sequence_targets
+
+    def run(targets: list[list[int]] | None) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+        seqs = [enc.prompt_ids[i] + (t if full and t else []) for i, t in zip(idx, targets or [None] * n)]
+        ids, mask = left_pad(seqs, enc.pad_id, device)
+        with remedi.editing_with(d, entity):
+            logits = ivm(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        pad = [ids.shape[1] - len(s) for s in seqs]
+        return torch.log_softmax(logits.float(), -1), pad, ids, mask
+
+    zero = d.new_zeros(())
+    new_ids = [enc.new_ids[i] for i in idx]
+    logp, pad, ids, mask = run(new_ids)
+    starts = [pd + pl - 1 for pd, pl in zip(pad, plen)]
+    loss_new = -_target_logprob(logp, starts, new_ids, full).mean()
+
+    loss_true = zero
+    true_ids = [enc.true_ids[i] for i in idx]
+    use_true = [t is not None and (full or t[0] != nw[0]) for t, nw in zip(true_ids, new_ids)]
+    if lam_u and any(use_true):
+        keep = [b for b, u in enumerate(use_true) if u]
+        if full:
+            logp_t, pad_t, _, _ = run([t or [] for t in true_ids])
+            starts_t = [pd + pl - 1 for pd, pl in zip(pad_t, plen)]
+        else:
+            logp_t, starts_t = logp, starts
+        lp = _target_logprob(logp_t[keep], [starts_t[b] for b in keep], [true_ids[b] for b in keep], full)
+        loss_true = -_log1mexp(lp).sum() / n
+
+    loss_kl = zero
+    if lam_kl:
+        with torch.no_grad(), ivm.disabled():
+            base = torch.log_softmax(ivm(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+        cols = torch.arange(ids.shape[1], device=device)
+        lo = torch.tensor([pd + e for pd, e in zip(pad, entity)], device=device)[:, None]
+        hi = torch.tensor(starts, device=device)[:, None]
+        in_s = (cols >= lo) & (cols < hi)  # [n, T]: S_i in padded columns
+        kl = F.kl_div(logp, base, log_target=True, reduction="none").sum(-1)  # [n, T] KL(p ‖ p̃)
+        loss_kl = (kl * in_s).sum() / n
+
+    norm = d.norm(dim=-1).mean()
+    total = lam_m * loss_new + lam_u * loss_true + lam_kl * loss_kl + norm_penalty * norm
+    return LossParts(total, loss_new, loss_true, loss_kl, norm)
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def fit_remedi(model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]], layer: int,
+               rank: int | None = None, alpha: float = 1.0, use_entity: bool = False, lam_m: float = 1.0,
+               lam_u: float = 1.0, lam_kl: float = 10.0, norm_penalty: float = 0.0, lr: float = 1e-3,
+               weight_decay: float = 0.01, epochs: int = 20, batch_size: int = 16, val_fraction: float = 0.1,
+               patience: int = 2, seed: int = 0, full_sequence_targets: bool = False, progress: bool = True,
+               name: str | None = None, encode_batch_size: int = 32, side: str = "output") -> Remedi:
+    """Fit a REMEDI editor at ``layers.{layer}`` with AdamW and early stopping on a validation split.
+
+    Args:
+        model: a causal LM of any family in the site table; never modified (see the module docstring).
+            Put it in eval mode (dropout would make the loss noisy).
+        tok: its *fast* tokenizer (character offsets locate the entity and attribute tokens).
+        samples: dicts with ``entity``, ``context``, ``attribute``, ``prompt``, ``target_new`` and
+            optionally ``target_true``.
+        layer, rank, alpha, use_entity, side: the editor (see :class:`~intervene.interventions.remedi.Remedi`).
+        lam_m, lam_u, lam_kl, norm_penalty: loss weights (module docstring).
+        lr, weight_decay, epochs, batch_size: AdamW and the loop.
+        val_fraction, patience: a seeded held-out fraction; stop after ``patience`` epochs without a
+            lower validation loss and keep the best editor (the untrained, no-op editor counts too).
+        seed: editor initialisation, split and shuffling.
+        full_sequence_targets: score whole targets instead of their first token.
+        progress: show a tqdm bar.
+
+    Returns:
+        a fitted :class:`Remedi` with ``history_`` (per epoch: ``train_loss``, ``val_loss``), ``best_epoch_``
+        (0 = the untrained editor), ``n_train_``, ``n_val_``.
+    """
+    check_samples(samples)
+    if epochs < 0 or batch_size < 1:
+        raise InterventionError("epochs must be >= 0 and batch_size >= 1")
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        # A checkpointed block re-runs its hooks during backward, after the per-call edit state and
+        # position context of that forward are gone: the recomputed activations would be unedited.
+        raise InterventionError("fit REMEDI with the model in eval mode (gradient checkpointing is active in "
+                                "train mode and would recompute blocks without the edit)")
+    if model.training:
+        warnings.warn("fitting REMEDI on a model in train mode: dropout makes the loss noisy (call model.eval())",
+                      stacklevel=2)
+    hidden = hidden_size(model)
+    device = model_device(model)
+    with torch.random.fork_rng(devices=[]):  # seed the editor's init without touching the global RNG
+        torch.manual_seed(seed)
+        editor = RemediEditor(hidden, rank, use_entity).to(device)
+    config = {"lam_m": lam_m, "lam_u": lam_u, "lam_kl": lam_kl, "norm_penalty": norm_penalty, "lr": lr,
+              "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size,
+              "val_fraction": val_fraction, "patience": patience, "seed": seed,
+              "full_sequence_targets": full_sequence_targets, "n_samples": len(samples)}
+    remedi = Remedi(layer, hidden, rank, alpha, use_entity, editor=editor, name=name, config=config, side=side)
+    enc = encode_samples(remedi, model, tok, samples, encode_batch_size)
+    train_idx, val_idx = _split(len(enc), val_fraction, seed)
+    editor.set_input_stats(enc.h_attr[train_idx], None if enc.h_ent is None else enc.h_ent[train_idx])
+    loss_kw = dict(lam_m=lam_m, lam_u=lam_u, lam_kl=lam_kl, norm_penalty=norm_penalty,
+                   full_sequence_targets=full_sequence_targets)
+    params = list(editor.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n_batches = math.ceil(len(train_idx) / batch_size)
+    history: list[dict[str, float]] = []
+
+    def mean_loss(indices: list[int]) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for s in range(0, len(indices), batch_size):
+                chunk = indices[s:s + batch_size]
+                total += float(remedi_loss(remedi, ivm, enc, chunk, **loss_kw).total) * len(chunk)
+        return total / max(1, len(indices))
+
+    ivm = Intervenable(model, [remedi], attach=False)
+    with ivm:
+        criterion_idx = val_idx or train_idx
+        best, best_epoch, bad = mean_loss(criterion_idx), 0, 0
+        best_state = copy.deepcopy(editor.state_dict())
+        history.append({"epoch": 0, "train_loss": mean_loss(train_idx) if val_idx else best,
+                        "val_loss": best if val_idx else float("nan")})
+        bar = tqdm(total=epochs * n_batches, desc="REMEDI", disable=not progress)
+        for epoch in range(1, epochs + 1):
+            order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
+            running = 0.0
+            for s in range(0, len(order), batch_size):
+                chunk = order[s:s + batch_size]
+                parts = remedi_loss(remedi, ivm, enc, chunk, **loss_kw)
+                if parts.total.requires_grad:
+                    # Only the editor's parameters: nothing is accumulated on the frozen LM.
+                    grads = torch.autograd.grad(parts.total, params, allow_unused=True)
+                    for p_, g in zip(params, grads):
+                        p_.grad = torch.zeros_like(p_) if g is None else g
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                running += float(parts.total.detach()) * len(chunk)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(parts.total.detach()):.3f}")
+            train_loss = running / max(1, len(order))
+            val_loss = mean_loss(val_idx) if val_idx else float("nan")
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+            score = val_loss if val_idx else train_loss
+            if score < best:
+                best, best_epoch, bad = score, epoch, 0
+                best_state = copy.deepcopy(editor.state_dict())
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+        bar.close()
+    remedi.clear_edit()
+    editor.load_state_dict(best_state)
+    remedi.invalidate()
+    remedi.history_ = history
+    remedi.best_epoch_ = best_epoch
+    remedi.n_train_, remedi.n_val_ = len(train_idx), len(val_idx)
+    remedi.config.update(best_epoch=best_epoch, epochs_run=len(history) - 1,
+                         best_loss=None if math.isnan(best) else round(best, 6))
+    return remedi
