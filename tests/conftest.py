@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from tests.hub_server import HubServer, patch_hub_client
+
+# Tiny models run fastest on one thread, and CI has two cores; results do not depend on it.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
