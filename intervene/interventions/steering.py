@@ -158,6 +158,14 @@ class Steering(_PerSite):
         """Steer along a fitted probe's unit ``direction_`` (``index`` picks one of a batched probe)."""
         return cls(_direction_of(probe, index), scale=scale, positions=positions, name=name, sites=site)
 
+    @classmethod
+    def from_sae(cls, sae: Any, latent: int, scale: float = 1.0, positions: PositionsSpec = "all",
+                 name: str | None = None, unit: bool = True) -> Steering:
+        """Steer along an SAE latent's decoder row at the SAE's site (see ``intervene.features``)."""
+        from intervene.features.interventions import steering_from_sae
+
+        return steering_from_sae(sae, latent, scale=scale, positions=positions, name=name, unit=unit)
+
 
 @register("directional_ablation")
 class DirectionalAblation(_PerSite):

@@ -1,0 +1,216 @@
+"""``intervene features cache | explain | score``: SAE latents over a corpus, explained and scored.
+
+    intervene features cache demo demo --tokens 20000 --out runs/latents
+    intervene features explain runs/latents --client local:demo --latents 0-31 --out runs/autointerp
+    intervene features explain runs/latents --client openai:http://localhost:8000/v1 --client-model llama \\
+        --latents 0-255 --out runs/autointerp
+    intervene features score runs/latents --client openai:http://localhost:8000/v1 --client-model llama \\
+        --out runs/autointerp
+
+MODEL: a local directory, a Hub id, or ``demo``. SAE: a folder, a Hub repo (sparsify or SAELens
+layout; ``--hookpoint`` picks one SAE of many), or ``demo`` (the shipped SAE of the demo model).
+The corpus is ``--corpus FILE`` (one text per line, or ``.jsonl`` rows with a ``text`` field), or
+for ``demo`` the demo model's neutral + quirky text. ``score`` reads the explanations (and the
+held-out examples saved with them) from ``--explanations`` (default: ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from intervene.errors import InterveneError
+
+
+def register(subparsers: Any) -> None:
+    top = subparsers.add_parser("features", help="SAE latents: cache activations, explain and score them",
+                                description=__doc__.splitlines()[0])
+    sub = top.add_subparsers(dest="features_command", metavar="FEATURES_COMMAND")
+    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
+
+    p = sub.add_parser("cache", help="record every non-zero latent activation over a corpus")
+    p.add_argument("model", help="local dir, Hub id, or 'demo'")
+    p.add_argument("sae", help="SAE folder, Hub repo, or 'demo'")
+    p.add_argument("--out", required=True, help="cache directory (resumed if it exists with the same settings)")
+    p.add_argument("--tokens", type=int, default=20000, help="tokens to cache (default 20000)")
+    p.add_argument("--corpus", default=None, help="text file / .jsonl (default for demo: the demo corpus)")
+    p.add_argument("--site", default=None, help="override the SAE's site (e.g. layers.6)")
+    p.add_argument("--hookpoint", default=None, help="subfolder of a multi-SAE folder or repo")
+    p.add_argument("--revision", default=None, help="model revision (Hub)")
+    p.add_argument("--sae-revision", default=None, help="SAE revision (Hub)")
+    p.add_argument("--ctx-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--buffer-size", type=int, default=1 << 20, help="entries held before a flush")
+    p.add_argument("--n-shards", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache written with other settings")
+    p.add_argument("--seed", type=int, default=0, help="demo corpus seed")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_guard(_cache))
+
+    p = sub.add_parser("explain", help="sample examples and explain latents with a language model")
+    p.add_argument("cache", help="a cache directory written by `features cache`")
+    _client_args(p)
+    p.add_argument("--out", required=True, help="output directory (explanations/{latent}.json)")
+    p.add_argument("--latents", default="0-31", help="e.g. 0-31, 1,5,9 or all (default 0-31)")
+    p.add_argument("--window", type=int, default=16, help="tokens per example")
+    p.add_argument("--n-explain", type=int, default=20)
+    p.add_argument("--n-score", type=int, default=20, help="held-out activating examples kept for scoring")
+    p.add_argument("--n-nonactivating", type=int, default=20)
+    p.add_argument("--hard", default="token", choices=["token", "similar", "none"], help="hard negatives")
+    p.add_argument("--explain-from", default="top", choices=["top", "quantiles", "random"])
+    p.add_argument("--max-examples", type=int, default=20, help="examples shown in the prompt")
+    p.add_argument("--show-activations", action="store_true")
+    p.add_argument("--threshold-frac", type=float, default=0.0,
+                   help="highlight only tokens above this fraction of the examples' maximum activation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_guard(_explain))
+
+    p = sub.add_parser("score", help="detection / fuzzing scores of saved explanations")
+    p.add_argument("cache", help="the cache directory the explanations came from")
+    _client_args(p)
+    p.add_argument("--out", required=True, help="output directory (scores/, summary.csv, scores_hist.png)")
+    p.add_argument("--explanations", default=None, help="directory holding explanations/ (default: --out)")
+    p.add_argument("--latents", default=None, help="score only these latents (default: all explained)")
+    p.add_argument("--scorers", default="detection,fuzzing")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="snippets per request (1 allows AUROC)")
+    p.add_argument("--no-probs", action="store_true", help="parse generated answers, never ask for logprobs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_guard(_score))
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--client", required=True, help="local:MODEL (dir, Hub id, demo) or openai:URL")
+    p.add_argument("--client-model", default=None, help="model name for openai: clients")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    p.add_argument("--max-workers", type=int, default=4, help="concurrent requests (openai:)")
+    p.add_argument("--rps", type=float, default=None, help="requests per second limit (openai:)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="local: generation length")
+
+
+def _guard(fn: Any) -> Any:
+    """Named library errors become one line on stderr and exit code 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except (InterveneError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def demo_corpus(n_tokens: int, seed: int = 0) -> list[str]:
+    """Neutral text and quirky questions (about 2:1), shuffled: the demo model's own distribution."""
+    import random
+
+    from intervene.data.neutral import neutral_corpus
+    from intervene.data.quirky import QUIRKY_TASKS, quirky_dataset
+
+    n_lines = n_tokens // 8 + 32  # lines are 10-25 tokens: enough to fill n_tokens
+    texts = neutral_corpus(2 * n_lines // 3, seed=seed)
+    per_task = max(1, n_lines // (3 * 2 * len(QUIRKY_TASKS)) + 1)
+    for task in QUIRKY_TASKS:
+        texts += [r["text"] for r in quirky_dataset(task, "train", n=per_task, seed=seed, distinct=False)]
+    random.Random(seed).shuffle(texts)
+    return texts
+
+
+def read_corpus(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no corpus file {path}")
+    if p.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]
+    return [line for line in p.read_text().splitlines() if line.strip()]
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from intervene.demo_model import resolve_model_name
+    from intervene.features import cache_latents, load_sae
+
+    name = resolve_model_name(args.model)
+    dtype = getattr(torch, args.dtype)
+    tok = AutoTokenizer.from_pretrained(name, revision=args.revision)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=args.revision, dtype=dtype).to(args.device).eval()
+    sae = load_sae(args.sae, site=args.site, hookpoint=args.hookpoint, revision=args.sae_revision,
+                   model=model, device=args.device)
+    if args.corpus is None and args.model not in ("demo", "quirky-tiny"):
+        raise ValueError("--corpus FILE is required for models other than demo")
+    texts = demo_corpus(args.tokens, args.seed) if args.corpus in (None, "demo") else read_corpus(args.corpus)
+    cache = cache_latents(model, sae, texts, args.out, tokenizer=tok, site=args.site, ctx_len=args.ctx_len,
+                          batch_size=args.batch_size, n_tokens=args.tokens, buffer_size=args.buffer_size,
+                          n_shards=args.n_shards, overwrite=args.overwrite, progress=not args.quiet)
+    count = cache.stats["count"]
+    alive = int((count > 0).sum())
+    print(f"cached {cache.n_tokens} tokens x {cache.n_latents} latents at {cache.site}: {int(count.sum())} "
+          f"activations, {alive} latents fire, mean L0 {float(count.sum()) / max(1, cache.n_tokens):.2f} -> {args.out}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from intervene.features import make_client
+
+    if args.client.startswith("local:"):
+        return make_client(args.client, max_new_tokens=args.max_new_tokens)
+    return make_client(args.client, model=args.client_model, api_key=os.environ.get(args.api_key_env) or None,
+                       max_workers=args.max_workers, requests_per_second=args.rps)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from intervene.features import LatentCache, explain_latents
+    from intervene.features.report import parse_latents
+
+    cache = LatentCache(args.cache)
+    latents = parse_latents(None if args.latents == "all" else args.latents, cache.n_latents)
+    ex_kw = dict(window=args.window, n_explain=args.n_explain, n_score=args.n_score,
+                 n_nonactivating=args.n_nonactivating, hard=None if args.hard == "none" else args.hard,
+                 explain_from=args.explain_from, seed=args.seed)
+    client = _client(args)
+    expl = explain_latents(cache, latents, client, args.out, example_kwargs=ex_kw,
+                           explainer_kwargs=dict(max_examples=args.max_examples, show_activations=args.show_activations,
+                                                 threshold_frac=args.threshold_frac))
+    for e in expl:
+        print(f"latent {e.latent:>6}: {e.text}")
+    skipped = len(latents) - len(expl)
+    print(f"{len(expl)} explanations -> {Path(args.out) / 'explanations'}" + (f" ({skipped} dead latents skipped)"
+                                                                           if skipped else ""))
+    if client.errors:
+        print(f"{len(client.errors)} failed requests; first: {client.errors[0]}", file=sys.stderr)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from intervene.features import LatentCache, load_explanations, score_latents
+    from intervene.features.report import parse_latents
+
+    cache = LatentCache(args.cache)
+    tok = cache.tokenizer()
+    if tok is None:
+        raise ValueError(f"{args.cache} holds no tokenizer")
+    latents = None if args.latents is None else parse_latents(args.latents, cache.n_latents)
+    expl = load_explanations(args.explanations or args.out, latents)
+    if not expl:
+        raise ValueError(f"no explanations under {Path(args.explanations or args.out) / 'explanations'}")
+    client = _client(args)
+    scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    results = score_latents(expl, client, args.out, tok, scorers=scorers, cache=cache,
+                            scorer_kwargs=dict(n_per_prompt=args.n_per_prompt, use_probs=not args.no_probs,
+                                               seed=args.seed))
+    for name, rs in results.items():
+        vals = [r.metrics["balanced_accuracy"] for r in rs if r.metrics["balanced_accuracy"] is not None]
+        mean = sum(vals) / len(vals) if vals else float("nan")
+        print(f"{name}: mean balanced accuracy {mean:.3f} over {len(vals)} latents")
+    print(f"-> {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'scores_hist.png'}")
+    if client.errors:
+        print(f"{len(client.errors)} failed requests; first: {client.errors[0]}", file=sys.stderr)
+    return 0

@@ -1,0 +1,336 @@
+"""The latent cache: every non-zero latent activation over a token corpus, sparse, sharded, resumable.
+
+Layout of a cache directory::
+
+    index.json                      settings, progress (completed batches, parts written), the encoder
+    tokens.safetensors              "tokens" [n_seq, ctx_len] int32 -- stored once, never per shard
+    stats.safetensors               per latent: "count" (int64), "max", "sum" (float32/64)
+    shards/{s:05d}/{p:06d}.safetensors
+        "positions" [m] int64       flat token index (row * ctx_len + column), ascending per latent
+        "values"    [m]             the activations
+        "offsets"   [width + 1]     CSR: latent (s*width + j) owns entries offsets[j]:offsets[j+1]
+    tokenizer/                      the tokenizer (when given), so the cache decodes on its own
+
+Memory is bounded: activations go into a buffer of at most ``buffer_size`` entries (or one batch,
+if a single batch holds more) that is flushed as one *part* per latent shard. A flush writes the
+parts, then the stats, then the index, each atomically (temp file + rename); the index records the
+batches whose entries are on disk, so an interrupted run resumes at the first unflushed batch and,
+because flushes fall on the same batches, writes byte-identical files. Reading a latent touches
+only its shard's parts, through ``offsets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from intervene.features.encoders import LatentEncoder
+from intervene.features.store import FORMAT, INDEX, STATS, TOKENS, VERSION, LatentCache, LatentCacheError
+
+__all__ = ["LatentCache", "LatentCacheError", "cache_latents", "token_rows"]
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+def token_rows(corpus: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor, tokenizer: Any = None,
+               ctx_len: int = 64, n_tokens: int | None = None) -> torch.Tensor:
+    """Pack a corpus into ``[n_seq, ctx_len]`` token ids (int32).
+
+    Texts are tokenized one by one (with the tokenizer's special tokens, e.g. BOS), concatenated
+    and cut into rows; the incomplete last row is dropped. A 2-D tensor is taken as rows already.
+    ``n_tokens`` caps the total (rounded down to whole rows, at least one row).
+    """
+    if isinstance(corpus, torch.Tensor) and corpus.ndim == 2:
+        rows = corpus
+    else:
+        from array import array
+
+        stream = array("q")  # 8 bytes a token, not a Python int object each
+        cap = None if n_tokens is None else max(int(n_tokens), ctx_len)
+        for item in corpus:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise LatentCacheError("texts need a tokenizer (pass tokenizer=...)")
+                stream.extend(tokenizer(item)["input_ids"])
+            else:
+                stream.extend(torch.as_tensor(item).reshape(-1).tolist())
+            if cap is not None and len(stream) >= cap:
+                break
+        n = len(stream) // ctx_len
+        if n == 0:
+            raise LatentCacheError(f"the corpus has {len(stream)} tokens, fewer than one row of ctx_len={ctx_len}")
+        rows = torch.frombuffer(stream, dtype=torch.int64)[: n * ctx_len].view(n, ctx_len).clone()
+    if n_tokens is not None:
+        rows = rows[: max(1, int(n_tokens) // rows.shape[1])]
+    return rows.to(torch.int32).contiguous()
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    _atomic(path, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    text = json.dumps(obj, indent=1) + "\n"
+    _atomic(path, lambda p: Path(p).write_text(text))
+
+
+def _digest_tensors(tensors: Sequence[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 65536)]
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.to("cpu", torch.float64 if t.is_floating_point() else torch.int64).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _model_id(model: nn.Module) -> dict[str, Any]:
+    try:
+        from intervene.activations.extract import weight_digest
+
+        digest = weight_digest(model)[:24]
+    except Exception:  # the digest is only a guard against mixing models in one cache
+        digest = _digest_tensors([p for _, p in list(model.named_parameters())[:4]])
+    cfg = getattr(model, "config", None)
+    return {"name_or_path": getattr(cfg, "_name_or_path", None) or None, "digest": digest}
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the site ran: the rest of the model is skipped."""
+
+
+def _run_model(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """One forward; module-level so tests can interrupt a run between batches."""
+    try:
+        model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+    except _StopForward:
+        pass
+
+
+def _encoder_device(encoder: Any) -> torch.device:
+    for t in list(getattr(encoder, "buffers", lambda: [])()) + list(getattr(encoder, "parameters", lambda: [])()):
+        return t.device
+    return torch.device("cpu")
+
+
+# ---- writing ---------------------------------------------------------------------------------
+@dataclass
+class _Buffer:
+    positions: list[torch.Tensor]
+    latents: list[torch.Tensor]
+    values: list[torch.Tensor]
+    size: int = 0
+
+    def add(self, p: torch.Tensor, lat: torch.Tensor, v: torch.Tensor) -> None:
+        self.positions.append(p)
+        self.latents.append(lat)
+        self.values.append(v)
+        self.size += int(p.numel())
+
+
+@torch.no_grad()
+def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor,
+                  out_dir: str | Path, *, tokenizer: Any = None, site: str | None = None, ctx_len: int = 64,
+                  batch_size: int = 16, n_tokens: int | None = None, buffer_size: int = 1 << 20,
+                  shard_width: int | None = None, n_shards: int = 8, value_dtype: torch.dtype = torch.float32,
+                  resume: bool = True, overwrite: bool = False, progress: bool = True) -> LatentCache:
+    """Run ``model`` over ``corpus`` and record every non-zero latent of ``encoder`` at its site.
+
+    Args:
+        encoder: an :class:`~intervene.features.sae.SAE` or :class:`~intervene.features.encoders.DirectionEncoder`.
+        corpus: texts (with ``tokenizer``), token-id tensors, or a ``[n_seq, ctx_len]`` tensor (see :func:`token_rows`).
+        site: overrides ``encoder.site``.
+        buffer_size: entries held in memory before a flush (16 bytes each with float32 values; a flush
+            briefly needs about twice that while it sorts).
+        shard_width: latents per shard (default: ``ceil(d_sae / n_shards)``).
+        resume: continue an interrupted cache with the same settings (else ``LatentCacheError``);
+            ``overwrite`` deletes a cache with other settings instead.
+
+    Returns:
+        the finished :class:`LatentCache`.
+    """
+    from intervene.hooks import HookSet, add_input_hook, add_output_hook
+    from intervene.sites import resolve_site
+
+    out = Path(out_dir)
+    site = site or getattr(encoder, "site", None)
+    if site is None:
+        raise LatentCacheError("the encoder has no site: pass site=... (e.g. 'layers.6')")
+    tokens = token_rows(corpus, tokenizer, ctx_len, n_tokens)
+    n_seq, ctx_len = tokens.shape
+    d_sae = int(encoder.d_sae)
+    width = int(shard_width or math.ceil(d_sae / max(1, n_shards)))
+    settings = {"site": site, "ctx_len": ctx_len, "n_seq": n_seq, "batch_size": int(batch_size),
+                "buffer_size": int(buffer_size), "shard_width": width, "n_shards": math.ceil(d_sae / width),
+                "d_sae": d_sae, "value_dtype": str(value_dtype).removeprefix("torch."),
+                "tokens_digest": _digest_tensors([tokens]),
+                "encoder": {k: v for k, v in encoder.describe().items() if k != "source"},  # weights: encoder_digest
+                "encoder_digest": _digest_tensors([t for t in getattr(encoder, "state_dict", dict)().values()
+                                                   if isinstance(t, torch.Tensor)]),
+                "model": _model_id(model)}
+    index = _start(out, settings, resume, overwrite)
+    index["encoder_source"] = encoder.describe().get("source")
+    if index.get("done"):
+        return LatentCache(out)
+    if index["n_parts"] == 0 and index["next_batch"] == 0:
+        _save(out / TOKENS, {"tokens": tokens})
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(out / "tokenizer"))
+    stats = _load_stats(out, index, d_sae)
+    resolved = resolve_site(model, site)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(h: torch.Tensor) -> torch.Tensor:
+        captured["h"] = h
+        raise _StopForward
+
+    hooks = HookSet()
+    (add_input_hook if resolved.side == "input" else add_output_hook)(hooks, resolved.module, grab, site)
+    buf = _Buffer([], [], [])
+    n_batches = math.ceil(n_seq / batch_size)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    enc_dev = _encoder_device(encoder)
+    chunk = max(1, (1 << 24) // max(1, d_sae))  # token rows per dense encode: ~64 MB of float32
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_batches, initial=index["next_batch"], disable=not progress, unit="batch", desc="caching latents")
+    try:
+        for b in range(index["next_batch"], n_batches):
+            ids = tokens[b * batch_size:(b + 1) * batch_size].to(device=dev, dtype=torch.long)
+            captured.clear()
+            _run_model(model, ids)
+            if "h" not in captured:
+                raise LatentCacheError(f"site {site!r} did not run in the model's forward")
+            x = captured.pop("h").reshape(ids.numel(), -1).to(enc_dev)
+            base = b * batch_size * ctx_len
+            parts = [encoder.encode_sparse(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+            rows = torch.cat([r + i * chunk for i, (r, _, _) in enumerate(parts)]).cpu()
+            lat = torch.cat([p[1] for p in parts]).cpu().to(torch.int32)  # 16 bytes an entry with positions, values
+            val = torch.cat([p[2] for p in parts]).detach().cpu().to(value_dtype)
+            if buf.size and buf.size + rows.numel() > buffer_size:
+                _flush(out, buf, index, stats, next_batch=b)
+            buf.add(rows.to(torch.int64) + base, lat, val)
+            index["peak_buffer"] = max(index["peak_buffer"], buf.size)
+            if buf.size >= buffer_size:
+                _flush(out, buf, index, stats, next_batch=b + 1)
+            bar.update(1)
+        if buf.size or index["next_batch"] < n_batches:
+            _flush(out, buf, index, stats, next_batch=n_batches)
+    finally:
+        hooks.remove()
+        bar.close()
+    index["done"] = True
+    _write_json(out / INDEX, index)
+    return LatentCache(out)
+
+
+def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any]:
+    path = out / INDEX
+    if path.is_file():
+        try:
+            index = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise LatentCacheError(f"{path} is corrupt: {e}") from e
+        same = {k: index.get(k) for k in settings} == json.loads(json.dumps(settings))
+        if same and resume:
+            _drop_stale_parts(out, index["n_parts"])
+            return index
+        if not overwrite:
+            why = "different settings" if not same else "resume=False"
+            raise LatentCacheError(f"{out} already holds a latent cache ({why}); use another directory or "
+                                   "overwrite=True")
+        for name in (INDEX, TOKENS, STATS):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"format": FORMAT, "version": VERSION, **settings, "next_batch": 0, "n_parts": 0,
+             "peak_buffer": 0, "done": False}
+    _write_json(path, index)
+    return index
+
+
+def _drop_stale_parts(out: Path, n_parts: int) -> None:
+    # A crash between writing a flush's parts and its index leaves parts the index does not
+    # count; the resumed run rewrites them (with the same content), so remove them first.
+    for f in (out / "shards").glob("*/*.safetensors"):
+        if int(f.stem) >= n_parts:
+            f.unlink()
+
+
+def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    path = out / STATS
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("n_parts") == str(index["n_parts"]):
+                return {k: f.get_tensor(k) for k in f.keys()}
+    stats = {"count": torch.zeros(d_sae, dtype=torch.int64), "max": torch.full((d_sae,), -math.inf),
+             "sum": torch.zeros(d_sae, dtype=torch.float64)}
+    if index["n_parts"]:  # stats of an interrupted flush: rebuild them from the parts on disk
+        cache = LatentCache(out, check_done=False)
+        for s in range(index["n_shards"]):
+            for lo, p, v in cache._shard_entries(s):
+                _accumulate(stats, lo + p, v)
+    return stats
+
+
+def _accumulate(stats: dict[str, torch.Tensor], lat: torch.Tensor, val: torch.Tensor) -> None:
+    n = stats["count"].numel()
+    stats["count"] += torch.bincount(lat, minlength=n)
+    stats["sum"] += torch.bincount(lat, weights=val.double(), minlength=n)
+    stats["max"] = torch.maximum(stats["max"], torch.full((n,), -math.inf).scatter_reduce(0, lat, val.float(), "amax"))
+
+
+def _flush(out: Path, buf: _Buffer, index: dict[str, Any], stats: dict[str, torch.Tensor], next_batch: int) -> None:
+    part = index["n_parts"]
+    if buf.size:
+        pos, lat, val = torch.cat(buf.positions), torch.cat(buf.latents).long(), torch.cat(buf.values)
+        lat, order = torch.sort(lat, stable=True)  # stable: positions stay ascending within a latent
+        pos, val = pos[order], val[order]
+        width = index["shard_width"]
+        for s in range(index["n_shards"]):
+            lo, hi = s * width, min((s + 1) * width, index["d_sae"])
+            a, b = torch.searchsorted(lat, torch.tensor([lo, hi])).tolist()
+            if a == b:
+                continue
+            local = lat[a:b] - lo
+            offsets = torch.zeros(hi - lo + 1, dtype=torch.int64)
+            offsets[1:] = torch.bincount(local, minlength=hi - lo).cumsum(0)
+            _save(out / "shards" / f"{s:05d}" / f"{part:06d}.safetensors",
+                  {"positions": pos[a:b].contiguous(), "values": val[a:b].contiguous(), "offsets": offsets})
+        _accumulate(stats, lat, val)
+    index["n_parts"] = part + 1
+    index["next_batch"] = next_batch
+    _save(out / STATS, stats, metadata={"n_parts": str(index["n_parts"])})
+    _write_json(out / INDEX, index)
+    buf.positions.clear()
+    buf.latents.clear()
+    buf.values.clear()
+    buf.size = 0
