@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -31,7 +32,7 @@ def _quiet():
 
 
 def test_export_loads_in_pyvene_with_identical_outputs(tmp_path):
-    model = tiny_model("llama")
+    model = copy.deepcopy(tiny_model("llama"))  # pyvene removes every hook on a model it wraps
     steer = iv.Steering({"layers.1": _randn(0), "layers.0.heads": _randn(1), "layers.0.mlp": _randn(2)}, scale=4.0)
     ivm = iv.Intervenable(model, steer, attach=False)
     export_pyvene(ivm, tmp_path)
@@ -51,7 +52,7 @@ def test_export_loads_in_pyvene_with_identical_outputs(tmp_path):
 
 
 def test_import_pyvene_saved_directory(tmp_path):
-    model = tiny_model("llama")
+    model = copy.deepcopy(tiny_model("llama"))  # pyvene removes every hook on a model it wraps
     config = pv.IntervenableConfig(representations=[
         {"layer": 1, "component": "block_output",
          "intervention": pv.AdditionIntervention(source_representation=_randn(3), embed_dim=32)},
@@ -75,7 +76,7 @@ def test_import_pyvene_saved_directory(tmp_path):
 
 
 def test_import_refuses_what_it_cannot_express(tmp_path):
-    model = tiny_model("llama")
+    model = copy.deepcopy(tiny_model("llama"))  # pyvene removes every hook on a model it wraps
     config = pv.IntervenableConfig(representations=[
         {"layer": 1, "component": "block_output", "intervention": pv.RotatedSpaceIntervention(embed_dim=32)}])
     pv.IntervenableModel(config, model).save(str(tmp_path))
@@ -86,7 +87,7 @@ def test_import_refuses_what_it_cannot_express(tmp_path):
 
 
 def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path):
-    model = tiny_model("llama")
+    model = copy.deepcopy(tiny_model("llama"))  # pyvene removes every hook on a model it wraps
     ivm = iv.Intervenable(model, iv.Steering({"layers.1": _randn(0)}), attach=False)
     export_pyvene(ivm, tmp_path)
     key = json.loads((tmp_path / "config.json").read_text())["sorted_keys"][0]
