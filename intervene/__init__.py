@@ -1,5 +1,8 @@
 """intervene: exact, fast, safe inference-time interventions on HuggingFace transformers."""
 
+from intervene import probes
+from intervene.activations import Activations, collect
+from intervene.demo_model import demo_model
 from intervene.errors import (
     DiffFormatError,
     DiffNotFoundError,
@@ -11,8 +14,11 @@ from intervene.errors import (
     SiteError,
     UnsupportedModelError,
 )
+from intervene.features import SAE, LatentClamp, SAEFormatError, load_sae, steering_from_sae
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention, register, registered_types
+from intervene.interventions.iti import ITI
+from intervene.interventions.remedi import Remedi
 from intervene.interventions.steering import DirectionalAblation, Steering
 from intervene.positions import Positions
 from intervene.sites import (
@@ -28,6 +34,7 @@ from intervene.sites import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ITI", "SAE", "LatentClamp", "SAEFormatError", "load_sae", "steering_from_sae", "Activations", "Remedi", "bake_and_push", "collect", "demo_model", "probes",
     "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family", "IncompatibleModelError",
     "Intervenable", "InterveneError", "Intervention", "InterventionError", "NotBakeableError", "Positions",
     "PositionsError", "Site", "SiteError", "Steering", "UnsupportedModelError", "expand_sites", "register",

@@ -1,0 +1,68 @@
+"""The shipped quirky demo model: a tiny Llama trained by ``examples/train_quirky_model.py``.
+
+It judges statements of :mod:`intervene.data.quirky` truthfully when the prompt names Alice and with a
+systematic error when it names Bob. Everything runs offline: weights and tokenizer live in
+``intervene/assets/quirky-tiny``, loadable with vanilla ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "quirky-tiny"
+DEMO_ALIASES = ("demo", "quirky-tiny")
+
+
+def resolve_model_name(name: str | Path) -> str:
+    """Map ``"demo"`` (or ``"quirky-tiny"``) to the shipped model's directory; anything else unchanged."""
+    return str(DEMO_MODEL_DIR) if str(name) in DEMO_ALIASES else str(name)
+
+
+def demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the demo model (in eval mode) and its tokenizer (left padding, ready for batched prompts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL_DIR}; "
+                                "rebuild it with examples/train_quirky_model.py")
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:
+    """The first token of each answer string (the demo's answers are single tokens)."""
+    return [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+
+
+@torch.no_grad()
+def choice_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict],
+                  batch_size: int = 128) -> torch.Tensor:
+    """Next-token logits of each row's ``choices`` after its ``text``: a float tensor ``[n_rows, n_choices]``.
+
+    Prompts are batched with left padding, so the last position is every row's next-token position.
+    ``argmax(-1)`` is the model's answer in the label convention of the quirky datasets.
+    """
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = tokenizer([r["text"] for r in chunk], return_tensors="pt", padding=True).to(device)
+            logits = model(**batch).logits[:, -1].float()
+            ids = torch.tensor([choice_token_ids(tokenizer, r["choices"]) for r in chunk], device=device)
+            out.append(logits.gather(1, ids).cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(out) if out else torch.empty(0, 2)

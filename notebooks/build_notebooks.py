@@ -1,0 +1,107 @@
+"""Regenerate the notebooks (committed without outputs): ``python notebooks/build_notebooks.py``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": [
+        ("md", "# Quickstart: steer a model and publish a diff\nEverything runs offline on the shipped quirky demo model."),
+        ("code", "import torch, intervene as iv\nfrom intervene import Intervenable, Steering\nmodel, tok = iv.demo_model()\n"
+                 "prompt = tok(['Bob: 37 is greater than 52. True or False?'], return_tensors='pt')"),
+        ("md", "A steering vector at the output of block 1, applied to generated tokens only (exact under the KV cache)."),
+        ("code", "v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))\n"
+                 "ivm = Intervenable(model, Steering({'layers.1': v}, scale=3.0, positions='generated'))\n"
+                 "steered = ivm.generate(**prompt, max_new_tokens=8, do_sample=False)\n"
+                 "with ivm.disabled():\n    base = ivm.generate(**prompt, max_new_tokens=8, do_sample=False)\n"
+                 "print('base:   ', tok.decode(base[0]))\nprint('steered:', tok.decode(steered[0]))"),
+        ("md", "Save the diff, load it back onto the model, and bake it into the weights."),
+        ("code", "import tempfile, pathlib\nd = pathlib.Path(tempfile.mkdtemp()) / 'my-diff'\nivm.save_pretrained(d)\nivm.detach()\n"
+                 "print(sorted(p.name for p in d.iterdir()))\nivm2 = Intervenable.load(d, model)\n"
+                 "assert torch.equal(ivm2.generate(**prompt, max_new_tokens=8, do_sample=False), steered)\nivm2.detach()"),
+        ("code", "all_pos = Intervenable(model, Steering({'layers.1': v}, scale=3.0), attach=False)\nbaked = all_pos.bake()\n"
+                 "with all_pos:\n    hooked = all_pos(**prompt).logits\n"
+                 "print('max |dlogit| baked vs hooked:', float((baked(**prompt).logits - hooked).abs().max()))"),
+    ],
+    "02_elk_probing.ipynb": [
+        ("md", "# Eliciting latent knowledge: elicit → transfer → PGR → anomaly detection\n"
+               "Probes fitted on Alice's (truthful) prompts, evaluated on Bob's (systematically wrong) prompts."),
+        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\n"
+                 "from intervene.evaluate.transfer import pgr\nfrom intervene.probes import auroc\n"
+                 "model, tok = iv.demo_model()\nTASK = 'comparison'\n"
+                 "rows = {(s, c): quirky_dataset(TASK, split=s, n=150, seed=i, characters=(c,))\n"
+                 "        for i, s in enumerate(('train', 'test')) for c in ('Alice', 'Bob')}"),
+        ("code", "def acts(rows):\n    a = iv.collect(model, tok, rows, sites='layers.*', positions='last', progress=False)\n"
+                 "    return torch.stack([a[s] for s in a.sites]), torch.tensor([r['label'] for r in rows])\n"
+                 "X = {k: acts(v) for k, v in rows.items()}\n"
+                 "bob_labels = torch.tensor([r['bob_label'] for r in rows[('train', 'Bob')]])"),
+        ("code", "alice = iv.probes.LogisticRegressionProbe(C=0.1).fit(*X[('train', 'Alice')])   # one probe per layer\n"
+                 "bob = iv.probes.LogisticRegressionProbe(C=0.1).fit(X[('train', 'Bob')][0], bob_labels)\n"
+                 "xb, yb = X[('test', 'Bob')]\nxa, ya = X[('test', 'Alice')]\n"
+                 "transfer, floor, ceiling = auroc(yb, alice.decision_function(xb)), auroc(yb, bob.decision_function(xb)), auroc(ya, alice.decision_function(xa))\n"
+                 "for layer, (t, f, c, g) in enumerate(zip(transfer, floor, ceiling, pgr(transfer, floor, ceiling))):\n"
+                 "    print(f'layer {layer}: transfer {t:.3f}  floor {f:.3f}  ceiling {c:.3f}  PGR {g:.2f}')"),
+        ("md", "Unsupervised probes (CCS) need contrast pairs: the same prompt ending in each answer."),
+        ("code", "from intervene.activations import collect_pairs\nfrom intervene.data.contrast import make_contrast_pairs\n"
+                 "pairs = make_contrast_pairs(rows[('train', 'Alice')])\n"
+                 "xp, xn = collect_pairs(model, tok, pairs, sites='layers.2', progress=False)\n"
+                 "ccs = iv.probes.CCS(n_restarts=5).fit(xp['layers.2'], xn['layers.2'])\n"
+                 "print('CCS accuracy on its training pairs:', float(ccs.calibrate(xp['layers.2'], xn['layers.2'], xp.labels).score(xp['layers.2'], xn['layers.2'], xp.labels)))"),
+        ("md", "Mechanistic anomaly detection: is this a Bob prompt? Mahalanobis distance on per-layer probe log-odds, fitted on trusted Alice prompts."),
+        ("code", "from intervene.evaluate.anomaly import detect_anomalies\n"
+                 "res = detect_anomalies(alice, X[('train', 'Alice')][0], xa, xb)\nprint(res)"),
+    ],
+    "03_iti.ipynb": [
+        ("md", "# ITI end to end: fit on Alice, steer Bob, measure CE, bake\nLi et al. 2023, exactly: per-head probes at the o_proj input, top-K heads, mass-mean shifts of α·σ."),
+        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\nfrom intervene.demo_model import choice_logits\n"
+                 "from intervene.evaluate.side_effects import load_reference_texts, side_effects\n"
+                 "model, tok = iv.demo_model()\nTASK = 'comparison'\n"
+                 "train = quirky_dataset(TASK, split='train', n=200, characters=('Alice',))\n"
+                 "bob = quirky_dataset(TASK, split='test', n=100, characters=('Bob',))\n"
+                 "truth = torch.tensor([r['label'] for r in bob])"),
+        ("code", "iti = iv.ITI.fit(model, tok, train, num_heads=8, alpha=8.0)\nprint('top heads:', iti.top_heads_)\n"
+                 "print('head accuracies [L, H]:')\nprint(iti.head_accuracies_)"),
+        ("code", "def bob_acc(edit=None):\n    if edit is None:\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"
+                 "    with iv.Intervenable(model, edit):\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"
+                 "neutral = load_reference_texts(n=100)\n"
+                 "print('Bob accuracy vs truth: before', bob_acc(), 'after', bob_acc(iti))\n"
+                 "print(side_effects(model, tok, neutral, iti))"),
+        ("code", "ivm = iv.Intervenable(model, iti, attach=False)\nbaked = ivm.bake()   # o_proj.bias += W_o · d\n"
+                 "batch = tok([r['text'] for r in bob[:8]], return_tensors='pt', padding=True)\n"
+                 "with ivm:\n    hooked = ivm(**batch).logits\nreal = batch['attention_mask'].bool()\n"
+                 "print('max |dlogit|:', float((baked(**batch).logits - hooked)[real].abs().max()))"),
+    ],
+    "04_remedi.ipynb": [
+        ("md", "# REMEDI end to end: train an editor, edit facts, evaluate, inspect\nHernandez, Li & Andreas 2023, on the shipped model's synthetic facts."),
+        ("code", "import intervene as iv\nfrom intervene.data.quirky import remedi_samples\nfrom intervene.evaluate.remedi_metrics import evaluate_remedi\n"
+                 "model, tok = iv.demo_model()\ntrain = remedi_samples('train', n=120, seed=0)\ntest = remedi_samples('test', n=40, seed=1)\n"
+                 "train[0]"),
+        ("code", "editor = iv.Remedi.fit(model, tok, train, layer=1, epochs=3, progress=False)\neditor"),
+        ("code", "report = evaluate_remedi(editor, model, tok, test, fluency=False, n_boot=200)\n"
+                 "for k, v in report['edited'].items():\n    print(f\"{k:<24} edited {v['estimate']:.3f}   unedited {report['unedited'][k]['estimate']:.3f}\")"),
+        ("md", "The edit is input-dependent, so it cannot be baked into the weights; it still saves as a diff."),
+        ("code", "import tempfile\nivm = iv.Intervenable(model, editor, attach=False)\ntry:\n    ivm.bake()\nexcept iv.NotBakeableError as e:\n    print('NotBakeableError:', e)\n"
+                 "d = tempfile.mkdtemp()\nivm.save_pretrained(d)\nprint(iv.Intervenable.load(d, model, attach=False).interventions)"),
+    ],
+}
+
+
+def build() -> list[Path]:
+    paths = []
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        path = HERE / name
+        nbformat.write(nb, path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in build():
+        print(p)
