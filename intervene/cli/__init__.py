@@ -6,30 +6,15 @@ MODEL arguments accept a local directory, a Hub id, or ``demo`` (the shipped qui
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-
-# Fixed list (never names read from files or the environment): module -> what it adds.
-_SUBCOMMAND_MODULES = (
-    "intervene.cli.demo",  # demo
-    "intervene.cli.elicit",  # elicit, eval, sweep, plot
-    "intervene.cli.iti",  # iti fit / eval / sweep
-    "intervene.cli.remedi",  # remedi fit / eval
-    "intervene.cli.publish",  # bake, push
-    "intervene.cli.features",  # features cache / explain / score
-)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intervene", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in _SUBCOMMAND_MODULES:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:  # a real missing dependency inside the module
-                raise
-            continue
+    # A fixed set of our own modules (never names read from files or the environment).
+    from intervene.cli import demo, elicit, features, iti, publish, remedi
+
+    for mod in (demo, elicit, iti, remedi, publish, features):
         mod.register(sub)
     return parser
 
