@@ -9,8 +9,6 @@ builds classes only through the registry (no pickle, no import by name).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from intervene.errors import (
     SiteError,
     UnsupportedModelError,
 )
+from intervene.fileio import atomic_write
 from intervene.intervention import Intervention, lookup
 from intervene.positions import Positions
 from intervene.sites import block_path, config_value, expand_sites, family_of, head_shape, resolve_site
@@ -72,15 +71,7 @@ def check_fingerprint(saved: Mapping[str, Any], model: nn.Module) -> None:
             f"{have.get('name_or_path') or type(model).__name__}: " + "; ".join(bad))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def save_diff(directory: Path, model: nn.Module, interventions: list[Intervention],
@@ -110,12 +101,12 @@ def save_diff(directory: Path, model: nn.Module, interventions: list[Interventio
         "metadata": dict(metadata or {}),
     }
     text = json.dumps(config, indent=2, sort_keys=False, default=_json_default)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
     if card:
         from intervene.cards import diff_card
 
-        _atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(diff_card(config)))
+        atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(diff_card(config)))
     return directory
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from intervene.errors import InterveneError
+from intervene.fileio import atomic_write_bytes
 
 FORMAT = "intervene-activations"
 FORMAT_VERSION = 1
@@ -47,16 +46,7 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes | str) -> None:
-    # No fsync: after a crash a shard is either absent from the index or fails its size/hash check.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def file_sha256(path: Path) -> str:
@@ -172,13 +162,13 @@ class ShardWriter:
             number = len(self.index["shards"])
             name = f"shard-{number:05d}.safetensors"
             data = st_save(tensors, metadata={"start": str(start), "stop": str(stop)})
-            _atomic_write_bytes(self.root / name, data)
+            atomic_write_bytes(self.root / name, data)
             self.index["shards"].append({"file": name, "start": start, "stop": stop, "bytes": len(data),
                                          "sha256": hashlib.sha256(data).hexdigest()})
             self._write_index()
 
     def _write_index(self) -> None:
-        _atomic_write_bytes(self.root / INDEX_NAME, json.dumps(self.index, indent=1) + "\n")
+        atomic_write_bytes(self.root / INDEX_NAME, json.dumps(self.index, indent=1) + "\n")
 
     def close(self, complete: bool) -> None:
         """Write what is buffered; mark the cache complete if ``complete``. Safe to call after errors."""

@@ -24,10 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from torch import nn
 
 from intervene.features.encoders import LatentEncoder
 from intervene.features.store import FORMAT, INDEX, STATS, TOKENS, VERSION, LatentCache, LatentCacheError
+from intervene.fileio import atomic_write
 
 __all__ = ["LatentCache", "LatentCacheError", "cache_latents", "token_rows"]
 
@@ -76,27 +75,18 @@ def token_rows(corpus: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor, to
 
 
 # ---- small helpers ---------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
-    _atomic(path, lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     text = json.dumps(obj, indent=1) + "\n"
-    _atomic(path, lambda p: Path(p).write_text(text))
+    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 def _digest_tensors(tensors: Sequence[torch.Tensor]) -> str:

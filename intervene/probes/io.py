@@ -14,14 +14,13 @@ embedding a probe in another file format.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from intervene.fileio import atomic_write
 from intervene.probes.base import Probe, ProbeFormatError, lookup_probe
 
 FORMAT = "intervene.probe"
@@ -137,21 +136,13 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
     config, tensors = probe_to_state(probe)
     config_path, tensors_path = _paths(path)
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(tensors_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(config_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return config_path
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
 
 
 def load_probe(path: str | Path) -> Probe:
