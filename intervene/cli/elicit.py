@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from intervene.errors import InterveneError
+from intervene.cli.common import guard
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,18 +64,7 @@ def _print_table(rows: list[dict], title: str) -> None:
               f"{r['acc']:6.3f}  {r['cal_acc']:7.3f}  {r['ece']:6.3f}")
 
 
-def _guard(fn):
-    """Named library errors become one line on stderr and exit code 1, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (InterveneError, FileNotFoundError, ValueError) as e:
-            print(f"intervene {args.command}: error: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
-@_guard
+@guard
 def _elicit(args: argparse.Namespace) -> int:
     from intervene.data.loaders import dataset_slug
     from intervene.elicit import elicit, model_slug
@@ -88,7 +76,7 @@ def _elicit(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guard
 def _eval(args: argparse.Namespace) -> int:
     from intervene.elicit import evaluate_run
 
@@ -100,7 +88,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guard
 def _sweep(args: argparse.Namespace) -> int:
     from intervene.elicit import sweep
 
@@ -113,7 +101,7 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-@_guard
+@guard
 def _plot(args: argparse.Namespace) -> int:
     from intervene.plots import plot_run
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.cli.common import guard
 
 
 def register(subparsers: Any) -> None:
@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a cache written with other settings")
     p.add_argument("--seed", type=int, default=0, help="demo corpus seed")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_guard(_cache))
+    p.set_defaults(func=guard(_cache))
 
     p = sub.add_parser("explain", help="sample examples and explain latents with a language model")
     p.add_argument("cache", help="a cache directory written by `features cache`")
@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threshold-frac", type=float, default=0.0,
                    help="highlight only tokens above this fraction of the examples' maximum activation")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guard(_explain))
+    p.set_defaults(func=guard(_explain))
 
     p = sub.add_parser("score", help="detection / fuzzing scores of saved explanations")
     p.add_argument("cache", help="the cache directory the explanations came from")
@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-per-prompt", type=int, default=1, help="snippets per request (1 allows AUROC)")
     p.add_argument("--no-probs", action="store_true", help="parse generated answers, never ask for logprobs")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_guard(_score))
+    p.set_defaults(func=guard(_score))
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -91,19 +91,6 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=4, help="concurrent requests (openai:)")
     p.add_argument("--rps", type=float, default=None, help="requests per second limit (openai:)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="local: generation length")
-
-
-def _guard(fn: Any) -> Any:
-    """Named library errors become one line on stderr and exit code 1, not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except (InterveneError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return run
 
 
 def demo_corpus(n_tokens: int, seed: int = 0) -> list[str]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.cli.common import guard, load_model_args
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +71,7 @@ def register(subparsers: Any) -> None:
     _data_args(p, "train")
     _fit_args(p)
     p.add_argument("--out", required=True, help="output directory (the diff, head_accuracies.png, metrics.json)")
-    p.set_defaults(func=_guard(_fit))
+    p.set_defaults(func=guard(_fit))
 
     p = sub.add_parser("eval", help="MC truthfulness and CE/KL of a saved ITI diff against the base model")
     _model_args(p)
@@ -82,7 +81,7 @@ def register(subparsers: Any) -> None:
     _ref_args(p)
     p.add_argument("--alpha", type=float, default=None, help="override the diff's α")
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
-    p.set_defaults(func=_guard(_eval))
+    p.set_defaults(func=guard(_eval))
 
     p = sub.add_parser("sweep", help="sweep α and K: CSV table, trade-off plot, head-accuracy heatmap")
     _model_args(p)
@@ -92,26 +91,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0])
     _ref_args(p)
     p.add_argument("--out", required=True)
-    p.set_defaults(func=_guard(_sweep))
-
-
-def _guard(fn: Any) -> Any:
-    """Named library errors become one line on stderr and exit code 1, not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except (InterveneError, FileNotFoundError, ValueError) as e:
-            print(f"intervene iti {args.iti_command}: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from intervene.elicit import load_model
-
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    p.set_defaults(func=guard(_sweep))
 
 
 def _rows(spec: str, split: str, n: int | None, character: str | None, seed: int) -> list[dict]:
@@ -141,7 +121,7 @@ def _fit(args: argparse.Namespace) -> int:
     from intervene.evaluate.plots_iti import plot_head_accuracies
     from intervene.intervenable import Intervenable
 
-    model, tok = _load(args)
+    model, tok = load_model_args(args)
     iti = _fit_model(args, model, tok, args.num_heads)
     out = Path(args.out)
     ivm = Intervenable(model, [iti], attach=False)
@@ -171,7 +151,7 @@ def _eval(args: argparse.Namespace) -> int:
     from intervene.intervenable import Intervenable
     from intervene.interventions.iti import ITI
 
-    model, tok = _load(args)
+    model, tok = load_model_args(args)
     ivm = Intervenable.load(args.diff, model, attach=False)
     itis = [iv for iv in ivm.interventions if isinstance(iv, ITI)]
     if len(itis) != 1:
@@ -196,7 +176,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from intervene.evaluate.iti_sweep import sweep, truth_key, write_csv
     from intervene.evaluate.plots_iti import plot_head_accuracies, plot_tradeoff
 
-    model, tok = _load(args)
+    model, tok = load_model_args(args)
     ks = sorted(set(args.ks))
     iti = _fit_model(args, model, tok, max(ks))
     eval_spec = args.eval_dataset or args.dataset

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.cli.common import guard, load_model_args
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +64,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--test-fraction", type=float, default=0.2, help="CounterFact: subjects held out for eval")
     p.add_argument("--no-progress", action="store_true")
     _eval_args(p)
-    p.set_defaults(func=_guard(_fit))
+    p.set_defaults(func=guard(_fit))
 
     p = sub.add_parser("eval", help="efficacy / paraphrase / neighborhood / fluency of a saved editor")
     _model_args(p)
@@ -74,26 +73,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--alpha", type=float, default=None, help="override the editor's alpha")
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
     _eval_args(p)
-    p.set_defaults(func=_guard(_eval))
-
-
-def _guard(fn: Any) -> Any:
-    """Named library errors become one line on stderr and exit code 1, not a traceback."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(fn(args) or 0)
-        except (InterveneError, FileNotFoundError, ValueError) as e:
-            print(f"intervene remedi {args.remedi_command}: error: {e}", file=sys.stderr)
-            return 1
-
-    return run
-
-
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    from intervene.elicit import load_model
-
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    p.set_defaults(func=guard(_eval))
 
 
 def load_samples(spec: str, part: str, n: int | None, seed: int = 0, test_fraction: float = 0.2
@@ -131,7 +111,7 @@ def _fit(args: argparse.Namespace) -> int:
     from intervene.intervenable import Intervenable
     from intervene.interventions.remedi import Remedi
 
-    model, tok = _load(args)
+    model, tok = load_model_args(args)
     train = load_samples(args.data, "train", args.n_train, args.seed, args.test_fraction)
     test = load_samples(args.data, "test", args.n_eval, args.seed, args.test_fraction)
     editor = Remedi.fit(model, tok, train, layer=args.layer, side=args.side, rank=args.rank, alpha=args.alpha,
@@ -169,7 +149,7 @@ def _eval(args: argparse.Namespace) -> int:
     from intervene.intervenable import Intervenable
     from intervene.interventions.remedi import Remedi
 
-    model, tok = _load(args)
+    model, tok = load_model_args(args)
     ivm = Intervenable.load(args.diff, model, attach=False)
     editors = [iv for iv in ivm.interventions if isinstance(iv, Remedi)]
     if len(editors) != 1:

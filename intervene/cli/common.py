@@ -1,0 +1,33 @@
+"""Pieces every subcommand module shares."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from intervene.errors import InterveneError
+
+
+def guard(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    """Named library errors become one line on stderr and exit code 1, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(fn(args) or 0)
+        except (InterveneError, FileNotFoundError, ValueError) as e:
+            command = getattr(args, "command", None) or ""
+            sub = getattr(args, f"{command}_command", None)
+            name = " ".join(p for p in ("intervene", command, sub) if p)
+            print(f"{name}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def load_model_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from the ``model``/``dtype``/``device`` arguments (``demo`` allowed)."""
+    from intervene.elicit import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
