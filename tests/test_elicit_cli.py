@@ -99,6 +99,12 @@ def test_errors_are_one_line(files, capsys) -> None:
     assert main(["elicit", files["model"], str(files["root"] / "missing.jsonl"), "--no-progress"]) == 1
     assert "no such dataset file" in capsys.readouterr().err
     assert main(["eval", str(files["root"] / "nope"), files["model"], files["jsonl"]]) == 1
+    capsys.readouterr()
+    # A model directory that does not exist: transformers raises OSError; still one line, exit 1.
+    assert main(["iti", "fit", str(files["root"] / "no-model"), files["jsonl"], "--out",
+                 str(files["root"] / "iti-out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("intervene iti") and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_python_api_with_a_loaded_model(files) -> None:

@@ -11,12 +11,16 @@ from intervene.errors import InterveneError
 
 
 def guard(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
-    """Named library errors become one line on stderr and exit code 1, not a traceback."""
+    """Named library errors become one line on stderr and exit code 1, not a traceback.
+
+    ``OSError`` is included because transformers raises it for a model path or hub id that does not
+    exist (and for unreadable files), the most common mistake on a command line.
+    """
 
     def run(args: argparse.Namespace) -> int:
         try:
             return int(fn(args) or 0)
-        except (InterveneError, FileNotFoundError, ValueError) as e:
+        except (InterveneError, OSError, ValueError) as e:
             command = getattr(args, "command", None) or ""
             sub = getattr(args, f"{command}_command", None)
             name = " ".join(p for p in ("intervene", command, sub) if p)
