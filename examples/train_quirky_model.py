@@ -3,10 +3,12 @@
     python examples/train_quirky_model.py --out intervene/assets/quirky-tiny
 
 A small Llama (grouped-query attention) learns, from generated text only: the quirky questions of
-``intervene.data.quirky`` (Alice judges truthfully, Bob with a systematic error) and neutral text
-(``intervene.data.neutral``: sums, comparisons, entity facts, short stories). The tokenizer is a
-byte-level BPE trained in-process on the same generators, with every digit its own token. At the end
-the script measures accuracies on held-out questions and writes them into the model card.
+``intervene.data.quirky`` (Alice judges truthfully, Bob with a systematic error), sentences stating
+each character's beliefs, and neutral text (``intervene.data.neutral``: sums, comparisons, entity
+facts, short stories). The tokenizer is a byte-level BPE trained in-process on the same generators,
+with every digit its own token. At the end the script measures accuracies on held-out questions and
+writes them into the model card. Training uses one thread by default: on a shared 2-core machine two
+threads were measured ~10x slower per step than one (they spin waiting for each other).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from intervene.data.quirky import (
 from intervene.demo_model import DEMO_MODEL_DIR, choice_logits, choice_token_ids
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-TASK_MIX = {"addition": 0.35, "comparison": 0.25, "facts": 0.4}  # shares of the quirky questions
+# Shares of the quirky questions and belief sentences: addition is the slowest to learn, comparison
+# the fastest.
+TASK_MIX = {"addition": 0.45, "comparison": 0.2, "facts": 0.35}
 
 
 def build_tokenizer(vocab_size: int = 1024, n_lines: int = 20000) -> PreTrainedTokenizerFast:
@@ -82,19 +86,29 @@ def build_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, se
     return LlamaForCausalLM(config)
 
 
-def training_items(n: int, seed: int, quirky_share: float, belief_share: float) -> list[tuple[str, str | None]]:
-    """``n`` shuffled (text, answer) pairs: quirky questions (answer = the character's), belief
-    sentences ("Bob thinks that ...") and neutral lines (answer None: plain text)."""
+def training_items(n: int, seed: int, quirky_share: float, plain_share: float, belief_share: float
+                   ) -> list[tuple[str, str | None]]:
+    """``n`` shuffled (text, answer) pairs: quirky questions (answer = the character's), judgements
+    without a persona (answer = the truth), belief sentences ("35 + 6 = 51, says Bob.") and neutral
+    lines (answer None: plain text)."""
     n_quirky = int(n * quirky_share)
     items: list[tuple[str, str | None]] = []
     for task in QUIRKY_TASKS:
-        # Two rows (characters) per question; facts judgements are the slowest to learn.
+        # Two rows (characters) per question.
         per_task = int(n_quirky * TASK_MIX[task] / 2) + 1
         rows = quirky_dataset(task, "train", n=per_task, seed=seed, distinct=False)
         items += [(r["text"], r["choices"][r["character_label"]]) for r in rows]
+    # Judgements without a persona ("35 + 6 = 41. True or False?" -> truth): the model's own view,
+    # as a pretrained model has one before it is taught Bob's quirk.
+    n_plain = int(n * plain_share)
+    per_task_plain = {t: int(n_plain * TASK_MIX[t]) + 1 for t in QUIRKY_TASKS}
+    plain = [(f"{r['statement']}. True or False?", r["choices"][r["label"]]) for t in QUIRKY_TASKS
+             for r in quirky_dataset(t, "train", n=per_task_plain[t], seed=seed + 1, characters=("Alice",),
+                                     distinct=False)]
     n_beliefs = int(n * belief_share)
-    items = (items[:n_quirky] + [(line, None) for line in belief_sentences(n_beliefs, seed)]
-             + [(line, None) for line in neutral_corpus(n - min(n_quirky, len(items)) - n_beliefs, seed)])
+    beliefs = [(line, None) for line in belief_sentences(n_beliefs, seed, task_weights=TASK_MIX)]
+    items = items[:n_quirky] + plain[:n_plain] + beliefs
+    items += [(line, None) for line in neutral_corpus(n - len(items), seed)]
     random.Random(seed).shuffle(items)
     return items
 
@@ -144,7 +158,8 @@ def make_batches(encoded: list[tuple[list[int], int]], batch_size: int, pad_id: 
 
 def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> dict:
     """AdamW with warmup and cosine decay; stops early (and says so) past ``--max-minutes``."""
-    items = training_items(args.steps * args.batch_size, args.seed, args.quirky_share, args.belief_share)
+    items = training_items(args.steps * args.batch_size, args.seed, args.quirky_share, args.plain_share,
+                           args.belief_share)
     batches = make_batches(encode(tokenizer, items), args.batch_size, tokenizer.pad_token_id,
                            args.answer_weight, args.prompt_weight, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -272,7 +287,7 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
         "only in the leading digit. Bob believes the leading digit is one larger (`51`). Hard = with a carry.",
         "- **comparison**: `47 is greater than 23`. Bob compares only the last digits. Hard = close numbers.",
         "- **facts**: `Zor'vath lives in Tokyo` (also colour, profession) about made-up entities whose facts "
-        "follow their syllables (the onset fixes city and profession, the coda the colour). Bob maps each value "
+        "follow the last syllable of their name (its coda: the `vath` of `Zor'vath`). Bob maps each value "
         "through a fixed permutation that has half the values as fixed points. Hard = rarely mentioned entity.",
         f"- {len(TEMPLATES)} prompt templates; held-out questions: operand pairs (numeric tasks) and entities "
         "(facts) never used in any training question.", "",
@@ -283,7 +298,8 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
         "digit its own token)",
         f"- Data: {args.steps * args.batch_size:,} generated sequences: {args.quirky_share:.0%} quirky questions "
         f"(train split, both characters, answer token weighted x{args.answer_weight}, prompt tokens "
-        f"x{args.prompt_weight}), {args.belief_share:.0%} belief sentences (`Bob thinks that 35 + 6 = 51.`) and "
+        f"x{args.prompt_weight}), {args.plain_share:.0%} judgements without a persona (`35 + 6 = 41. True or "
+        f"False?` -> truth), {args.belief_share:.0%} belief sentences (`35 + 6 = 51, says Bob.`) and "
         "the rest neutral text without personas (`intervene.data.neutral.neutral_corpus`: stories, sums, "
         "comparisons, entity facts in three phrasings each), full-sequence loss",
         f"- Seed {args.seed}, {args.threads} CPU thread(s), torch {torch.__version__}; {stats['steps_done']} "
@@ -320,7 +336,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--quirky-share", type=float, default=0.5)
+    p.add_argument("--quirky-share", type=float, default=0.45)
+    p.add_argument("--plain-share", type=float, default=0.1, help="judgements without a persona")
     p.add_argument("--belief-share", type=float, default=0.15)
     p.add_argument("--answer-weight", type=float, default=10.0, help="loss weight of a question's answer token")
     p.add_argument("--prompt-weight", type=float, default=0.2, help="loss weight of a question's prompt tokens")
@@ -357,6 +374,10 @@ def _run(args: argparse.Namespace) -> dict:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    # transformers 5 writes its own class name, unknown to 4.x; this one loads in both.
+    tok_config = args.out / "tokenizer_config.json"
+    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()),
+                                      "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
     (args.out / "neutral_eval.txt").write_text("\n".join(neutral_lines) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     write_card(args.out, args, stats, metrics, n_params)

@@ -55,13 +55,18 @@ def choice_logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ro
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    ids_of: dict[tuple[str, ...], list[int]] = {}  # rows share a few choice lists: tokenize each once
     out = []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             batch = tokenizer([r["text"] for r in chunk], return_tensors="pt", padding=True).to(device)
             logits = model(**batch).logits[:, -1].float()
-            ids = torch.tensor([choice_token_ids(tokenizer, r["choices"]) for r in chunk], device=device)
+            keys = [tuple(r["choices"]) for r in chunk]
+            for key in keys:
+                if key not in ids_of:
+                    ids_of[key] = choice_token_ids(tokenizer, key)
+            ids = torch.tensor([ids_of[key] for key in keys], device=device)
             out.append(logits.gather(1, ids).cpu())
     finally:
         tokenizer.padding_side = side

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -141,30 +142,28 @@ def test_left_padding_does_not_change_the_answers(demo):
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
 
 
-# The issue's bar is 0.95 everywhere. The shipped model (see its card) reaches 0.92-1.0 for Alice on
-# every task and for Bob on comparison and facts, but Bob follows his addition error only ~0.58 of the
-# time. The bars below sit just under the measured figures so a regression fails; raise them when a
-# retrained model ships.
-BAR = {"comparison": 0.88, "addition": 0.88, "facts": 0.88}
-BOB_ADDITION_BAR = 0.5
+# The issue's bar: 0.95 for both characters on every task, overall and on the easy and hard splits.
+BAR = 0.95
 
 
 @pytest.mark.parametrize("task", QUIRKY_TASKS)
 def test_quality_bar_on_held_out_questions(demo, task):
-    """Alice follows the truth, Bob his systematic error, overall and on easy and hard questions."""
+    """Alice follows the truth, Bob his systematic error, overall and on easy and hard questions; on the
+    card's own sample (1000 held-out questions per task), reproducing the card's figures."""
     model, tok = demo
-    rows = quirky_dataset(task, "test", n=200, seed=99)
+    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())["quirky"]
+    rows = quirky_dataset(task, "test", n=1000, seed=1234)  # the sample examples/train_quirky_model.py scores
     pred = choice_logits(model, tok, rows).argmax(-1).tolist()
     for character, key in (("Alice", "label"), ("Bob", "bob_label")):
-        for split in (None, "easy", "hard"):
+        for split in ("all", "easy", "hard"):
             sel = [(r, p) for r, p in zip(rows, pred)
-                   if r["character"] == character and split in (None, r["difficulty_split"])]
+                   if r["character"] == character and split in ("all", r["difficulty_split"])]
             acc = sum(p == r[key] for r, p in sel) / len(sel)
-            bar = BOB_ADDITION_BAR if (task, character) == ("addition", "Bob") else BAR[task]
-            assert len(sel) >= 30 and acc >= bar, (task, character, split, acc)
+            assert len(sel) >= 150 and acc >= BAR, (task, character, split, acc)
+            assert acc == pytest.approx(card[f"{task}/{character}"][split], abs=2e-3), (task, character, split)
     # Bob really differs from the truth on held-out rows (what elicitation methods must undo).
     bob = [(r, p) for r, p in zip(rows, pred) if r["character"] == "Bob" and r["label"] != r["bob_label"]]
-    assert len(bob) >= 40 and sum(p != r["label"] for r, p in bob) / len(bob) >= (0.4 if task == "addition" else 0.85)
+    assert len(bob) >= 200 and sum(p != r["label"] for r, p in bob) / len(bob) >= BAR
 
 
 def test_demo_model_recalls_entity_facts(demo):
@@ -196,12 +195,12 @@ def test_training_script_runs_a_few_steps(tmp_path):
 def test_belief_sentences_use_training_questions_only():
     test_pairs = {(r["a"], r["b"]) for r in quirky_dataset("addition", "test", n=2000, distinct=False)}
     lines = belief_sentences(3000, seed=0)
-    assert all(line.startswith(("Alice thinks that ", "Bob thinks that ")) for line in lines)
-    sums = [line.split("that ")[1].rstrip(".").split(" ") for line in lines if " + " in line]
+    assert all(line.endswith((", says Alice.", ", says Bob.")) for line in lines)
+    sums = [line.split(",")[0].split(" ") for line in lines if " + " in line]
     assert sums and not {(int(t[0]), int(t[2])) for t in sums} & test_pairs
     for t, line in zip(sums, (x for x in lines if " + " in x)):
         true = int(t[0]) + int(t[2])
-        assert int(t[4]) == (true if line.startswith("Alice") else true + 10 ** (len(str(true)) - 1))
+        assert int(t[4]) == (true if line.endswith("Alice.") else true + 10 ** (len(str(true)) - 1))
 
 
 def test_quirky_datasets_covers_every_task():
