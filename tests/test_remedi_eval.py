@@ -177,9 +177,9 @@ def test_cli_fit_and_eval(tmp_path) -> None:
 def test_demo_model_held_out_facts() -> None:
     """On the shipped quirky model: an editor trained on some entities edits held-out entities' facts.
 
-    The demo model reads an entity's facts from its embedding in block 0's attention, so the edit goes
-    at ``layers.0:input``: with free per-example directions, ``layers.0`` (output) only reaches about
-    half the efficacy there, ``layers.0:input`` all of it.
+    The demo model reads an entity's facts from its name's last token (the coda, which fixes every fact)
+    in block 0's attention, so the edit goes at ``layers.0:input`` of that token; at ``layers.0``
+    (output) or later the final position has already read the fact and efficacy stays at 0 (measured).
     """
     from intervene.demo_model import DEMO_MODEL_DIR, demo_model
 
@@ -190,20 +190,21 @@ def test_demo_model_held_out_facts() -> None:
 
     model, tok = demo_model()
     editor = Remedi.fit(model, tok, remedi_samples("train", n=400, seed=0), layer=0, side="input", lr=3e-3,
-                        epochs=10, batch_size=16, patience=2, progress=False)
+                        epochs=20, batch_size=16, patience=2, progress=False)
     test = add_neighbor_entities(remedi_samples("test", n=48, seed=1), list(facts_table()))
     report = evaluate_remedi(editor, model, tok, test, fluency=False, n_boot=200)
     ed, un = report["edited"], report["unedited"]
     inspection = inspect_attributes(editor, model, tok, quirky_items("test"))
     print("demo REMEDI (edited, unedited):",
           {k: (round(v["estimate"], 3), round(un[k]["estimate"], 3)) for k, v in ed.items()}, inspection)
-    # On the model trained at 14:00 (facts learned much better than before) efficacy dropped from 0.98
-    # to ~0.3 with these settings; the bound is the measured figure less a margin, not the paper's bar.
-    assert ed["efficacy_score"]["estimate"] >= 0.2 and un["efficacy_score"]["estimate"] <= 0.1
-    assert ed["paraphrase_score"]["estimate"] >= un["paraphrase_score"]["estimate"]
+    # Measured on the shipped model: efficacy 1.000 (unedited 0.000), paraphrase 0.938 (0.000),
+    # neighborhood 0.917 = unedited; inspection 0.984 against 0.032 (identity) and 0.143 (shuffled).
+    assert ed["efficacy_score"]["estimate"] >= 0.9 and un["efficacy_score"]["estimate"] <= 0.1
+    assert ed["paraphrase_score"]["estimate"] >= 0.8 and un["paraphrase_score"]["estimate"] <= 0.1
     # Held-out neighbors (other entities) keep their facts: the edit lands on the sample's entity only.
     assert report["neighborhood_rows_edited"] == 0
     assert ed["neighborhood_score"] == un["neighborhood_score"] and un["neighborhood_score"]["estimate"] >= 0.7
     # Inspection: the learned editor reads the true attribute far above chance and above both controls.
-    assert inspection["learned"]["accuracy"] >= 0.25 > inspection["identity"]["accuracy"]
-    assert inspection["learned"]["accuracy"] > inspection["shuffled_labels"]["accuracy"] + 0.1
+    assert inspection["learned"]["accuracy"] >= 0.85
+    assert inspection["learned"]["accuracy"] > max(inspection["identity"]["accuracy"],
+                                                   inspection["shuffled_labels"]["accuracy"]) + 0.5
