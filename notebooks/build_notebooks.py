@@ -57,14 +57,17 @@ NOTEBOOKS = {
                  "res = detect_anomalies(alice, X[('train', 'Alice')][0], xa, xb)\nprint(res)"),
     ],
     "03_iti.ipynb": [
-        ("md", "# ITI end to end: fit on Alice, steer Bob, measure CE, bake\nLi et al. 2023, exactly: per-head probes at the o_proj input, top-K heads, mass-mean shifts of α·σ."),
-        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\nfrom intervene.demo_model import choice_logits\n"
+        ("md", "# ITI end to end: fit on truthful vs untruthful speakers, steer Bob, measure CE, bake\n"
+               "Li et al. 2023, exactly: per-head probes at the o_proj input, top-K heads, mass-mean shifts of α·σ. "
+               "ITI's labels mark truthful against untruthful answers; on the quirky model those are the same questions "
+               "asked of Alice (truthful) and of Bob (systematically wrong): `speaker_contrast`."),
+        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset, speaker_contrast\nfrom intervene.demo_model import choice_logits\n"
                  "from intervene.evaluate.side_effects import load_reference_texts, side_effects\n"
                  "model, tok = iv.demo_model()\nTASK = 'comparison'\n"
-                 "train = quirky_dataset(TASK, split='train', n=200, characters=('Alice',))\n"
+                 "train = speaker_contrast(quirky_dataset(TASK, split='train', n=200))\n"
                  "bob = quirky_dataset(TASK, split='test', n=100, characters=('Bob',))\n"
                  "truth = torch.tensor([r['label'] for r in bob])"),
-        ("code", "iti = iv.ITI.fit(model, tok, train, num_heads=8, alpha=8.0)\nprint('top heads:', iti.top_heads_)\n"
+        ("code", "iti = iv.ITI.fit(model, tok, train, num_heads=8, alpha=1.0)\nprint('top heads:', iti.top_heads_)\n"
                  "print('head accuracies [L, H]:')\nprint(iti.head_accuracies_)"),
         ("code", "def bob_acc(edit=None):\n    if edit is None:\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"
                  "    with iv.Intervenable(model, edit):\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"
@@ -81,7 +84,8 @@ NOTEBOOKS = {
         ("code", "import intervene as iv\nfrom intervene.data.quirky import remedi_samples\nfrom intervene.evaluate.remedi_metrics import evaluate_remedi\n"
                  "model, tok = iv.demo_model()\ntrain = remedi_samples('train', n=120, seed=0)\ntest = remedi_samples('test', n=40, seed=1)\n"
                  "train[0]"),
-        ("code", "editor = iv.Remedi.fit(model, tok, train, layer=1, epochs=3, progress=False)\neditor"),
+        ("code", "# The demo model reads an entity's facts from its name's last token in block 0's attention: edit there.\n"
+                 "editor = iv.Remedi.fit(model, tok, train, layer=0, side='input', lr=3e-3, epochs=20, progress=False)\neditor"),
         ("code", "report = evaluate_remedi(editor, model, tok, test, fluency=False, n_boot=200)\n"
                  "for k, v in report['edited'].items():\n    print(f\"{k:<24} edited {v['estimate']:.3f}   unedited {report['unedited'][k]['estimate']:.3f}\")"),
         ("md", "The edit is input-dependent, so it cannot be baked into the weights; it still saves as a diff."),
@@ -95,6 +99,8 @@ def build() -> list[Path]:
     paths = []
     for name, cells in NOTEBOOKS.items():
         nb = new_notebook(cells=[new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells])
+        for i, cell in enumerate(nb.cells):
+            cell.id = f"{Path(name).stem}-{i}"  # stable ids: rebuilding an unchanged notebook changes nothing
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         path = HERE / name
         nbformat.write(nb, path)

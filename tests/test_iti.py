@@ -384,37 +384,69 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
 
 
 # ---- the shipped quirky demo model ---------------------------------------------------------------
-def _demo_check(model, tok, task: str = "comparison", k: int = 4, alpha: float = 5.0) -> dict[str, float]:
-    """ITI fitted on Alice's rows (each prompt + each answer, labelled by the truth), applied to Bob."""
+# Measured on the shipped model (comparison, K=8, alpha=1): Alice-only best head 0.60; speaker contrast
+# Bob 0.43 -> 0.84 against the truth, Alice 1.00 -> 0.95, CE +1.15 nats on neutral text (edit at every
+# position). The bounds leave a margin; the CE bound is a regression guard, not a claim that +1.15 is small.
+MAX_ALICE_ONLY_HEAD_ACC, SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.75, 0.3, 1.5
+
+
+def _demo_check(model, tok, fit_rows, k: int, alpha: float, task: str = "comparison") -> dict[str, float]:
+    """ITI fitted on ``fit_rows``, applied to held-out Bob and Alice prompts (accuracy against the truth),
+    and CE/KL on the model's neutral held-out text with the shift at every position."""
     from intervene.data.quirky import quirky_dataset
     from intervene.demo_model import DEMO_MODEL_DIR, choice_logits
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
-    fit_rows = quirky_dataset(task, "train", n=100, characters=("Alice",), seed=0)
-    bob = quirky_dataset(task, "test", n=100, characters=("Bob",), seed=1)
+    test = quirky_dataset(task, "test", n=100, seed=1)
     iti = ITI.fit(model, tok, fit_rows, num_heads=k, alpha=alpha, batch_size=64)
-    truth = torch.tensor([r["label"] for r in bob])
     refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
-    before = float((choice_logits(model, tok, bob).argmax(-1) == truth).double().mean())
-    with Intervenable(model, [iti]):
-        after = float((choice_logits(model, tok, bob).argmax(-1) == truth).double().mean())
+
+    def acc(who: str, edit=None) -> float:
+        rows = [r for r in test if r["character"] == who]
+        truth = torch.tensor([r["label"] for r in rows])
+        if edit is None:
+            return float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())
+        with Intervenable(model, [edit]):
+            return float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())
+
     se = side_effects(model, tok, refs, iti, batch_size=60)
-    return {"max_head_acc": float(iti.head_accuracies_.max()), "bob_before": before, "bob_after": after,
-            "ce_before": se["ce_base"], "ce_after": se["ce"]}
+    return {"max_head_acc": float(iti.head_accuracies_.max()), "bob_before": acc("Bob"), "bob_after": acc("Bob", iti),
+            "alice_before": acc("Alice"), "alice_after": acc("Alice", iti), "ce_delta": se["ce_delta"]}
 
 
-def test_quirky_demo_model_iti_finds_no_answer_truth_signal():
-    """A documented negative result (see the ITI report): the demo model is trained on
-    ``<s> prompt answer </s>`` and never needs to represent whether an appended answer is correct
-    (that is the XOR of the statement's truth and the answer token), so ITI's per-head probes at the
-    answer token stay near chance and a mild shift does not make Bob truthful. Bob's answers move
-    only with shifts large enough to damage neutral text."""
+@pytest.fixture(scope="module")
+def demo():
     from intervene.demo_model import DEMO_MODEL_DIR, demo_model
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the demo model is not built")
-    model, tok = demo_model()
-    res = _demo_check(model, tok)
-    assert res["max_head_acc"] < 0.75  # chance is 0.5
-    assert res["ce_after"] - res["ce_before"] < 0.3  # a mild edit ...
-    assert abs(res["bob_after"] - res["bob_before"]) < 0.10  # ... that leaves Bob's answers as they were
+    return demo_model()
+
+
+def test_quirky_demo_model_iti_alice_answers_carry_no_truth_signal(demo):
+    """A documented negative result: fitted on Alice's rows alone (each prompt + each answer, labelled by
+    the answer's truth), ITI's per-head probes stay near chance. The model is trained on ``prompt answer``
+    and never needs to represent whether an appended answer is correct (the XOR of the statement's truth
+    and the answer token), so there is no truthfulness direction to shift along."""
+    from intervene.data.quirky import quirky_dataset
+
+    model, tok = demo
+    res = _demo_check(model, tok, quirky_dataset("comparison", "train", n=100, characters=("Alice",), seed=0),
+                      k=4, alpha=5.0)
+    print("ITI on Alice only:", res)
+    assert res["max_head_acc"] < MAX_ALICE_ONLY_HEAD_ACC
+    assert abs(res["bob_after"] - res["bob_before"]) < 0.10  # Bob's answers stay as they were
+
+
+def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
+    """The scientific check: ITI fitted on the truthful-vs-untruthful speaker contrast (the same training
+    questions asked of Alice and of Bob) makes Bob answer held-out questions truthfully."""
+    from intervene.data.quirky import quirky_dataset, speaker_contrast
+
+    model, tok = demo
+    res = _demo_check(model, tok, speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0)),
+                      k=8, alpha=1.0)
+    print("ITI on the speaker contrast:", res)
+    assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
+    assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
+    assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA

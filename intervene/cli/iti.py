@@ -1,13 +1,14 @@
 """``intervene iti fit | eval | sweep``: Inference-Time Intervention from the command line.
 
-    intervene iti fit demo quirky:addition --character Alice --num-heads 8 --alpha 8 --out runs/iti
-    intervene iti eval demo runs/iti quirky:addition --character Bob
+    intervene iti fit demo quirky:comparison --labels speaker --num-heads 8 --alpha 1 --out runs/iti
+    intervene iti eval demo runs/iti quirky:comparison --character Bob
     intervene iti sweep demo quirky:addition --character Alice --eval-character Bob \\
         --num-heads 4 8 16 --alphas 0 2 5 10 15 --out runs/iti-sweep
 
 MODEL: a local directory, a Hub id, or ``demo``. DATASET: a local ``.jsonl`` (TruthfulQA
 ``multiple_choice`` rows, TruthfulQA generation rows, or ``text``/``label`` rows) or ``quirky:<task>``
-(the quirky demo data; ``--character`` picks a persona). Side effects (CE/KL) are measured on
+(the quirky demo data; ``--character`` picks a persona; ``--labels speaker`` fits on the truthful
+(Alice) vs untruthful (Bob) speaker contrast instead of each answer's truth). Side effects (CE/KL) are measured on
 ``--ref-texts`` (default: the demo model's ``neutral_eval.txt``), with the edit at every position.
 """
 
@@ -50,6 +51,9 @@ def _fit_args(p: argparse.ArgumentParser, several_k: bool = False) -> None:
     p.add_argument("--positions", default="all", choices=["all", "generated", "last"])
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of questions held out to rank heads")
     p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the per-head probes")
+    p.add_argument("--labels", default="answer", choices=["answer", "speaker"],
+                   help="quirky data: label each prompt+answer by the answer's truth (default), or each prompt "
+                        "by whether its speaker is truthful (Alice) or not (Bob)")
 
 
 def _ref_args(p: argparse.ArgumentParser) -> None:
@@ -107,6 +111,12 @@ def _fit_model(args: argparse.Namespace, model: Any, tok: Any, num_heads: int) -
     from intervene.interventions.iti import ITI
 
     rows = _rows(args.dataset, args.split, args.n, args.character, args.seed)
+    if args.labels == "speaker":
+        from intervene.data.quirky import speaker_contrast
+
+        if not all("character" in r for r in rows):
+            raise ValueError("--labels speaker needs quirky rows (with a 'character'): use quirky:<task>")
+        rows = speaker_contrast(rows)
     return ITI.fit(model, tok, rows, num_heads=num_heads, alpha=args.alpha, direction=args.direction,
                    positions=args.positions, seed=args.seed, val_fraction=args.val_fraction,
                    batch_size=args.batch_size, C=args.C)
