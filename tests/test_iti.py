@@ -450,3 +450,19 @@ def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
     assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
     assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
     assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA
+
+
+def test_cli_fits_on_the_speaker_contrast(demo, tmp_path):
+    from intervene.cli import main
+
+    out = tmp_path / "iti"
+    assert main(["iti", "fit", "demo", "quirky:comparison", "--labels", "speaker", "--num-heads", "8", "--alpha", "1",
+                 "--n", "400", "--batch-size", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert len(report["top_heads"]) == 8 and max(map(max, report["head_accuracies"])) >= 0.95
+    loaded = Intervenable.load(out, demo[0], attach=False)
+    assert loaded.metadata["dataset"] == "quirky:comparison" and loaded.interventions[0].alpha == 1.0
+    # Speaker labels need quirky rows: a plain text/label file is refused with a one-line error.
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("\n".join(json.dumps({"text": f"t {i}", "label": i % 2}) for i in range(8)) + "\n")
+    assert main(["iti", "fit", "demo", str(plain), "--labels", "speaker", "--out", str(tmp_path / "x")]) == 1
