@@ -13,14 +13,6 @@ from intervene.probes import metrics
 from intervene.probes.metrics import accuracy, auroc, bootstrap_ci, calibrated_accuracy, ece
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("seed", range(5))
 def test_auroc_equals_sklearn_with_ties(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -12,14 +12,6 @@ from intervene import probes
 from intervene.probes.synthetic import planted_features, planted_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _fitted(kind: str, batch: tuple[int, ...] = ()) -> tuple[probes.Probe, tuple[torch.Tensor, ...]]:
     if kind in ("ccs", "crc"):
         xp, xn, y, _ = planted_pairs(120, 6, batch=batch, seed=1)

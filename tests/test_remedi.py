@@ -24,14 +24,6 @@ WORDS = "lives in is a resident of The home city , .".split()
 TRAIN_FAMILIES = ["llama", "gpt2", "gpt_neox", "llama_gqa"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on shared cores: one intra-op thread is ~10x faster than two under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @functools.cache
 def make_tokenizer() -> PreTrainedTokenizerFast:

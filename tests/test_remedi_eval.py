@@ -24,14 +24,6 @@ from tests.test_remedi import CITIES, ENTITIES, make_samples, make_tokenizer, ra
 from tests.tiny_models import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.cache
 def trained() -> Remedi:
     model, tok = tiny_model("llama"), make_tokenizer()

@@ -13,14 +13,6 @@ from intervene.evaluate.transfer import pgr, quirky_pgr, transfer_eval
 from intervene.probes.synthetic import planted_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_pgr_formula_by_hand() -> None:
     assert pgr(0.8, 0.6, 0.9) == pytest.approx(2 / 3)
     assert pgr(0.9, 0.6, 0.9) == 1.0 and pgr(0.6, 0.6, 0.9) == 0.0
