@@ -82,24 +82,29 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if srv.delay:
                 time.sleep(srv.delay)
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._send(404, {"error": {"message": f"no route {self.path}"}})
-            if fail is not None:
-                headers = {"Retry-After": "0"} if fail == 429 else None
-                return self._send(fail, {"error": {"message": f"injected {fail}"}}, headers)
-            text, answers = canned_answer(payload.get("messages", []))
-            choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": text}}
-            if payload.get("logprobs"):
-                p1 = 0.9 if answers and answers[0] == 1 else 0.1
-                top = [{"token": "1", "logprob": math.log(p1)}, {"token": "0", "logprob": math.log(1 - p1)}]
-                choice["logprobs"] = {"content": [{"token": text[:1], "logprob": math.log(max(p1, 1 - p1)),
-                                                   "top_logprobs": top}]}
-            self._send(200, {"id": "chatcmpl-test", "object": "chat.completion", "model": payload.get("model"),
-                             "choices": [choice]})
+            status, body, headers = self._answer(payload, fail)
         finally:
+            # Counted as finished before the reply leaves: once the client reads it, its worker may send
+            # the next request at once, which must not look like one request too many in flight.
             with srv.lock:
                 srv.inflight -= 1
+        self._send(status, body, headers)
+
+    def _answer(self, payload: dict[str, Any], fail: int | None) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {self.path}"}}, None
+        if fail is not None:
+            return fail, {"error": {"message": f"injected {fail}"}}, {"Retry-After": "0"} if fail == 429 else None
+        text, answers = canned_answer(payload.get("messages", []))
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": text}}
+        if payload.get("logprobs"):
+            p1 = 0.9 if answers and answers[0] == 1 else 0.1
+            top = [{"token": "1", "logprob": math.log(p1)}, {"token": "0", "logprob": math.log(1 - p1)}]
+            choice["logprobs"] = {"content": [{"token": text[:1], "logprob": math.log(max(p1, 1 - p1)),
+                                               "top_logprobs": top}]}
+        return 200, {"id": "chatcmpl-test", "object": "chat.completion", "model": payload.get("model"),
+                     "choices": [choice]}, None
 
 
 class OpenAIServer(ThreadingHTTPServer):
