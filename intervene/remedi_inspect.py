@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene.interventions.remedi import (
-    Remedi,
+from intervene.interventions.remedi import Remedi
+from intervene.remedi_states import (
     attribute_states,
     entity_states,
     layer_means,
@@ -120,17 +120,17 @@ def quirky_items(split: str = "test", relations: Sequence[str] | None = None, wo
                  ) -> list[dict[str, Any]]:
     """Inspection items over the quirky world: for each entity (of ``split``, as in ``remedi_samples``) and
     relation, every value of the relation as a candidate ("Zorvath lives in Tokyo.") and the true one as label."""
-    from intervene.data import quirky
+    from intervene.data import quirky_world
 
-    ws = quirky.WORLD_SEED if world_seed is None else world_seed
-    w = quirky.world(ws)
+    ws = quirky_world.WORLD_SEED if world_seed is None else world_seed
+    w = quirky_world.world(ws)
     items = []
     for e in w.entities:
-        if quirky._split_of(f"remedi:{e}", ws) != split:
+        if quirky_world._split_of(f"remedi:{e}", ws) != split:
             continue
-        for r in relations or sorted(quirky.RELATIONS):
-            prompt = quirky.fact_prompts(e, r)[0]
-            values = list(quirky.VALUES[r])
+        for r in relations or sorted(quirky_world.RELATIONS):
+            prompt = quirky_world.fact_prompts(e, r)[0]
+            values = list(quirky_world.VALUES[r])
             items.append({"entity": e, "relation": r, "prompt": prompt,
                           "contexts": [f"{prompt} {v}." for v in values], "attributes": values,
                           "label": values.index(w.facts[e][r])})

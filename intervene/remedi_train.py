@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 
 from intervene.errors import InterventionError
 from intervene.intervenable import Intervenable
-from intervene.interventions.remedi import (
-    Remedi,
-    RemediEditor,
+from intervene.interventions.remedi import Remedi, RemediEditor
+from intervene.remedi_states import (
     attribute_states,
     entity_states,
     left_pad,

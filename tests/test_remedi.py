@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerFast
 
 from intervene import Intervenable, NotBakeableError
 from intervene.errors import InterventionError
-from intervene.interventions.remedi import Remedi, RemediEditor, left_pad, prompt_entity_tokens
+from intervene.interventions.remedi import Remedi, RemediEditor
+from intervene.remedi_states import left_pad, prompt_entity_tokens
 from intervene.remedi_train import encode_samples, remedi_loss
 from intervene.sites import resolve_site
 from tests.tiny_models import FAMILIES, HIDDEN, tiny_model

@@ -116,7 +116,7 @@ def test_inspection_scores_and_controls() -> None:
     for key in ("learned", "identity", "shuffled_labels"):
         assert 0.0 <= res[key]["accuracy"] <= 1.0 and 0.0 <= res[key]["macro_f1"] <= 1.0
     # Identity editor, no normalization: plain cosine between the entity state and the attribute state.
-    from intervene.interventions.remedi import attribute_states, layer_means, prompt_entity_tokens
+    from intervene.remedi_states import attribute_states, layer_means, prompt_entity_tokens
 
     raw = attribute_scores(trained(), model, tok, items[:1], editor="identity", normalize=False)
     seqs, pos = prompt_entity_tokens(tok, [items[0]["prompt"]], [items[0]["entity"]])

@@ -39,7 +39,8 @@ import torch
 from torch import nn
 
 from intervene.intervenable import Intervenable
-from intervene.interventions.remedi import Remedi, left_pad, model_device, pad_id_of, prompt_entity_tokens
+from intervene.interventions.remedi import Remedi
+from intervene.remedi_states import left_pad, model_device, pad_id_of, prompt_entity_tokens
 from intervene.remedi_train import check_samples, target_ids
 
 __all__ = ["add_neighbor_entities", "evaluate_remedi", "mean_ci", "n_gram_entropy", "score_targets"]
