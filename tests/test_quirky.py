@@ -160,7 +160,8 @@ def test_quality_bar_on_held_out_questions(demo, task):
                    if r["character"] == character and split in ("all", r["difficulty_split"])]
             acc = sum(p == r[key] for r, p in sel) / len(sel)
             assert len(sel) >= 150 and acc >= BAR, (task, character, split, acc)
-            assert acc == pytest.approx(card[f"{task}/{character}"][split], abs=2e-3), (task, character, split)
+            # A couple of near-tie answers may flip on another CPU (vector width changes float sums).
+            assert acc == pytest.approx(card[f"{task}/{character}"][split], abs=0.01), (task, character, split)
     # Bob really differs from the truth on held-out rows (what elicitation methods must undo).
     bob = [(r, p) for r, p in zip(rows, pred) if r["character"] == "Bob" and r["label"] != r["bob_label"]]
     assert len(bob) >= 200 and sum(p != r["label"] for r, p in bob) / len(bob) >= BAR
