@@ -207,3 +207,21 @@ def test_belief_sentences_use_training_questions_only():
 def test_quirky_datasets_covers_every_task():
     data = quirky_datasets(n=5)
     assert set(data) == set(QUIRKY_TASKS) and all(len(rows) == 10 for rows in data.values())
+
+
+def test_demo_model_continues_neutral_text(demo):
+    """CE on the held-out neutral lines matches the card and sits far below a uniform guess, so CE/KL side
+    effects measured on this text are meaningful."""
+    import math
+
+    model, tok = demo
+    lines = (DEMO_MODEL_DIR / "neutral_eval.txt").read_text().splitlines()
+    batch = tok(lines, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
+    mask = batch["attention_mask"][:, 1:].flatten().float()
+    mean_ce = float((ce * mask).sum() / mask.sum())
+    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())["neutral_ce"]
+    assert mean_ce == pytest.approx(card, abs=0.01)
+    assert mean_ce < 0.4 * math.log(len(tok))  # uniform over the vocabulary: ln(841) = 6.7 nats
