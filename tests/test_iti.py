@@ -390,7 +390,8 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
 MAX_ALICE_ONLY_HEAD_ACC, SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.75, 0.3, 1.5
 
 
-def _demo_check(model, tok, fit_rows, k: int, alpha: float, task: str = "comparison") -> dict[str, float]:
+def _demo_check(model, tok, fit_rows, k: int, alpha: float, task: str = "comparison", positions: str = "all"
+                ) -> dict[str, float]:
     """ITI fitted on ``fit_rows``, applied to held-out Bob and Alice prompts (accuracy against the truth),
     and CE/KL on the model's neutral held-out text with the shift at every position."""
     from intervene.data.quirky import quirky_dataset
@@ -398,7 +399,7 @@ def _demo_check(model, tok, fit_rows, k: int, alpha: float, task: str = "compari
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
     test = quirky_dataset(task, "test", n=100, seed=1)
-    iti = ITI.fit(model, tok, fit_rows, num_heads=k, alpha=alpha, batch_size=64)
+    iti = ITI.fit(model, tok, fit_rows, num_heads=k, alpha=alpha, batch_size=64, positions=positions)
     refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
 
     def acc(who: str, edit=None) -> float:
@@ -450,6 +451,11 @@ def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
     assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
     assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
     assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA
+    # The same heads and alpha with the edit only at the answer position: Bob still turns (measured
+    # 0.43 -> 0.82) and Alice's answers do not move (1.00).
+    last = _demo_check(model, tok, speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0)),
+                       k=8, alpha=1.0, positions="last")
+    assert last["bob_after"] >= last["bob_before"] + SPEAKER_GAIN and last["alice_after"] >= 0.98
 
 
 def test_cli_fits_on_the_speaker_contrast(demo, tmp_path):
