@@ -33,7 +33,7 @@ NOTEBOOKS = {
                "Probes fitted on Alice's (truthful) prompts, evaluated on Bob's (systematically wrong) prompts."),
         ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\n"
                  "from intervene.evaluate.transfer import pgr\nfrom intervene.probes import auroc\n"
-                 "model, tok = iv.demo_model()\nTASK = 'comparison'\n"
+                 "model, tok = iv.demo_model()\nTASK = 'addition'   # on the shipped model truth transfers best here (layer 2)\n"
                  "rows = {(s, c): quirky_dataset(TASK, split=s, n=150, seed=i, characters=(c,))\n"
                  "        for i, s in enumerate(('train', 'test')) for c in ('Alice', 'Bob')}"),
         ("code", "def acts(rows):\n    a = iv.collect(model, tok, rows, sites='layers.*', positions='last', progress=False)\n"
