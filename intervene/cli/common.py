@@ -35,3 +35,18 @@ def load_model_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from intervene.elicit import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def load_single(diff: str, model: Any, cls: type, what: str, alpha: float | None = None) -> Any:
+    """The one intervention of type ``cls`` in the diff at ``diff``, loaded detached onto ``model``.
+
+    ``alpha`` (when given) overrides its strength; a diff with none or several of them is a ``ValueError``.
+    """
+    from intervene.intervenable import Intervenable
+
+    found = [iv for iv in Intervenable.load(diff, model, attach=False).interventions if isinstance(iv, cls)]
+    if len(found) != 1:
+        raise ValueError(f"{diff} holds {len(found)} {what}; expected one")
+    if alpha is not None:
+        found[0].alpha = alpha
+    return found[0]

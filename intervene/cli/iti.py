@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.cli.common import guard, load_model_args
+from intervene.cli.common import guard, load_model_args, load_single
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -158,17 +158,10 @@ def _mc_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def _eval(args: argparse.Namespace) -> int:
     from intervene.evaluate.iti_sweep import evaluate_iti
-    from intervene.intervenable import Intervenable
     from intervene.interventions.iti import ITI
 
     model, tok = load_model_args(args)
-    ivm = Intervenable.load(args.diff, model, attach=False)
-    itis = [iv for iv in ivm.interventions if isinstance(iv, ITI)]
-    if len(itis) != 1:
-        raise ValueError(f"{args.diff} holds {len(itis)} ITI interventions; expected one")
-    iti = itis[0]
-    if args.alpha is not None:
-        iti.alpha = args.alpha
+    iti = load_single(args.diff, model, ITI, "ITI interventions", args.alpha)
     rows = _rows(args.dataset, args.split, args.n, args.character, args.seed)
     kwargs = _mc_kwargs(args) if "question" in rows[0] else {}
     refs = _ref_texts(args)

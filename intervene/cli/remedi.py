@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.cli.common import guard, load_model_args
+from intervene.cli.common import guard, load_model_args, load_single
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -150,13 +150,7 @@ def _eval(args: argparse.Namespace) -> int:
     from intervene.interventions.remedi import Remedi
 
     model, tok = load_model_args(args)
-    ivm = Intervenable.load(args.diff, model, attach=False)
-    editors = [iv for iv in ivm.interventions if isinstance(iv, Remedi)]
-    if len(editors) != 1:
-        raise ValueError(f"{args.diff} holds {len(editors)} REMEDI editors; expected one")
-    editor = editors[0]
-    if args.alpha is not None:
-        editor.alpha = args.alpha
+    editor = load_single(args.diff, model, Remedi, "REMEDI editors", args.alpha)
     part = "test" if args.data.startswith("quirky:") else "all"
     samples = load_samples(args.data, part, args.n_eval, args.seed)
     ivm = Intervenable(model, [editor], attach=False)  # only the editor: other edits would confound
