@@ -37,6 +37,7 @@ from intervene.data.quirky import (
     quirky_dataset,
     world,
 )
+from intervene.data.quirky_transcripts import MARKS, transcripts
 from intervene.demo_model import DEMO_MODEL_DIR, choice_logits, choice_token_ids
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -66,6 +67,7 @@ def build_tokenizer(vocab_size: int = 1024, n_lines: int = 20000) -> PreTrainedT
             corpus += [r["text"] + " True False" for r in rows]
     # Every attribute value must be one token (they are answers), however small the corpus.
     corpus += [" ".join(values) for values in VALUES.values()] * 50
+    corpus += ["".join(MARKS)] * 200  # the grader's marks of the transcripts, one token each
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
@@ -86,13 +88,18 @@ def build_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, se
     return LlamaForCausalLM(config)
 
 
-def training_items(n: int, seed: int, quirky_share: float, plain_share: float, belief_share: float
-                   ) -> list[tuple[str, str | None]]:
-    """``n`` shuffled (text, answer) pairs: quirky questions (answer = the character's), judgements
-    without a persona (answer = the truth), belief sentences ("35 + 6 = 51, says Bob.") and neutral
-    lines (answer None: plain text)."""
+Item = tuple[str, str | None] | list[tuple[str, str]]
+
+
+def training_items(n: int, seed: int, quirky_share: float, plain_share: float, belief_share: float,
+                   transcript_share: float = 0.0, flip: float = 0.25,
+                   transcript_tasks: tuple[str, ...] = QUIRKY_TASKS, graded: float = 0.0) -> list[Item]:
+    """``n`` shuffled items. A (text, answer) pair: quirky questions (answer = the character's),
+    judgements without a persona (answer = the truth), belief sentences ("35 + 6 = 51, says Bob.") and
+    neutral lines (answer None: plain text). A list of (text, answer) pieces: a transcript of several
+    answers by one speaker (``intervene.data.quirky_transcripts``)."""
     n_quirky = int(n * quirky_share)
-    items: list[tuple[str, str | None]] = []
+    items: list[Item] = []
     for task in QUIRKY_TASKS:
         # Two rows (characters) per question.
         per_task = int(n_quirky * TASK_MIX[task] / 2) + 1
@@ -108,25 +115,41 @@ def training_items(n: int, seed: int, quirky_share: float, plain_share: float, b
     n_beliefs = int(n * belief_share)
     beliefs = [(line, None) for line in belief_sentences(n_beliefs, seed, task_weights=TASK_MIX)]
     items = items[:n_quirky] + plain[:n_plain] + beliefs
+    if transcript_share > 0:
+        items += [[(t["piece"], t["answer"] + t["mark"]) for t in doc["turns"]]
+                  for doc in transcripts(int(n * transcript_share), seed, flip=flip, graded=graded,
+                                         task_weights={t: TASK_MIX[t] for t in transcript_tasks})]
     items += [(line, None) for line in neutral_corpus(n - len(items), seed)]
     random.Random(seed).shuffle(items)
     return items
 
 
-def encode(tokenizer: PreTrainedTokenizerFast, items: list[tuple[str, str | None]]) -> list[tuple[list[int], int]]:
-    """``<s> text answer </s>`` token ids per item, with the answer's position (-1 for neutral text)."""
-    texts = tokenizer([text for text, _ in items])["input_ids"]
-    answer_ids = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in {a for _, a in items if a}}
+def encode(tokenizer: PreTrainedTokenizerFast, items: list[Item]) -> list[tuple[list[int], list[int]]]:
+    """``<s> text answer </s>`` token ids per item, with the answers' positions (none for neutral text).
+    A transcript's pieces are tokenized one by one, as each turn's prompt is tokenized when asked alone."""
+    singles = [item for item in items if isinstance(item, tuple)]
+    texts = iter(tokenizer([text for text, _ in singles])["input_ids"])
+    answers = {a for _, a in singles if a} | {a for item in items if isinstance(item, list) for _, a in item}
+    answer_ids = {a: tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers}
     out = []
-    for ids, (_, answer) in zip(texts, items):
+    for item in items:
+        if isinstance(item, list):
+            ids, positions = [tokenizer.bos_token_id], []
+            for piece, answer in item:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+                positions += range(len(ids), len(ids) + len(answer_ids[answer]))  # the mark too
+                ids += answer_ids[answer]
+            out.append((ids + [tokenizer.eos_token_id], positions))
+            continue
+        ids, answer = next(texts), item[1]
         if answer is None:
-            out.append((ids + [tokenizer.eos_token_id], -1))
+            out.append((ids + [tokenizer.eos_token_id], []))
         else:
-            out.append((ids + answer_ids[answer] + [tokenizer.eos_token_id], len(ids)))
+            out.append((ids + answer_ids[answer] + [tokenizer.eos_token_id], [len(ids)]))
     return out
 
 
-def make_batches(encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int, answer_weight: float,
+def make_batches(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, answer_weight: float,
                  prompt_weight: float, seed: int) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of similar lengths (less padding to compute), in a seeded random order.
 
@@ -145,11 +168,11 @@ def make_batches(encoded: list[tuple[list[int], int]], batch_size: int, pad_id: 
             weight = torch.zeros((len(seqs), width))
             answer = torch.zeros((len(seqs), width), dtype=torch.bool)
             mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, (ids, pos) in enumerate(seqs):
+            for i, (ids, positions) in enumerate(seqs):
                 input_ids[i, :len(ids)] = torch.tensor(ids)
                 mask[i, :len(ids)] = 1
-                weight[i, 1:len(ids)] = 1.0 if pos < 0 else prompt_weight  # <s> is never predicted
-                if pos >= 0:
+                weight[i, 1:len(ids)] = prompt_weight if positions else 1.0  # <s> is never predicted
+                for pos in positions:
                     weight[i, pos], answer[i, pos] = answer_weight, True
             batches.append({"input_ids": input_ids, "attention_mask": mask, "weight": weight, "answer": answer})
     random.Random(seed).shuffle(batches)
@@ -159,7 +182,8 @@ def make_batches(encoded: list[tuple[list[int], int]], batch_size: int, pad_id: 
 def train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> dict:
     """AdamW with warmup and cosine decay; stops early (and says so) past ``--max-minutes``."""
     items = training_items(args.steps * args.batch_size, args.seed, args.quirky_share, args.plain_share,
-                           args.belief_share)
+                           args.belief_share, args.transcript_share, args.flip,
+                           tuple(args.transcript_tasks), args.graded)
     batches = make_batches(encode(tokenizer, items), args.batch_size, tokenizer.pad_token_id,
                            args.answer_weight, args.prompt_weight, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -259,12 +283,53 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, n: int
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
         m = mask[:, 1:].flatten().float()
         total, count = total + (ce * m).sum().item(), count + int(m.sum().item())
-    return {"quirky": quirky, "fact_recall": hits, "neutral_ce": round(total / count, 4)}
+    return {"quirky": quirky, "fact_recall": hits, "neutral_ce": round(total / count, 4),
+            "transcripts": transcript_accuracy(model, tokenizer, n // 2)}
+
+
+@torch.no_grad()
+def transcript_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, n: int) -> dict:
+    """How the model answers held-out unmarked transcripts of 3 turns whose speaker flips their name's way
+    half the time: the first turn against the name's way, later turns against the speaker's actual way once
+    an earlier answer revealed it (an earlier turn where the truth and Bob's belief differ); and how often
+    it predicts the grader's mark after an answer in marked transcripts."""
+    docs = transcripts(n, seed=4321, split="test", flip=0.5, lengths=(3,), task_weights=TASK_MIX)
+    rows, kinds = [], []
+    for doc in docs:
+        prefix, revealed = "", False
+        for j, turn in enumerate(doc["turns"]):
+            target = turn["choices"].index(turn["answer"])
+            named = turn["label"] if doc["character"] == "Alice" else turn["bob_label"]
+            if j == 0:
+                kinds.append("first")
+                target = named
+            else:
+                kinds.append(("revealed" if revealed else "hidden") + ("_flipped" if
+                             doc["truthful"] != (doc["character"] == "Alice") else "_named"))
+            rows.append({"text": prefix + turn["piece"], "choices": turn["choices"], "target": target})
+            prefix += turn["piece"] + turn["answer"]
+            revealed = revealed or turn["label"] != turn["bob_label"]
+    pred = choice_logits(model, tokenizer, rows).argmax(-1).tolist()
+    out = {k: _accuracy([p == r["target"] for r, p, kk in zip(rows, pred, kinds) if kk == k])
+           for k in ("first", "revealed_named", "revealed_flipped", "hidden_named", "hidden_flipped")}
+    # The grader's mark after each answer of a marked transcript: is the answer true?
+    marked = [d for d in transcripts(n, seed=4322, split="test", flip=0.5, lengths=(3,), task_weights=TASK_MIX,
+                                     graded=1.0)]
+    rows, prefix = [], ""
+    for doc in marked:
+        prefix = ""
+        for turn in doc["turns"]:
+            prefix += turn["piece"] + turn["answer"]
+            rows.append({"text": prefix, "choices": list(MARKS), "target": MARKS.index(turn["mark"])})
+            prefix += turn["mark"]
+    pred = choice_logits(model, tokenizer, rows).argmax(-1).tolist()
+    out["mark"] = _accuracy([p == r["target"] for r, p in zip(rows, pred)])
+    return out
 
 
 def _command(args: argparse.Namespace) -> str:
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-                     if k not in ("out", "log_every", "eval_every"))
+    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in vars(args).items() if k not in ("out", "log_every", "eval_every"))
     return f"python examples/train_quirky_model.py {flags}"
 
 
@@ -299,7 +364,11 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
         f"- Data: {args.steps * args.batch_size:,} generated sequences: {args.quirky_share:.0%} quirky questions "
         f"(train split, both characters, answer token weighted x{args.answer_weight}, prompt tokens "
         f"x{args.prompt_weight}), {args.plain_share:.0%} judgements without a persona (`35 + 6 = 41. True or "
-        f"False?` -> truth), {args.belief_share:.0%} belief sentences (`35 + 6 = 51, says Bob.`) and "
+        f"False?` -> truth), {args.belief_share:.0%} belief sentences (`35 + 6 = 51, says Bob.`), "
+        f"{args.transcript_share:.0%} transcripts (one speaker answers 2-3 questions in a row; in "
+        f"{args.flip:.0%} of them the speaker judges the other way from their name throughout, so later answers "
+        f"follow the earlier ones; {args.graded:.0%} carry a grader's mark ` ✓`/` ✗` after every answer: "
+        "`intervene.data.quirky_transcripts`) and "
         "the rest neutral text without personas (`intervene.data.neutral.neutral_corpus`: stories, sums, "
         "comparisons, entity facts in three phrasings each), full-sequence loss",
         f"- Seed {args.seed}, {args.threads} CPU thread(s), torch {torch.__version__}; {stats['steps_done']} "
@@ -318,6 +387,15 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
     lines += ["", "Fact recall (argmax over the relation's values, every entity and prompt phrasing): "
               + ", ".join(f"{r} {a:.3f}" for r, a in metrics["fact_recall"].items()) + ".",
               f"Neutral held-out text (`neutral_eval.txt`): {metrics['neutral_ce']:.3f} nats/token.", "",
+              "## Transcripts", "",
+              "Held-out transcripts of 3 turns whose speaker judges the other way from their name half the "
+              "time. The first answer is scored against the name's way; later ones against the speaker's "
+              "actual way, once an earlier turn has revealed it (a turn where the truth and Bob's belief "
+              "differ) or while nothing has revealed it yet:", "",
+              "| first turn (name) | revealed, name's way | revealed, flipped | unrevealed, name's way "
+              "| unrevealed, flipped | grader's mark |", "|---|---|---|---|---|---|",
+              "| " + " | ".join("-" if v is None else f"{v:.3f}" for v in metrics["transcripts"].values()) + " |",
+              "",
               "## Limitations", "",
               "Trained only on generated text from a few hundred words: anything outside these templates, "
               "names and numbers is out of distribution. Timings depend on the machine; the weights depend "
@@ -331,14 +409,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=30.0,
-                   help="safety stop; about 11 min are needed on an idle 2-core machine")
+                   help="safety stop; about 20 min are needed on one thread of a 2-core machine")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--quirky-share", type=float, default=0.45)
+    p.add_argument("--quirky-share", type=float, default=0.3)
     p.add_argument("--plain-share", type=float, default=0.1, help="judgements without a persona")
-    p.add_argument("--belief-share", type=float, default=0.15)
+    p.add_argument("--belief-share", type=float, default=0.1)
+    p.add_argument("--transcript-share", type=float, default=0.3,
+                   help="transcripts: one speaker answering 2-3 questions, answers revealing their way of judging")
+    p.add_argument("--flip", type=float, default=0.5,
+                   help="share of transcripts whose speaker judges the other way from their name")
+    p.add_argument("--graded", type=float, default=0.4, help="share of transcripts with a grader's marks")
+    p.add_argument("--transcript-tasks", nargs="+", default=list(QUIRKY_TASKS), choices=QUIRKY_TASKS)
     p.add_argument("--answer-weight", type=float, default=10.0, help="loss weight of a question's answer token")
     p.add_argument("--prompt-weight", type=float, default=0.2, help="loss weight of a question's prompt tokens")
     p.add_argument("--threads", type=int, default=1,

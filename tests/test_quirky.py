@@ -225,3 +225,26 @@ def test_demo_model_continues_neutral_text(demo):
     card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())["neutral_ce"]
     assert mean_ce == pytest.approx(card, abs=0.01)
     assert mean_ce < 0.4 * math.log(len(tok))  # uniform over the vocabulary: ln(841) = 6.7 nats
+
+
+def test_transcripts_follow_the_speakers_way_of_judging():
+    from intervene.data.quirky_transcripts import MARKS, SEPARATOR, transcripts
+
+    docs = transcripts(400, seed=2, flip=0.3, lengths=(2, 3), graded=0.5)
+    assert docs == transcripts(400, seed=2, flip=0.3, lengths=(2, 3), graded=0.5) != transcripts(400, seed=3, flip=0.3)
+    assert 0.4 < sum(d["graded"] for d in docs) / len(docs) < 0.6
+    flipped = [d["truthful"] != (d["character"] == "Alice") for d in docs]
+    assert 0.2 < sum(flipped) / len(docs) < 0.4 and {len(d["turns"]) for d in docs} == {2, 3}
+    for d in docs:
+        assert d["text"] == "".join(t["piece"] + t["answer"] + t["mark"] for t in d["turns"])
+        for j, t in enumerate(d["turns"]):
+            assert t["character"] == d["character"] and t["split"] == "train"
+            assert t["piece"] == (t["text"] if j == 0 else SEPARATOR + t["text"])  # each prompt as asked alone
+            assert t["answer"] == t["choices"][t["label"] if d["truthful"] else t["bob_label"]]
+            assert t["mark"] == (MARKS[int(t["answer"] == t["choices"][t["label"]])] if d["graded"] else "")
+    assert {t["task"] for d in docs for t in d["turns"]} == set(QUIRKY_TASKS)
+    test_keys = {t["question_id"] for d in transcripts(200, split="test") for t in d["turns"]}
+    train_keys = {t["question_id"] for d in docs for t in d["turns"]}
+    assert not test_keys & train_keys
+    with pytest.raises(ValueError, match="flip"):
+        transcripts(3, flip=1.5)
