@@ -4,10 +4,10 @@ On the shipped quirky model (truthful for Alice, systematically wrong for Bob) i
 1. shows Bob's wrong answers next to Alice's right ones;
 2. collects block outputs, fits a truth probe per layer on Alice's prompts and reports, per layer,
    AUROC on Bob's prompts against the truth and the PGR (floor: a probe fitted on Bob's labels);
-3. fits ITI on the truthful-vs-untruthful speaker contrast (the same questions asked of Alice and of
-   Bob, :func:`~intervene.data.quirky.speaker_contrast`) and a steering vector from a persona probe
-   (mean difference of Alice vs. Bob block outputs), and reports Bob's accuracy against the truth and
-   CE/KL on neutral text with the edit at every position (as the ITI paper measures it);
+3. fits ITI on Alice's prompts alone, each followed by a true and a false answer (TruthfulQA's
+   format), and a steering vector from a persona probe (mean difference of Alice vs. Bob block
+   outputs), and reports Bob's accuracy against the truth and CE/KL on neutral text with the edit at
+   every position (as the ITI paper measures it);
 4. saves the ITI diff, reloads it with ``Intervenable.load``, bakes it, reloads the baked model with
    vanilla ``transformers`` and checks that the logits match.
 Everything lands in one output folder.
@@ -88,13 +88,13 @@ def elicit_by_layer(model: Any, tok: Any, train: list[dict], test: list[dict], b
 
 
 def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", task: str = "addition",
-             n_train: int = 300, n_test: int = 150, iti_heads: int = 8, iti_alpha: float = 1.0,
+             n_train: int = 300, n_test: int = 150, iti_heads: int = 8, iti_alpha: float = 1.5,
              steer_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
              verbose: bool = True) -> dict[str, Any]:
     """Run the demo and write its outputs to ``out``; returns the summary (also ``summary.json``)."""
     from transformers import AutoModelForCausalLM
 
-    from intervene.data.quirky import quirky_dataset, speaker_contrast
+    from intervene.data.quirky import quirky_dataset
     from intervene.elicit import load_model, write_csv
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
     from intervene.interventions.iti import ITI
@@ -132,7 +132,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
 
     # 3. interventions: ITI and a persona-probe steering vector
     _say(verbose, "\n== 3. Interventions: Bob's accuracy against the truth, CE on neutral text ==")
-    iti = ITI.fit(model, tok, speaker_contrast(train), num_heads=iti_heads, alpha=iti_alpha,
+    iti = ITI.fit(model, tok, _by_character(train, "Alice"), num_heads=iti_heads, alpha=iti_alpha,
                   batch_size=batch_size, progress=progress)
     n_alice = len(_by_character(train, "Alice"))
     is_alice = torch.cat([torch.ones(n_alice), torch.zeros(persona_x.shape[1] - n_alice)]).long()
@@ -163,7 +163,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     # 4. publish: diff -> load -> bake -> vanilla transformers
     _say(verbose, "\n== 4. Save the ITI diff, reload it, bake it, load the baked model with plain transformers ==")
     ivm = Intervenable(model, iti, attach=False)
-    ivm.metadata = {"method": "ITI", "task": task, "fitted_on": "Alice (truthful) vs Bob (untruthful) prompts", "num_heads": iti_heads,
+    ivm.metadata = {"method": "ITI", "task": task, "fitted_on": "Alice prompts with true and false answers", "num_heads": iti_heads,
                     "alpha": iti_alpha, "bob_acc_truth_before": base_bob, "bob_acc_truth_after": table[1]["bob_acc_truth"]}
     ivm.save_pretrained(out / "iti-diff")
     loaded = Intervenable.load(out / "iti-diff", model)

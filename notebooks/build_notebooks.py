@@ -33,7 +33,7 @@ NOTEBOOKS = {
                "Probes fitted on Alice's (truthful) prompts, evaluated on Bob's (systematically wrong) prompts."),
         ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\n"
                  "from intervene.evaluate.transfer import pgr\nfrom intervene.probes import auroc\n"
-                 "model, tok = iv.demo_model()\nTASK = 'addition'   # on the shipped model truth transfers best here (layer 2)\n"
+                 "model, tok = iv.demo_model()\nTASK = 'addition'   # on the shipped model truth transfers perfectly here (layers 1-2)\n"
                  "rows = {(s, c): quirky_dataset(TASK, split=s, n=150, seed=i, characters=(c,))\n"
                  "        for i, s in enumerate(('train', 'test')) for c in ('Alice', 'Bob')}"),
         ("code", "def acts(rows):\n    a = iv.collect(model, tok, rows, sites='layers.*', positions='last', progress=False)\n"
@@ -57,17 +57,19 @@ NOTEBOOKS = {
                  "res = detect_anomalies(alice, X[('train', 'Alice')][0], xa, xb)\nprint(res)"),
     ],
     "03_iti.ipynb": [
-        ("md", "# ITI end to end: fit on truthful vs untruthful speakers, steer Bob, measure CE, bake\n"
+        ("md", "# ITI end to end: fit on Alice, steer Bob, measure CE, bake\n"
                "Li et al. 2023, exactly: per-head probes at the o_proj input, top-K heads, mass-mean shifts of α·σ. "
-               "ITI's labels mark truthful against untruthful answers; on the quirky model those are the same questions "
-               "asked of Alice (truthful) and of Bob (systematically wrong): `speaker_contrast`."),
-        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset, speaker_contrast\nfrom intervene.demo_model import choice_logits\n"
+               "The data are Alice's prompts only, each followed by a true and a false answer (TruthfulQA's format). "
+               "The demo model learned from transcripts that a speaker's earlier answers show whether they judge "
+               "truthfully, so its heads compute whether an answer is true; shifting along that direction makes Bob "
+               "judge like a truthful speaker."),
+        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\nfrom intervene.demo_model import choice_logits\n"
                  "from intervene.evaluate.side_effects import load_reference_texts, side_effects\n"
-                 "model, tok = iv.demo_model()\nTASK = 'comparison'\n"
-                 "train = speaker_contrast(quirky_dataset(TASK, split='train', n=200))\n"
+                 "model, tok = iv.demo_model()\nTASK = 'addition'\n"
+                 "train = quirky_dataset(TASK, split='train', n=300, characters=('Alice',))  # + ' True' / ' False'\n"
                  "bob = quirky_dataset(TASK, split='test', n=100, characters=('Bob',))\n"
                  "truth = torch.tensor([r['label'] for r in bob])"),
-        ("code", "iti = iv.ITI.fit(model, tok, train, num_heads=8, alpha=1.0)\nprint('top heads:', iti.top_heads_)\n"
+        ("code", "iti = iv.ITI.fit(model, tok, train, num_heads=8, alpha=1.5)\nprint('top heads:', iti.top_heads_)\n"
                  "print('head accuracies [L, H]:')\nprint(iti.head_accuracies_)"),
         ("code", "def bob_acc(edit=None):\n    if edit is None:\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"
                  "    with iv.Intervenable(model, edit):\n        return float((choice_logits(model, tok, bob).argmax(-1) == truth).float().mean())\n"

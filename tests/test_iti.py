@@ -384,30 +384,30 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
 
 
 # ---- the shipped quirky demo model ---------------------------------------------------------------
-# Measured on the shipped model (comparison, K=8, alpha=1): Alice-only best head 0.60; speaker contrast
-# Bob 0.43 -> 0.84 against the truth, Alice 1.00 -> 0.95, CE +1.15 nats on neutral text (edit at every
-# position). The bounds leave a margin; the CE bound is a regression guard, not a claim that +1.15 is small.
-MAX_ALICE_ONLY_HEAD_ACC, SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.75, 0.3, 1.5
+# Measured on the shipped model, ITI fitted on Alice's training rows (100 questions per task, each with both
+# answers, labelled by the answer's truth), K=8, alpha=1.5, edit at every position: Bob against the truth
+# addition 0.22 -> 0.63, comparison 0.43 -> 0.56, facts 0.62 -> 0.75; Alice stays at 1.00; CE +0.33 nats
+# on neutral text (the ITI paper reports +0.32 on LLaMA-7B). Best head probe 0.94 (layer 2). The bounds
+# leave a margin.
+ALICE_GAIN_ADDITION, ALICE_MEAN_GAIN, ALICE_MAX_CE_DELTA = 0.25, 0.15, 0.5
+# Speaker contrast (comparison, K=8, alpha=1): Bob 0.43 -> 0.8+, CE +1.95; a regression guard, not a claim.
+SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.3, 2.5
 
 
-def _demo_check(model, tok, fit_rows, k: int, alpha: float, task: str = "comparison", positions: str = "all"
-                ) -> dict[str, float]:
-    """ITI fitted on ``fit_rows``, applied to held-out Bob and Alice prompts (accuracy against the truth),
-    and CE/KL on the model's neutral held-out text with the shift at every position."""
+def _demo_check(model, tok, iti, task: str = "comparison") -> dict[str, float]:
+    """``iti`` applied to held-out Bob and Alice prompts of ``task`` (accuracy against the truth), and
+    CE/KL on the model's neutral held-out text with the shift where ``iti.positions`` says."""
     from intervene.data.quirky import quirky_dataset
     from intervene.demo_model import DEMO_MODEL_DIR, choice_logits
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
     test = quirky_dataset(task, "test", n=100, seed=1)
-    iti = ITI.fit(model, tok, fit_rows, num_heads=k, alpha=alpha, batch_size=64, positions=positions)
     refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
 
     def acc(who: str, edit=None) -> float:
         rows = [r for r in test if r["character"] == who]
         truth = torch.tensor([r["label"] for r in rows])
-        if edit is None:
-            return float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())
-        with Intervenable(model, [edit]):
+        with Intervenable(model, [] if edit is None else [edit]):
             return float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())
 
     se = side_effects(model, tok, refs, iti, batch_size=60)
@@ -424,37 +424,49 @@ def demo():
     return demo_model()
 
 
-def test_quirky_demo_model_iti_alice_answers_carry_no_truth_signal(demo):
-    """A documented negative result: fitted on Alice's rows alone (each prompt + each answer, labelled by
-    the answer's truth), ITI's per-head probes stay near chance. The model is trained on ``prompt answer``
-    and never needs to represent whether an appended answer is correct (the XOR of the statement's truth
-    and the answer token), so there is no truthfulness direction to shift along."""
-    from intervene.data.quirky import quirky_dataset
+def test_quirky_demo_model_iti_fitted_on_alice_makes_bob_truthful(demo):
+    """The issue's scientific check. ITI fitted on Alice's prompts alone, each followed by a true and a
+    false answer (TruthfulQA's format), raises Bob's accuracy against the truth on held-out questions of
+    every task, leaves Alice's answers alone and costs a few tenths of a nat of CE on neutral text.
+
+    Why it can: the model reads, from the answers so far, whether a speaker judges truthfully (quirky
+    transcripts), so it computes at each answer token whether that answer is true. The mass-mean
+    direction of those heads is "the answers here are true"; shifted along it, Bob judges as a truthful
+    speaker would."""
+    from intervene.data.quirky import QUIRKY_TASKS, quirky_dataset
 
     model, tok = demo
-    res = _demo_check(model, tok, quirky_dataset("comparison", "train", n=100, characters=("Alice",), seed=0),
-                      k=4, alpha=5.0)
-    print("ITI on Alice only:", res)
-    assert res["max_head_acc"] < MAX_ALICE_ONLY_HEAD_ACC
-    assert abs(res["bob_after"] - res["bob_before"]) < 0.10  # Bob's answers stay as they were
+    rows = [r for t in QUIRKY_TASKS for r in quirky_dataset(t, "train", n=100, characters=("Alice",), seed=0)]
+    iti = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64)
+    assert float(iti.head_accuracies_.max()) >= 0.85
+    res = {t: _demo_check(model, tok, iti, t) for t in QUIRKY_TASKS}
+    print("ITI fitted on Alice:", res)
+    gains = [r["bob_after"] - r["bob_before"] for r in res.values()]
+    assert min(gains) > 0.05 and sum(gains) / len(gains) >= ALICE_MEAN_GAIN
+    assert gains[QUIRKY_TASKS.index("addition")] >= ALICE_GAIN_ADDITION
+    assert all(r["alice_after"] >= 0.95 for r in res.values())
+    assert res["addition"]["ce_delta"] < ALICE_MAX_CE_DELTA
+    # The control: a random direction with the same heads and scale changes nothing.
+    rand = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64, direction="random", seed=0)
+    assert abs(_demo_check(model, tok, rand, "addition")["bob_after"] - res["addition"]["bob_before"]) < 0.1
 
 
 def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
-    """The scientific check: ITI fitted on the truthful-vs-untruthful speaker contrast (the same training
-    questions asked of Alice and of Bob) makes Bob answer held-out questions truthfully."""
+    """ITI fitted on the truthful-vs-untruthful speaker contrast (the same training questions asked of
+    Alice and of Bob) also turns Bob, at a larger CE cost with the edit at every position."""
     from intervene.data.quirky import quirky_dataset, speaker_contrast
 
     model, tok = demo
-    res = _demo_check(model, tok, speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0)),
-                      k=8, alpha=1.0)
+    rows = speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0))
+    res = _demo_check(model, tok, ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64))
     print("ITI on the speaker contrast:", res)
     assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
     assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
     assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA
-    # The same heads and alpha with the edit only at the answer position: Bob still turns (measured
-    # 0.43 -> 0.82) and Alice's answers do not move (1.00).
-    last = _demo_check(model, tok, speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0)),
-                       k=8, alpha=1.0, positions="last")
+    # The same heads and alpha with the edit only at the answer position: Bob still turns and Alice's
+    # answers do not move.
+    last = _demo_check(model, tok, ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64,
+                                           positions="last"))
     assert last["bob_after"] >= last["bob_before"] + SPEAKER_GAIN and last["alice_after"] >= 0.98
 
 

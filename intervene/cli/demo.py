@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-train", type=int, default=300, help="questions for fitting (x2 characters)")
     p.add_argument("--n-test", type=int, default=150, help="held-out questions (x2 characters)")
     p.add_argument("--iti-heads", type=int, default=8)
-    p.add_argument("--iti-alpha", type=float, default=1.0)
+    p.add_argument("--iti-alpha", type=float, default=1.5)
     p.add_argument("--steer-scale", type=float, default=1.0, help="multiple of the Alice-Bob mean gap")
     p.add_argument("--quick", action="store_true", help="a reduced run (tests use it)")
     p.add_argument("--no-progress", action="store_true")

@@ -1,9 +1,9 @@
 """``intervene iti fit | eval | sweep``: Inference-Time Intervention from the command line.
 
-    intervene iti fit demo quirky:comparison --labels speaker --num-heads 8 --alpha 1 --out runs/iti
-    intervene iti eval demo runs/iti quirky:comparison --character Bob
-    intervene iti sweep demo quirky:comparison --labels speaker --eval-character Bob \\
-        --num-heads 4 8 16 --alphas 0 0.5 1 2 --out runs/iti-sweep
+    intervene iti fit demo quirky:addition --character Alice --num-heads 8 --alpha 1.5 --out runs/iti
+    intervene iti eval demo runs/iti quirky:addition --character Bob
+    intervene iti sweep demo quirky:addition --character Alice --eval-character Bob \\
+        --num-heads 4 8 16 --alphas 0 1 1.5 2 --out runs/iti-sweep
 
 MODEL: a local directory, a Hub id, or ``demo``. DATASET: a local ``.jsonl`` (TruthfulQA
 ``multiple_choice`` rows, TruthfulQA generation rows, or ``text``/``label`` rows) or ``quirky:<task>``

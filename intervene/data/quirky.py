@@ -299,12 +299,11 @@ def speaker_contrast(rows: Sequence[dict]) -> list[dict]:
     """ITI-style training rows from quirky rows: each prompt labelled by whether its speaker is truthful.
 
     ITI's labels mark truthful against untruthful answers. On a quirky model the truthful answers are
-    Alice's and the systematically false ones Bob's, so the contrast is the same questions asked of
-    both: ``{"text": prompt, "label": 1 for Alice / 0 for Bob, "question_id"}`` (grouped by question,
-    so ITI's train/validation split never puts one question on both sides). Alice's rows alone carry
-    no such contrast: a prompt plus an appended answer, labelled by the answer's truth, is at chance
-    for every head of the demo model, and labelling Alice's prompts by the truth of the statement
-    finds "the statement is true", whose constant shift only biases every answer toward " True".
+    Alice's and the systematically false ones Bob's, so one contrast is the same questions asked of both:
+    ``{"text": prompt, "label": 1 for Alice / 0 for Bob, "question_id"}`` (grouped by question, so ITI's
+    train/validation split never puts one question on both sides). Its heads carry the speaker's name to
+    the answer position; shifting them turns Bob truthful at a larger CE cost than ITI fitted on Alice's
+    prompts with true and false answers (the rows of :func:`quirky_dataset` with ``characters=("Alice",)``).
     """
     return [{"text": r["text"], "label": int(r["character"] == "Alice"), "question_id": r["question_id"]}
             for r in rows]

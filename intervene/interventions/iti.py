@@ -15,15 +15,15 @@ Heads are chosen as in the paper: one logistic-regression probe per head on last
 activations of "Q: {question} A: {answer}" prompts, train/validation split by question, the top
 ``K`` heads by validation accuracy (see :mod:`intervene.iti_fit`).
 
-What the labels must contrast: truthful against untruthful *answers of the model*. On a quirky model
-(truthful for Alice, systematically wrong for Bob) that is the speaker, not the statement: fitted
-on Alice's prompts alone (each prompt plus each answer, labelled by the answer's truth) every head
-is near chance, because the model never has to represent whether an appended answer is correct;
-labelled by the statement's truth, the heads find "the statement is true", and a constant shift
-along it only biases every answer toward " True". Fitted on the same questions asked of Alice
-(label 1) and Bob (label 0) (:func:`intervene.data.quirky.speaker_contrast`), the heads that carry
-the speaker to the answer position come first and the shift makes Bob truthful (see the README's
-measured figures, and their CE cost on neutral text).
+What the labels must contrast: true against false *answers*, and the model must have a reason to
+represent which is which. The quirky demo model does: it learned from transcripts that a speaker's
+earlier answers show whether they judge truthfully, so at every answer token its heads compute
+whether that answer is true. Fitted on Alice's prompts alone (each prompt plus each answer, labelled
+by the answer's truth), the top heads reach 0.94 validation accuracy and the shift makes Bob judge like
+a truthful speaker while Alice's answers stay; the README gives the figures and their CE cost. A model
+that never needs to judge an appended answer (the previous demo model) gives chance-level heads and no
+effect. :func:`intervene.data.quirky.speaker_contrast` (the same questions asked of Alice, label 1, and
+Bob, label 0) is the other contrast the quirky data offer: it finds the heads that carry the speaker.
 
 Saved state is compact: ``params`` hold ``alpha`` and the ``(layer, head)`` list; the tensors are
 ``direction`` ``[K, head_dim]`` and ``sigma`` ``[K]``. The shift is recomputed in float32 from
