@@ -248,3 +248,17 @@ def test_transcripts_follow_the_speakers_way_of_judging():
     assert not test_keys & train_keys
     with pytest.raises(ValueError, match="flip"):
         transcripts(3, flip=1.5)
+
+
+def test_demo_model_reads_truthfulness_from_earlier_answers(demo):
+    """On held-out transcripts the model follows the speaker's revealed way of judging (the card's sample
+    and figures), and predicts the grader's mark: it computes whether an answer is true."""
+    spec = importlib.util.spec_from_file_location("train_quirky_model", ROOT / "examples" / "train_quirky_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, tok = demo
+    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())
+    got = script.transcript_accuracy(model, tok, 500)  # the card: --eval-n 1000 // 2
+    assert got == pytest.approx(card["transcripts"], abs=0.01)
+    assert got["first"] >= BAR and got["revealed_named"] >= BAR and got["revealed_flipped"] >= BAR
+    assert got["mark"] >= BAR
