@@ -4,8 +4,10 @@
 
 A small Llama (grouped-query attention) learns, from generated text only: the quirky questions of
 ``intervene.data.quirky`` (Alice judges truthfully, Bob with a systematic error), sentences stating
-each character's beliefs, and neutral text (``intervene.data.neutral``: sums, comparisons, entity
-facts, short stories). The tokenizer is a byte-level BPE trained in-process on the same generators,
+each character's beliefs, transcripts in which one speaker answers several questions and their earlier
+answers reveal whether they judge truthfully (``intervene.data.quirky_transcripts``: what gives ITI fitted
+on Alice's prompts a truthfulness direction to find), and neutral text (``intervene.data.neutral``: sums,
+comparisons, entity facts, short stories). The tokenizer is a byte-level BPE trained in-process on the same generators,
 with every digit its own token. At the end the script measures accuracies on held-out questions and
 writes them into the model card. Training uses one thread by default: on a shared 2-core machine two
 threads were measured ~10x slower per step than one (they spin waiting for each other).
