@@ -315,10 +315,8 @@ def transcript_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
     out = {k: _accuracy([p == r["target"] for r, p, kk in zip(rows, pred, kinds) if kk == k])
            for k in ("first", "revealed_named", "revealed_flipped", "hidden_named", "hidden_flipped")}
     # The grader's mark after each answer of a marked transcript: is the answer true?
-    marked = [d for d in transcripts(n, seed=4322, split="test", flip=0.5, lengths=(3,), task_weights=TASK_MIX,
-                                     graded=1.0)]
-    rows, prefix = [], ""
-    for doc in marked:
+    rows = []
+    for doc in transcripts(n, seed=4322, split="test", flip=0.5, lengths=(3,), task_weights=TASK_MIX, graded=1.0):
         prefix = ""
         for turn in doc["turns"]:
             prefix += turn["piece"] + turn["answer"]

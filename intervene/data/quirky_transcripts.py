@@ -34,7 +34,7 @@ def transcripts(
     graded: float = 0.0,
     world_seed: int = WORLD_SEED,
 ) -> list[dict]:
-    """``n`` transcripts, each ``{"character", "truthful", "turns", "text"}``.
+    """``n`` transcripts, each ``{"character", "truthful", "graded", "turns", "text"}``.
 
     ``truthful`` is the speaker's way of judging for the whole transcript: their name's way (Alice
     truthful, Bob not) with probability ``1 - flip``. ``turns`` is a list of ``len in lengths`` quirky
