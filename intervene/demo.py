@@ -132,9 +132,10 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
 
     # 3. interventions: ITI and a persona-probe steering vector
     _say(verbose, "\n== 3. Interventions: Bob's accuracy against the truth, CE on neutral text ==")
-    iti = ITI.fit(model, tok, _by_character(train, "Alice"), num_heads=iti_heads, alpha=iti_alpha,
-                  batch_size=batch_size, progress=progress)
-    n_alice = len(_by_character(train, "Alice"))
+    alice_train = _by_character(train, "Alice")
+    iti = ITI.fit(model, tok, alice_train, num_heads=iti_heads, alpha=iti_alpha, batch_size=batch_size,
+                  progress=progress)
+    n_alice = len(alice_train)
     is_alice = torch.cat([torch.ones(n_alice), torch.zeros(persona_x.shape[1] - n_alice)]).long()
     persona = MeanDiffProbe().fit(persona_x, is_alice)
     layer = int(best["layer"])  # where truth is most linearly present; the name token is trivially separable early

@@ -394,15 +394,14 @@ ALICE_GAIN_ADDITION, ALICE_MEAN_GAIN, ALICE_MAX_CE_DELTA = 0.25, 0.15, 0.5
 SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.3, 2.5
 
 
-def _demo_check(model, tok, iti, task: str = "comparison") -> dict[str, float]:
+def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> dict[str, float]:
     """``iti`` applied to held-out Bob and Alice prompts of ``task`` (accuracy against the truth), and
-    CE/KL on the model's neutral held-out text with the shift where ``iti.positions`` says."""
+    (if ``ce``) CE/KL on the model's neutral held-out text with the shift where ``iti.positions`` says."""
     from intervene.data.quirky import quirky_dataset
     from intervene.demo_model import DEMO_MODEL_DIR, choice_logits
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
     test = quirky_dataset(task, "test", n=100, seed=1)
-    refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
 
     def acc(who: str, edit=None) -> float:
         rows = [r for r in test if r["character"] == who]
@@ -410,9 +409,14 @@ def _demo_check(model, tok, iti, task: str = "comparison") -> dict[str, float]:
         with Intervenable(model, [] if edit is None else [edit]):
             return float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())
 
-    se = side_effects(model, tok, refs, iti, batch_size=60)
-    return {"max_head_acc": float(iti.head_accuracies_.max()), "bob_before": acc("Bob"), "bob_after": acc("Bob", iti),
-            "alice_before": acc("Alice"), "alice_after": acc("Alice", iti), "ce_delta": se["ce_delta"]}
+    res = {"bob_before": acc("Bob"), "bob_after": acc("Bob", iti), "alice_before": acc("Alice"),
+           "alice_after": acc("Alice", iti)}
+    if iti.head_accuracies_ is not None:
+        res["max_head_acc"] = float(iti.head_accuracies_.max())
+    if ce:  # the same neutral text for every task: measured once per intervention
+        refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
+        res["ce_delta"] = side_effects(model, tok, refs, iti, batch_size=60)["ce_delta"]
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -439,7 +443,7 @@ def test_quirky_demo_model_iti_fitted_on_alice_makes_bob_truthful(demo):
     rows = [r for t in QUIRKY_TASKS for r in quirky_dataset(t, "train", n=100, characters=("Alice",), seed=0)]
     iti = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64)
     assert float(iti.head_accuracies_.max()) >= 0.85
-    res = {t: _demo_check(model, tok, iti, t) for t in QUIRKY_TASKS}
+    res = {t: _demo_check(model, tok, iti, t, ce=t == "addition") for t in QUIRKY_TASKS}
     print("ITI fitted on Alice:", res)
     gains = [r["bob_after"] - r["bob_before"] for r in res.values()]
     assert min(gains) > 0.05 and sum(gains) / len(gains) >= ALICE_MEAN_GAIN
@@ -448,7 +452,7 @@ def test_quirky_demo_model_iti_fitted_on_alice_makes_bob_truthful(demo):
     assert res["addition"]["ce_delta"] < ALICE_MAX_CE_DELTA
     # The control: a random direction with the same heads and scale changes nothing.
     rand = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64, direction="random", seed=0)
-    assert abs(_demo_check(model, tok, rand, "addition")["bob_after"] - res["addition"]["bob_before"]) < 0.1
+    assert abs(_demo_check(model, tok, rand, "addition", ce=False)["bob_after"] - res["addition"]["bob_before"]) < 0.1
 
 
 def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
@@ -458,15 +462,16 @@ def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
 
     model, tok = demo
     rows = speaker_contrast(quirky_dataset("comparison", "train", n=300, seed=0))
-    res = _demo_check(model, tok, ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64))
+    iti = ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64)
+    res = _demo_check(model, tok, iti)
     print("ITI on the speaker contrast:", res)
     assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
     assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
     assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA
     # The same heads and alpha with the edit only at the answer position: Bob still turns and Alice's
     # answers do not move.
-    last = _demo_check(model, tok, ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64,
-                                           positions="last"))
+    last = _demo_check(model, tok, ITI(iti.heads, iti.directions_, iti.sigma_, alpha=1.0, positions="last"),
+                       ce=False)
     assert last["bob_after"] >= last["bob_before"] + SPEAKER_GAIN and last["alice_after"] >= 0.98
 
 
