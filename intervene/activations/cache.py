@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from intervene.errors import InterveneError
+from intervene.errors import ActivationCacheError
 from intervene.fileio import atomic_write_bytes
 
 FORMAT = "intervene-activations"
@@ -36,17 +36,10 @@ LENGTHS_KEY = "__lengths__"  # ragged ("all" positions): tokens per row, [rows] 
 _HASH_CHUNK = 1 << 20
 
 
-class ActivationCacheError(InterveneError):
-    """An activation cache is corrupt, truncated, incomplete, or was written for other inputs."""
-
-
 def cache_key(parts: dict[str, Any]) -> str:
     """A stable hex digest of everything that determines the cached tensors."""
     text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-
 
 
 def file_sha256(path: Path) -> str:

@@ -17,14 +17,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.errors import DatasetUnavailableError
 
 QUIRKY_PREFIX = "quirky:"
 SPLIT_ALIASES = {"validation": "test", "val": "test", "dev": "test", "eval": "test"}
-
-
-class DatasetUnavailableError(InterveneError):
-    """A dataset cannot be loaded (missing file, not cached while offline, ``datasets`` not installed)."""
 
 
 def _cell(key: str, value: str) -> Any:

@@ -17,11 +17,7 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from intervene.errors import InterveneError
-
-
-class TemplateError(InterveneError, ValueError):
-    """A template is malformed, or a row lacks a field it needs."""
+from intervene.errors import TemplateError
 
 
 @dataclass(frozen=True)

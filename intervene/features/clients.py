@@ -20,13 +20,9 @@ from typing import Any
 
 import torch
 
-from intervene.errors import InterveneError
+from intervene.errors import ClientError
 
 Messages = list[dict[str, str]]
-
-
-class ClientError(InterveneError):
-    """A client request failed for good (after retries), or its answer was malformed."""
 
 
 class Client:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from intervene.errors import InterveneError, SiteError
+from intervene.errors import SAEFormatError, SiteError
 
 Activation = Literal["relu", "jumprelu", "topk"]
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -37,10 +37,6 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 CFG_NAME = "cfg.json"
 DEMO_SAE_DIR = Path(__file__).resolve().parent.parent / "assets" / "quirky-tiny-sae"
 DEMO_SAE_ALIASES = ("demo", "quirky-tiny-sae")
-
-
-class SAEFormatError(InterveneError):
-    """An SAE's files are in an unknown layout, inconsistent, or do not fit the model's site."""
 
 
 class SAE(nn.Module):

@@ -10,17 +10,13 @@ from typing import Any
 
 import torch
 
-from intervene.errors import InterveneError
+from intervene.errors import LatentCacheError
 
 FORMAT = "intervene-latent-cache"
 VERSION = 1
 INDEX = "index.json"
 TOKENS = "tokens.safetensors"
 STATS = "stats.safetensors"
-
-
-class LatentCacheError(InterveneError):
-    """A latent cache is missing, corrupt, or was written with different settings."""
 
 
 @dataclass

@@ -20,21 +20,13 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 
-from intervene.errors import InterveneError
+from intervene.errors import ProbeFormatError, ProbeNotFittedError
 from intervene.probes import metrics
 
 ArrayLike = torch.Tensor | np.ndarray
 P = TypeVar("P", bound="Probe")
 
 _REGISTRY: dict[str, type[Probe]] = {}
-
-
-class ProbeFormatError(InterveneError, ValueError):
-    """A saved probe is corrupt, truncated, inconsistent, or names an unregistered probe type."""
-
-
-class ProbeNotFittedError(InterveneError, AttributeError):
-    """A method that needs learned attributes was called before ``fit``."""
 
 
 def register_probe(name: str) -> Callable[[type[P]], type[P]]:
