@@ -65,7 +65,7 @@ def run_sklearn(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va
 def run_batched(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: torch.Tensor,
                 jobs: int | None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """Wall time, CPU time (all threads), validation accuracies ``[heads]`` and iterations ``[heads]``."""
-    from intervene.iti_fit import fit_head_probes
+    from intervene.probes.solvers import fit_head_probes
 
     t0, c0 = time.perf_counter(), time.process_time()
     probes = fit_head_probes(x_tr, y_tr, n_jobs=jobs)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--jobs", type=int, default=None, help="threads for the batched solver (default: torch's)")
     p.add_argument("--skip-sklearn", action="store_true")
     args = p.parse_args(argv)
-    from intervene.iti_fit import rank_heads, split_by_group
+    from intervene.methods.iti.fit import rank_heads, split_by_group
 
     n_layers = args.layers or (4 if args.small else 32)
     n_heads = n_layers * args.heads

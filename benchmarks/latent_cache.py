@@ -37,7 +37,7 @@ def build(d_sae: int, k: int, model_name: str = "demo", sae_name: str = "demo", 
         try:
             from transformers import AutoModelForCausalLM
 
-            from intervene.demo_model import resolve_model_name
+            from intervene.assets import resolve_model_name
 
             model = AutoModelForCausalLM.from_pretrained(resolve_model_name(model_name)).eval()
             return model, load_sae(sae_name, model=model), f"model {model_name} + SAE {sae_name}"

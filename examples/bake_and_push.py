@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import intervene as iv
-from intervene.elicit import load_model
+from intervene.assets import load_model
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import tempfile
 import torch
 
 import intervene as iv
-from intervene.elicit import load_model
+from intervene.assets import load_model
 
 
 def main() -> None:

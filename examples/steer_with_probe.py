@@ -11,7 +11,7 @@ import torch
 
 import intervene as iv
 from intervene.data.quirky import quirky_dataset
-from intervene.demo_model import choice_logits
+from intervene.evaluate.choices import choice_logits
 
 
 def main() -> None:

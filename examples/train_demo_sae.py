@@ -20,8 +20,8 @@ import time
 
 import torch
 
+from intervene.assets import resolve_model_name
 from intervene.cli.features import demo_corpus
-from intervene.demo_model import resolve_model_name
 from intervene.features import SAE, save_sae, token_rows
 from intervene.features.sae import DEMO_SAE_DIR
 from intervene.hooks import HookSet, add_input_hook, add_output_hook

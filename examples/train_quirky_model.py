@@ -27,6 +27,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from intervene.assets import DEMO_MODEL_DIR
 from intervene.data.neutral import neutral_corpus
 from intervene.data.quirky import (
     CHARACTERS,
@@ -40,7 +41,7 @@ from intervene.data.quirky import (
     world,
 )
 from intervene.data.quirky_transcripts import MARKS, transcripts
-from intervene.demo_model import DEMO_MODEL_DIR, choice_logits, choice_token_ids
+from intervene.evaluate.choices import choice_logits, choice_token_ids
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # Shares of the quirky questions and belief sentences: addition is the slowest to learn, comparison
@@ -343,7 +344,7 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
         "*Eliciting Latent Knowledge from Quirky Language Models* (Mallen & Belrose, 2023). "
         "Answers are the next token, ` True` or ` False`. It exists so that `intervene`'s examples, notebooks "
         "and tests run offline on a model with real, measurable latent knowledge; it is not a general LM.", "",
-        "```python", "from intervene.demo_model import demo_model", "model, tokenizer = demo_model()",
+        "```python", "from intervene import demo_model", "model, tokenizer = demo_model()",
         "# or: AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)",
         "from intervene.data.quirky import quirky_dataset",
         "rows = quirky_dataset(\"addition\", split=\"test\", n=100)  # held-out questions", "```", "",

@@ -1,8 +1,19 @@
-"""intervene: exact, fast, safe inference-time interventions on HuggingFace transformers."""
+"""intervene: exact, fast, safe inference-time interventions on HuggingFace transformers.
 
-from intervene import probes
+The public API, re-exported from where each name lives (docs/architecture.md maps the tree):
+
+* the core — :class:`Intervenable`, :class:`Intervention`, sites, positions, the registry, errors;
+* methods, one package each under ``intervene.methods`` — :class:`Steering`,
+  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`;
+* activations (:func:`collect`), probes (``intervene.probes``), SAEs (``intervene.features``),
+  baking (``Intervenable.bake``, :mod:`intervene.bake`) and publishing (:func:`bake_and_push`), the demo
+  model (:func:`demo_model`).
+"""
+
+import intervene.methods  # noqa: F401  (registers every built-in intervention type)
+import intervene.probes as probes
 from intervene.activations import Activations, collect
-from intervene.demo_model import demo_model
+from intervene.assets import demo_model
 from intervene.errors import (
     DiffFormatError,
     DiffNotFoundError,
@@ -11,16 +22,21 @@ from intervene.errors import (
     InterventionError,
     NotBakeableError,
     PositionsError,
+    SAEFormatError,
     SiteError,
     UnsupportedModelError,
 )
-from intervene.features import SAE, LatentClamp, SAEFormatError, load_sae, steering_from_sae
+from intervene.features.sae import SAE
+from intervene.features.sae_io import load_sae
 from intervene.intervenable import Intervenable
-from intervene.intervention import Intervention, register, registered_types
-from intervene.interventions.iti import ITI
-from intervene.interventions.remedi import Remedi
-from intervene.interventions.steering import DirectionalAblation, Steering
+from intervene.intervention import Intervention
+from intervene.methods.iti import ITI, ITIConfig
+from intervene.methods.remedi import Remedi, RemediConfig
+from intervene.methods.sae_clamp import LatentClamp, steering_from_sae
+from intervene.methods.steering import DirectionalAblation, Steering
 from intervene.positions import Positions
+from intervene.publish import bake_and_push
+from intervene.registry import MethodSpec, register, register_method, registered_methods, registered_types
 from intervene.sites import (
     Family,
     Site,
@@ -30,13 +46,14 @@ from intervene.sites import (
     resolve_sites,
     site_names,
 )
-
-__version__ = "0.1.0"
+from intervene.version import __version__
 
 __all__ = [
-    "ITI", "SAE", "LatentClamp", "SAEFormatError", "load_sae", "steering_from_sae", "Activations", "Remedi", "bake_and_push", "collect", "demo_model", "probes",
-    "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family", "IncompatibleModelError",
-    "Intervenable", "InterveneError", "Intervention", "InterventionError", "NotBakeableError", "Positions",
-    "PositionsError", "Site", "SiteError", "Steering", "UnsupportedModelError", "expand_sites", "register",
-    "register_family", "registered_types", "resolve_site", "resolve_sites", "site_names",
+    "ITI", "SAE", "Activations", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
+    "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
+    "LatentClamp", "MethodSpec", "NotBakeableError", "Positions", "PositionsError", "Remedi", "RemediConfig",
+    "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",
+    "bake_and_push", "collect", "demo_model", "expand_sites", "load_sae", "probes", "register",
+    "register_family", "register_method", "registered_methods", "registered_types", "resolve_site",
+    "resolve_sites", "site_names", "steering_from_sae",
 ]

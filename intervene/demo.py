@@ -25,7 +25,7 @@ from intervene.intervenable import Intervenable
 
 
 def _accuracy(model: Any, tok: Any, rows: list[dict], target: str = "label") -> float:
-    from intervene.demo_model import choice_logits
+    from intervene.evaluate.choices import choice_logits
 
     pred = choice_logits(model, tok, rows).argmax(-1)
     return float((pred == torch.tensor([r[target] for r in rows])).float().mean())
@@ -42,7 +42,7 @@ def _say(verbose: bool, *lines: str) -> None:
 
 def show_answers(model: Any, tok: Any, rows: list[dict], k: int = 4) -> list[dict]:
     """Rows where Bob's error matters: the question, the truth, Alice's and Bob's answers."""
-    from intervene.demo_model import choice_logits
+    from intervene.evaluate.choices import choice_logits
 
     alice = {r["question_id"]: r for r in _by_character(rows, "Alice")}
     pairs = [(alice[r["question_id"]], r) for r in _by_character(rows, "Bob")
@@ -94,11 +94,12 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     """Run the demo and write its outputs to ``out``; returns the summary (also ``summary.json``)."""
     from transformers import AutoModelForCausalLM
 
+    from intervene.assets import load_model
     from intervene.data.quirky import quirky_dataset
-    from intervene.elicit import load_model, write_csv
+    from intervene.elicit import write_csv
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
-    from intervene.interventions.iti import ITI
-    from intervene.interventions.steering import Steering
+    from intervene.methods.iti.intervention import ITI
+    from intervene.methods.steering.intervention import Steering
     from intervene.plots import plot_metric_by_layer
     from intervene.probes import MeanDiffProbe
 
@@ -142,7 +143,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     d = persona.direction_[layer]
     gap = float((persona_x[layer][is_alice == 1].mean(0) - persona_x[layer][is_alice == 0].mean(0)) @ d)
     steer = Steering.from_probe(persona, f"layers.{layer}", scale=steer_scale * gap, index=layer, name="persona")
-    from intervene.demo_model import resolve_model_name
+    from intervene.assets import resolve_model_name
 
     ref = Path(resolve_model_name(model_name)) / "neutral_eval.txt"
     neutral = load_reference_texts(ref if ref.is_file() else None, n=200)

@@ -26,8 +26,9 @@ from intervene.errors import (
     UnsupportedModelError,
 )
 from intervene.fileio import atomic_write
-from intervene.intervention import Intervention, lookup
+from intervene.intervention import Intervention
 from intervene.positions import Positions
+from intervene.registry import lookup
 from intervene.sites import block_path, config_value, expand_sites, family_of, head_shape, resolve_site
 
 CONFIG_NAME = "intervene_config.json"
@@ -71,15 +72,13 @@ def check_fingerprint(saved: Mapping[str, Any], model: nn.Module) -> None:
             f"{have.get('name_or_path') or type(model).__name__}: " + "; ".join(bad))
 
 
-
-
-
 def save_diff(directory: Path, model: nn.Module, interventions: list[Intervention],
               metadata: Mapping[str, Any] | None = None, card: bool = True) -> Path:
     """Write ``interventions`` as a diff into ``directory`` (created; files replaced atomically)."""
     import transformers
 
-    import intervene
+    from intervene.cards import diff_card
+    from intervene.version import __version__
 
     directory.mkdir(parents=True, exist_ok=True)
     entries, tensors = [], {}
@@ -94,7 +93,7 @@ def save_diff(directory: Path, model: nn.Module, interventions: list[Interventio
     config = {
         "format_version": FORMAT_VERSION,
         "library": "intervene",
-        "library_version": intervene.__version__,
+        "library_version": __version__,
         "transformers_version": transformers.__version__,
         "base_model": fingerprint(model),
         "interventions": entries,
@@ -104,8 +103,6 @@ def save_diff(directory: Path, model: nn.Module, interventions: list[Interventio
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text + "\n"))
     if card:
-        from intervene.cards import diff_card
-
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(diff_card(config)))
     return directory
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from intervene.assets import load_model
 from intervene.data.contrast import ContrastPairs, make_contrast_pairs, question_id
 from intervene.data.loaders import dataset_slug, load_dataset_rows
 
@@ -73,35 +74,13 @@ class ElicitResult:
 
 
 # ---- model, data, features ------------------------------------------------------------------------
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local dir, a Hub id, or ``demo`` (eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from intervene.demo_model import resolve_model_name
-
-    path = resolve_model_name(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    shown = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    return model, tok
-
-
 def model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(name)).name or str(name)).strip("-") or "model"
 
 
 def make_probe(net: str, seed: int = 0, **kwargs: Any) -> Any:
     """A fresh probe for a CLI net name (``lr``, ``mean-diff``, ``lda``, ``ccs``, ``crc``)."""
-    from intervene import probes
+    import intervene.probes as probes
 
     if net not in NETS:
         raise ValueError(f"unknown net {net!r}; choose from {sorted(NETS)}")
@@ -208,13 +187,13 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _save_run(out: Path, cfg: ElicitConfig, probes: dict[int, Any], rows: list[dict], extra: dict) -> None:
-    import intervene
+    from intervene.version import __version__
 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     for layer, probe in probes.items():
         files[str(layer)] = str(Path(probe.save(out / "probes" / f"layers.{layer}")).relative_to(out))
-    meta = {"command": "elicit", "intervene_version": intervene.__version__, **asdict(cfg),
+    meta = {"command": "elicit", "intervene_version": __version__, **asdict(cfg),
             "features": "pair" if next(iter(probes.values())).n_inputs == 2 else "diff", "probes": files, **extra}
     (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     write_csv(out / "eval.csv", rows, EVAL_COLUMNS)

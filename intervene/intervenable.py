@@ -22,9 +22,9 @@ from torch import nn
 
 from intervene.errors import InterventionError, PositionsError
 from intervene.hooks import HookSet, add_call_hook, add_input_hook, add_output_hook
-from intervene.intervention import Intervention
+from intervene.intervention import Intervention, resolve
 from intervene.positions import CallContext, GenerationState
-from intervene.sites import Site, expand_sites, resolve_site
+from intervene.sites import Site
 
 # One attached Intervenable per model: two would race on model.generate and on position state.
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Intervenable] = weakref.WeakKeyDictionary()
@@ -75,12 +75,7 @@ class Intervenable:
 
     def resolve(self) -> dict[str, dict[str, Site]]:
         """``{intervention name: {concrete site: Site}}``, binding (and so validating) each one."""
-        out = {}
-        for iv in self.interventions:
-            sites = {n: resolve_site(self.model, n) for n in expand_sites(self.model, iv.sites)}
-            iv.bind(sites)
-            out[iv.name] = sites
-        return out
+        return resolve(self.model, self.interventions)
 
     def attach(self) -> Intervenable:
         """Register our hooks (idempotent). Validates every site and shape first."""
@@ -260,7 +255,7 @@ class Intervenable:
              token: str | bool | None = None, attach: bool = True) -> Intervenable:
         """Load a diff from a directory or a Hub repo onto ``model`` (validated before any hook)."""
         from intervene.diff_format import load_diff
-        from intervene.hub import resolve_diff_dir
+        from intervene.hubio import resolve_diff_dir
 
         path = resolve_diff_dir(repo_or_dir, revision=revision, token=token)
         interventions, metadata = load_diff(path, model)
@@ -269,16 +264,16 @@ class Intervenable:
         return ivm.attach() if attach else ivm
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload the diff to a Hub repo as one commit (see :func:`intervene.hub.push_diff`)."""
-        from intervene.hub import push_diff
+        """Upload the diff to a Hub repo as one commit (see :func:`intervene.hubio.push_diff`)."""
+        from intervene.hubio import push_diff
 
-        return push_diff(self, repo_id, **kwargs)
+        return push_diff(self.model, self.interventions, repo_id, metadata=self.metadata, **kwargs)
 
     def bake(self) -> nn.Module:
         """A plain ``PreTrainedModel`` with the edits in its weights (see :mod:`intervene.bake`)."""
         from intervene.bake import bake
 
-        return bake(self)
+        return bake(self.model, self.interventions)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -1,53 +1,25 @@
-"""The ``Intervention`` base class and the registry of intervention types.
+"""The ``Intervention`` base class: what every intervention type implements.
 
 An intervention names the sites it edits, the positions it touches, JSON-able hyperparameters
 (``params``) and tensors. The hook engine calls :meth:`Intervention.apply` for each site and never
-asks what kind of intervention it holds. Saved diffs store the registered *type name*; loading
-builds classes only from this registry, so nothing found in a file is ever imported or unpickled.
+asks what kind of intervention it holds. Saved diffs store the registered *type name*
+(:mod:`intervene.registry`); loading builds classes only from the registry, so nothing found in a
+file is ever imported or unpickled. See docs/architecture.md for the contract a method implements.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
-from intervene.errors import DiffFormatError, InterventionError
+from intervene.errors import InterventionError
 from intervene.positions import CallContext, Positions, PositionsSpec
-from intervene.sites import Site
+from intervene.sites import Site, expand_sites, resolve_site
 
-_REGISTRY: dict[str, type[Intervention]] = {}
-_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-T = TypeVar("T", bound="type[Intervention]")
-
-
-def register(type_name: str) -> Callable[[T], T]:
-    """Class decorator: make ``cls`` loadable from diffs under ``type_name``."""
-
-    def deco(cls: T) -> T:
-        if type_name in _REGISTRY and _REGISTRY[type_name] is not cls:
-            raise InterventionError(f"intervention type {type_name!r} is already registered")
-        cls.type_name = type_name
-        _REGISTRY[type_name] = cls
-        return cls
-
-    return deco
-
-
-def registered_types() -> dict[str, type[Intervention]]:
-    return dict(_REGISTRY)
-
-
-def lookup(type_name: str) -> type[Intervention]:
-    try:
-        return _REGISTRY[type_name]
-    except KeyError:
-        raise DiffFormatError(
-            f"unknown intervention type {type_name!r}; registered: {sorted(_REGISTRY)}. "
-            "If it is your own class, import the module that registers it before loading."
-        ) from None
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+\Z")
 
 
 class Intervention:
@@ -122,3 +94,16 @@ class Intervention:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, sites={self.sites}, positions={self.positions.to_json()!r})"
+
+
+def resolve(model: Any, interventions: Sequence[Intervention]) -> dict[str, dict[str, Site]]:
+    """``{intervention name: {concrete site: Site}}`` on ``model``, binding (so validating) each intervention.
+
+    Wildcards expand in layer order; raises ``SiteError`` / ``InterventionError`` before anything is attached.
+    """
+    out: dict[str, dict[str, Site]] = {}
+    for iv in interventions:
+        sites = {n: resolve_site(model, n) for n in expand_sites(model, iv.sites)}
+        iv.bind(sites)
+        out[iv.name] = sites
+    return out

@@ -7,16 +7,26 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from torch import nn
+
+from intervene.bake import BakeReport, bake_with_report
+from intervene.cards import baked_card
 from intervene.diff_format import CARD_NAME
+from intervene.hubio import upload_dir
+from intervene.intervention import Intervention
 
-if TYPE_CHECKING:
-    from torch import nn
 
-    from intervene.bake import BakeReport
-    from intervene.intervenable import Intervenable
+class Edited(Protocol):
+    """A model with interventions and their metadata: what an :class:`~intervene.Intervenable` is."""
+
+    model: nn.Module
+    interventions: Sequence[Intervention]
+    metadata: Mapping[str, Any]
+
 
 # Weight files a previous push may have left that from_pretrained would still pick up.
 STALE_WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
@@ -26,8 +36,6 @@ def save_baked(model: nn.Module, report: BakeReport, directory: str | Path, toke
                metadata: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
     """Write a baked ``model`` (safetensors), its generation config, ``tokenizer`` if given, and a
     model card (README.md) describing what was edited and how it was fitted."""
-    from intervene.cards import baked_card
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -39,20 +47,17 @@ def save_baked(model: nn.Module, report: BakeReport, directory: str | Path, toke
     return directory
 
 
-def bake_and_push(ivm: Intervenable, repo_id: str, tokenizer: Any = None, private: bool = False,
+def bake_and_push(ivm: Edited, repo_id: str, tokenizer: Any = None, private: bool = False,
                   token: str | None = None, commit_message: str | None = None, revision: str | None = None) -> Any:
-    """Bake ``ivm`` (exactly, or ``NotBakeableError`` before anything is written) and push the model,
+    """Bake ``ivm`` (an ``Intervenable``: its model, interventions and metadata; exactly, or ``NotBakeableError`` before anything is written) and push the model,
     tokenizer, generation config and card to ``repo_id`` (branch ``revision``) as one commit.
 
     Returns the ``huggingface_hub`` ``CommitInfo``. Weight files left by an earlier push to the same
     branch are deleted in that commit, so ``from_pretrained`` sees only the new weights.
     """
-    from intervene.bake import bake_with_report
-    from intervene.hub import upload_dir
-
-    model, report = bake_with_report(ivm)
+    model, report = bake_with_report(ivm.model, ivm.interventions)
     with tempfile.TemporaryDirectory() as tmp:
-        save_baked(model, report, tmp, tokenizer=tokenizer, metadata=ivm.metadata, repo_id=repo_id)
+        save_baked(model, report, tmp, tokenizer=tokenizer, metadata=dict(ivm.metadata), repo_id=repo_id)
         return upload_dir(tmp, repo_id, private=private, token=token, revision=revision,
                           commit_message=commit_message or "Upload model with baked interventions (intervene)",
                           delete_stale=STALE_WEIGHTS)

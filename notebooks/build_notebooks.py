@@ -63,7 +63,7 @@ NOTEBOOKS = {
                "The demo model learned from transcripts that a speaker's earlier answers show whether they judge "
                "truthfully, so its heads compute whether an answer is true; shifting along that direction makes Bob "
                "judge like a truthful speaker."),
-        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\nfrom intervene.demo_model import choice_logits\n"
+        ("code", "import torch, intervene as iv\nfrom intervene.data.quirky import quirky_dataset\nfrom intervene.evaluate.choices import choice_logits\n"
                  "from intervene.evaluate.side_effects import load_reference_texts, side_effects\n"
                  "model, tok = iv.demo_model()\nTASK = 'addition'\n"
                  "train = quirky_dataset(TASK, split='train', n=300, characters=('Alice',))  # + ' True' / ' False'\n"
@@ -83,7 +83,7 @@ NOTEBOOKS = {
     ],
     "04_remedi.ipynb": [
         ("md", "# REMEDI end to end: train an editor, edit facts, evaluate, inspect\nHernandez, Li & Andreas 2023, on the shipped model's synthetic facts."),
-        ("code", "import intervene as iv\nfrom intervene.data.quirky import remedi_samples\nfrom intervene.evaluate.remedi_metrics import evaluate_remedi\n"
+        ("code", "import intervene as iv\nfrom intervene.data.quirky import remedi_samples\nfrom intervene.methods.remedi.evaluate import evaluate_remedi\n"
                  "model, tok = iv.demo_model()\ntrain = remedi_samples('train', n=120, seed=0)\ntest = remedi_samples('test', n=40, seed=1)\n"
                  "train[0]"),
         ("code", "# The demo model reads an entity's facts from its name's last token in block 0's attention: edit there.\n"

@@ -11,9 +11,10 @@ import torch
 import transformers as T
 
 import intervene as iv
-from intervene.bake import bake_with_report, register_baker
+from intervene.bake import bake_with_report
 from intervene.hooks import count_hooks
-from intervene.intervention import Intervention, register
+from intervene.intervention import Intervention
+from intervene.registry import register, register_method
 from intervene.sites import hidden_size, resolve_site
 from tests.tiny_models import FAMILIES, tiny_model
 
@@ -165,13 +166,9 @@ class _InputDependent(Intervention):
 def test_unknown_types_refuse_and_registry_extends():
     model = tiny_model("llama")
     ivm = iv.Intervenable(model, _InputDependent("layers.1"), attach=False)
-    with pytest.raises(iv.NotBakeableError, match="no baker for this intervention type"):
+    with pytest.raises(iv.NotBakeableError, match="no baker is registered for this type"):
         ivm.bake()
-
-    @register_baker("test_input_dependent")
-    def _refuse(intervention, sites, editor):
-        raise iv.NotBakeableError("doubling is input-dependent")
-
+    register_method("test_input_dependent", _InputDependent, refuse="doubling is input-dependent")
     with pytest.raises(iv.NotBakeableError, match="doubling"):
         ivm.bake()
 
@@ -183,7 +180,7 @@ def test_original_untouched_and_baked_is_plain(tmp_path):
     steer = iv.Steering({"layers.0:input": _vec(model, "layers.0", 0), "layers.1": _vec(model, "layers.1", 1)})
     with iv.Intervenable(model, steer) as ivm:
         attached_hooks = count_hooks(model)
-        baked, report = bake_with_report(ivm)
+        baked, report = bake_with_report(ivm.model, ivm.interventions)
         assert count_hooks(model) == attached_hooks and "generate" in model.__dict__
     assert count_hooks(model) == hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -197,7 +194,7 @@ def test_zero_edit_is_bit_identical():
     model = tiny_model("llama")
     ivm = iv.Intervenable(model, iv.Steering({"layers.1": torch.zeros(32), "layers.0.heads": torch.ones(32)},
                                              scale=0.0), attach=False)
-    baked, report = bake_with_report(ivm)
+    baked, report = bake_with_report(ivm.model, ivm.interventions)
     assert not report.edited and not report.config_flags
     with torch.no_grad():
         assert torch.equal(baked(**_batch()).logits, model(**_batch()).logits)
@@ -206,7 +203,7 @@ def test_zero_edit_is_bit_identical():
 def test_dtype_kept_and_nonfinite_refused():
     model = tiny_model("llama", torch.bfloat16)
     v = _vec(model, "layers.1", 0)
-    baked, report = bake_with_report(iv.Intervenable(model, iv.Steering({"layers.1": v}), attach=False))
+    baked, report = bake_with_report(model, [iv.Steering({"layers.1": v})])
     assert {p.dtype for p in baked.parameters()} == {torch.bfloat16}
     assert "model.layers.1.mlp.down_proj.bias" in report.created and report.config_flags == {"mlp_bias": True}
     with torch.no_grad():

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from intervene.assets import DEMO_MODEL_DIR
 from intervene.cli import main
-from intervene.demo_model import DEMO_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")

@@ -188,7 +188,8 @@ def test_saved_tensors_are_contiguous_and_dealiased(tmp_path: Path) -> None:
 
 
 def test_custom_registered_type_round_trips(tmp_path: Path) -> None:
-    from intervene.intervention import Intervention, register
+    from intervene.intervention import Intervention
+    from intervene.registry import register
 
     @register("test_scale_residual")
     class ScaleResidual(Intervention):

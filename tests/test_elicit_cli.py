@@ -117,7 +117,7 @@ def test_python_api_with_a_loaded_model(files) -> None:
 
 
 def test_demo_model_elicits_alice_truth(tmp_path) -> None:
-    from intervene.demo_model import DEMO_MODEL_DIR
+    from intervene.assets import DEMO_MODEL_DIR
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the demo model has not been trained yet")

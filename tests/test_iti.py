@@ -12,14 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from intervene import Intervenable
 from intervene.errors import InterventionError, NotBakeableError
-from intervene.interventions.iti import ITI
-from intervene.iti_fit import (
-    build_examples,
-    fit_head_probes,
-    head_directions,
-    rank_heads,
-    split_by_group,
-)
+from intervene.methods.iti.fit import build_examples, head_directions, rank_heads, split_by_group
+from intervene.methods.iti.intervention import ITI
+from intervene.probes.solvers import fit_head_probes
 from tests.tiny_models import tiny_model
 
 # The o_proj (attention output projection) of each family, by hand: the reference hooks sit here.
@@ -317,7 +312,7 @@ def test_fit_on_a_tiny_model_end_to_end():
     assert accs == sorted(accs, reverse=True)
     assert iti.fit_info_["n_examples"] == 72 and iti.fit_info_["sigma_ddof"] == 0
     # the same activations passed in give the same fit
-    from intervene.iti_fit import head_activations
+    from intervene.methods.iti.fit import head_activations
 
     texts = build_examples(rows).texts
     acts = head_activations(model, tok, texts, batch_size=32).permute(2, 0, 1, 3)
@@ -340,8 +335,8 @@ def _tqa_rows(n: int, split: str | None = None) -> list[dict]:
 
 
 def test_sweep_rows_csv_and_plots(tmp_path):
-    from intervene.evaluate.iti_sweep import sweep, write_csv
-    from intervene.evaluate.plots_iti import plot_head_accuracies, plot_tradeoff
+    from intervene.methods.iti.evaluate import sweep, write_csv
+    from intervene.methods.iti.plots import plot_head_accuracies, plot_tradeoff
 
     model, tok = tiny_model("llama_gqa"), char_tokenizer()
     iti = ITI.fit(model, tok, _tqa_rows(20), num_heads=4, alpha=1.0)
@@ -397,8 +392,9 @@ SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.3, 2.5
 def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> dict[str, float]:
     """``iti`` applied to held-out Bob and Alice prompts of ``task`` (accuracy against the truth), and
     (if ``ce``) CE/KL on the model's neutral held-out text with the shift where ``iti.positions`` says."""
+    from intervene.assets import DEMO_MODEL_DIR
     from intervene.data.quirky import quirky_dataset
-    from intervene.demo_model import DEMO_MODEL_DIR, choice_logits
+    from intervene.evaluate.choices import choice_logits
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
     test = quirky_dataset(task, "test", n=100, seed=1)
@@ -421,7 +417,7 @@ def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> d
 
 @pytest.fixture(scope="module")
 def demo():
-    from intervene.demo_model import DEMO_MODEL_DIR, demo_model
+    from intervene.assets import DEMO_MODEL_DIR, demo_model
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the demo model is not built")

@@ -17,7 +17,7 @@ from intervene.evaluate.mc import (
     truthfulqa_mc,
 )
 from intervene.evaluate.side_effects import side_effects
-from intervene.interventions.iti import ITI
+from intervene.methods.iti.intervention import ITI
 from tests.test_iti import char_tokenizer
 from tests.tiny_models import tiny_model
 

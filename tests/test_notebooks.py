@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from intervene.demo_model import DEMO_MODEL_DIR
+from intervene.assets import DEMO_MODEL_DIR
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))

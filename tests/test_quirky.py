@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from intervene.assets import DEMO_MODEL_DIR, demo_model, resolve_model_name
 from intervene.data.neutral import neutral_corpus
 from intervene.data.quirky import (
     CHARACTERS,
@@ -21,7 +22,7 @@ from intervene.data.quirky import (
     quirky_datasets,
     remedi_samples,
 )
-from intervene.demo_model import DEMO_MODEL_DIR, choice_logits, demo_model, resolve_model_name
+from intervene.evaluate.choices import choice_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_KEYS = {"id", "question_id", "task", "template", "character", "text", "statement", "choices", "label",

@@ -13,9 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 from intervene import Intervenable, NotBakeableError
 from intervene.errors import InterventionError
-from intervene.interventions.remedi import Remedi, RemediEditor
-from intervene.remedi_states import left_pad, prompt_entity_tokens
-from intervene.remedi_train import encode_samples, remedi_loss
+from intervene.methods.remedi.intervention import Remedi, RemediEditor
+from intervene.methods.remedi.states import left_pad, prompt_entity_tokens
+from intervene.methods.remedi.train import encode_samples, remedi_loss
 from intervene.sites import resolve_site
 from tests.tiny_models import FAMILIES, HIDDEN, tiny_model
 

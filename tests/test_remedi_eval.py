@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from intervene import Intervenable
-from intervene.evaluate.remedi_metrics import (
+from intervene.methods.remedi.evaluate import (
     add_neighbor_entities,
     evaluate_remedi,
     mean_ci,
     n_gram_entropy,
     score_targets,
 )
-from intervene.interventions.remedi import Remedi
-from intervene.remedi_inspect import attribute_scores, classification_metrics, inspect_attributes
+from intervene.methods.remedi.inspect import attribute_scores, classification_metrics, inspect_attributes
+from intervene.methods.remedi.intervention import Remedi
 from tests.test_remedi import CITIES, ENTITIES, make_samples, make_tokenizer, random_remedi
 from tests.tiny_models import tiny_model
 
@@ -116,7 +116,7 @@ def test_inspection_scores_and_controls() -> None:
     for key in ("learned", "identity", "shuffled_labels"):
         assert 0.0 <= res[key]["accuracy"] <= 1.0 and 0.0 <= res[key]["macro_f1"] <= 1.0
     # Identity editor, no normalization: plain cosine between the entity state and the attribute state.
-    from intervene.remedi_states import attribute_states, layer_means, prompt_entity_tokens
+    from intervene.methods.remedi.states import attribute_states, layer_means, prompt_entity_tokens
 
     raw = attribute_scores(trained(), model, tok, items[:1], editor="identity", normalize=False)
     seqs, pos = prompt_entity_tokens(tok, [items[0]["prompt"]], [items[0]["entity"]])
@@ -173,12 +173,12 @@ def test_demo_model_held_out_facts() -> None:
     in block 0's attention, so the edit goes at ``layers.0:input`` of that token; at ``layers.0``
     (output) or later the final position has already read the fact and efficacy stays at 0 (measured).
     """
-    from intervene.demo_model import DEMO_MODEL_DIR, demo_model
+    from intervene.assets import DEMO_MODEL_DIR, demo_model
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the demo model has not been built")
     from intervene.data.quirky import facts_table, remedi_samples
-    from intervene.remedi_inspect import quirky_items
+    from intervene.methods.remedi.inspect import quirky_items
 
     model, tok = demo_model()
     editor = Remedi.fit(model, tok, remedi_samples("train", n=400, seed=0), layer=0, side="input", lr=3e-3,

@@ -13,14 +13,13 @@ from safetensors.torch import save_file
 import intervene as iv
 from intervene.features import (
     SAE,
-    LatentClamp,
     SAEFormatError,
     load_sae,
     save_sae,
     site_from_hook_name,
-    steering_from_sae,
 )
 from intervene.features.sae import DEMO_SAE_DIR
+from intervene.methods.sae_clamp import LatentClamp, steering_from_sae
 from tests.tiny_models import HIDDEN, tiny_model
 
 D_SAE = 48
@@ -308,8 +307,8 @@ def test_clamp_rejects_wrong_width_and_bad_latents() -> None:
 # ---- the shipped SAE -------------------------------------------------------------------------
 @pytest.mark.skipif(not (DEMO_SAE_DIR / "cfg.json").is_file(), reason="demo SAE not built")
 def test_demo_sae_reconstructs_the_demo_model() -> None:
+    from intervene.assets import demo_model
     from intervene.data.neutral import neutral_corpus
-    from intervene.demo_model import demo_model
 
     model, tok = demo_model()
     sae = load_sae("demo", model=model)

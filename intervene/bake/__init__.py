@@ -1,7 +1,7 @@
-"""Exact weight baking: write interventions into a copy of the model's weights (DESIGN §6).
+"""Exact weight baking: write interventions into a copy of the model's weights (docs/architecture.md, "Baking").
 
->>> baked = bake(ivm)            # a plain PreTrainedModel, no hooks; ivm.model is untouched
->>> baked.save_pretrained("dir") # loads with vanilla AutoModelForCausalLM.from_pretrained
+>>> baked = bake(model, [steer])   # a plain PreTrainedModel, no hooks; model is untouched (= ivm.bake())
+>>> baked.save_pretrained("dir")   # loads with vanilla AutoModelForCausalLM.from_pretrained
 
 What bakes (positions must be ``"all"``; any other edit raises ``NotBakeableError`` with the reason):
 
@@ -33,47 +33,54 @@ not, but no real token attends to a padding position.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 from torch import nn
 
-from intervene.bake import bakers as _bakers  # noqa: F401  (registers the built-in bakers)
 from intervene.bake.editor import BakeReport, WeightEditor
 from intervene.bake.layout import LAYOUTS, Layout, Loc, layout_of, locate, register_layout
-from intervene.bake.registry import baker_for, refuse, register_baker
 from intervene.errors import NotBakeableError
+from intervene.intervention import Intervention, resolve
+from intervene.registry import method_spec
 
-if TYPE_CHECKING:
-    from intervene.intervenable import Intervenable
-
-__all__ = ["LAYOUTS", "BakeReport", "Layout", "Loc", "WeightEditor", "bake", "bake_with_report", "layout_of",
-           "locate", "refuse", "register_baker", "register_layout"]
+__all__ = ["LAYOUTS", "BakeReport", "Layout", "Loc", "WeightEditor", "bake", "bake_with_report", "clean_copy",
+           "layout_of", "locate", "register_layout", "require_all_positions"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
-def bake(ivm: Intervenable) -> nn.Module:
-    """A deep copy of ``ivm.model`` with every intervention written into its weights, no hooks.
+def bake(model: nn.Module, interventions: Sequence[Intervention]) -> nn.Module:
+    """A deep copy of ``model`` with every intervention written into its weights, no hooks.
 
-    Raises ``NotBakeableError`` (before copying anything) when some edit is not exact as weights.
+    ``model`` itself is never modified. Raises ``NotBakeableError`` (before copying anything) when
+    some edit is not exact as weights; each type's baker (or refusal) comes from its registration.
     """
-    return bake_with_report(ivm)[0]
+    return bake_with_report(model, interventions)[0]
 
 
-def bake_with_report(ivm: Intervenable) -> tuple[nn.Module, BakeReport]:
+def bake_with_report(model: nn.Module, interventions: Sequence[Intervention]) -> tuple[nn.Module, BakeReport]:
     """:func:`bake`, plus a :class:`BakeReport` of the parameters and config flags it changed."""
-    resolved = ivm.resolve()  # binds every intervention: shapes are validated
-    plan = [(iv, baker_for(iv)) for iv in ivm.interventions]
-    editor = WeightEditor(ivm.model, n_interventions=len(ivm.interventions))
+    interventions = list(interventions)
+    resolved = resolve(model, interventions)  # binds every intervention: shapes are validated
+    plan = [(iv, method_spec(iv.type_name).baker()) for iv in interventions]
+    editor = WeightEditor(model, n_interventions=len(interventions))
     for iv, fn in plan:
         fn(iv, resolved[iv.name], editor)
         editor.report.interventions.append({"name": iv.name, "type": iv.type_name, "sites": list(resolved[iv.name]),
                                             "params": iv.params()})
     editor.plan()  # every refusal happens here, before the model is copied
-    model = clean_copy(ivm.model)
-    report = editor.finish(model)
-    return model, report
+    baked = clean_copy(model)
+    report = editor.finish(baked)
+    return baked, report
+
+
+def require_all_positions(iv: Intervention) -> None:
+    """Refuse edits that are not applied at every position: weights cannot tell positions apart."""
+    if iv.positions.kind != "all":
+        raise NotBakeableError(
+            f"{iv.name} ({iv.type_name}): positions={iv.positions.to_json()!r}; weights act on every token "
+            "alike, so only positions='all' bakes")
 
 
 def clean_copy(model: nn.Module) -> nn.Module:

@@ -12,11 +12,16 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intervene", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # A fixed set of our own modules (never names read from files or the environment).
-    from intervene.cli import demo, elicit, features, iti, publish, remedi
+    # Our own modules and the registered methods' subcommands (never names read from files).
+    from intervene.cli import demo, elicit, features, publish
+    from intervene.registry import registered_methods
 
-    for mod in (demo, elicit, iti, remedi, publish, features):
-        mod.register(sub)
+    demo.register(sub)
+    elicit.register(sub)
+    for cli in dict.fromkeys(s.cli for s in registered_methods().values() if s.cli is not None):
+        cli(sub)  # a package registering several types adds its subcommand once
+    publish.register(sub)
+    features.register(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from intervene.cli.common import guard
+from intervene.command import guard
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from intervene.cli.common import guard
+from intervene.command import guard
 
 
 def register(subparsers: Any) -> None:
@@ -122,7 +122,7 @@ def _cache(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from intervene.demo_model import resolve_model_name
+    from intervene.assets import resolve_model_name
     from intervene.features import cache_latents, load_sae
 
     name = resolve_model_name(args.model)

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def resolve_model(name: str) -> str:
     """``demo`` -> the shipped demo model's directory (when that module is present); else ``name``."""
     try:
-        from intervene.demo_model import resolve_model_name
+        from intervene.assets import resolve_model_name
     except ImportError:
         return name
     return resolve_model_name(name)
@@ -61,14 +61,14 @@ def _load_model(name: str, dtype: str):
 def run_bake(args: argparse.Namespace) -> int:
     from intervene.bake import bake_with_report
     from intervene.errors import InterveneError
-    from intervene.hub import upload_dir
+    from intervene.hubio import upload_dir
     from intervene.intervenable import Intervenable
     from intervene.publish import STALE_WEIGHTS, save_baked
 
     try:
         model, tokenizer = _load_model(resolve_model(args.model), args.dtype)
         ivm = Intervenable.load(args.diff, model, revision=args.revision, token=args.token, attach=False)
-        baked, report = bake_with_report(ivm)
+        baked, report = bake_with_report(ivm.model, ivm.interventions)
         out = save_baked(baked, report, args.out, tokenizer=tokenizer, metadata=ivm.metadata, repo_id=args.push)
     except InterveneError as e:
         print(f"intervene bake: {type(e).__name__}: {e}", file=sys.stderr)
@@ -87,7 +87,7 @@ def run_push(args: argparse.Namespace) -> int:
     from intervene.cards import diff_card
     from intervene.diff_format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
     from intervene.errors import InterveneError
-    from intervene.hub import upload_dir
+    from intervene.hubio import upload_dir
 
     src = Path(args.diff)
     try:

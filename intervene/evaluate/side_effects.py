@@ -22,7 +22,7 @@ from intervene.positions import Positions, PositionsSpec
 
 def default_reference_path() -> Path:
     """The demo model's held-out neutral text (one text per line)."""
-    from intervene.demo_model import DEMO_MODEL_DIR
+    from intervene.assets import DEMO_MODEL_DIR
 
     return DEMO_MODEL_DIR / "neutral_eval.txt"
 

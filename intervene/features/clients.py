@@ -73,7 +73,7 @@ class TransformersClient(Client):
         """Load a local directory, a Hub id, or ``demo`` (the shipped quirky model)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from intervene.demo_model import resolve_model_name
+        from intervene.assets import resolve_model_name
 
         path = resolve_model_name(name)
         tok = AutoTokenizer.from_pretrained(path)

@@ -16,7 +16,7 @@ Layouts read (looked up in the libraries' own loaders, not guessed):
   ``b_dec`` and, for JumpReLU, ``threshold`` ``[d_sae]``.
 
 Decoders are linear (``z @ W_dec + b_dec``, plus ``x @ W_skipᵀ`` for skip transcoders), which is
-what makes the exact latent clamp of :mod:`intervene.features.interventions` possible.
+what makes the exact latent clamp of :mod:`intervene.methods.sae_clamp.intervention` possible.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from torch import nn
 
 from intervene.errors import DiffFormatError, InterventionError
 from intervene.intervenable import Intervenable
-from intervene.interventions.steering import Steering
+from intervene.methods.steering.intervention import Steering
 from intervene.sites import hidden_size, num_layers
 
 ARCH = "controlvector"

@@ -27,7 +27,7 @@ from torch import nn
 from intervene.errors import DiffFormatError, DiffNotFoundError, InterventionError
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
-from intervene.interventions.steering import DirectionalAblation, Steering
+from intervene.methods.steering.intervention import DirectionalAblation, Steering
 from intervene.positions import PositionsSpec
 from intervene.sites import Site, block_path, family_of, num_layers, resolve_site
 

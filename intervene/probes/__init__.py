@@ -2,22 +2,15 @@
 (CCS, CRC) linear probes, scikit-learn style, batched over layers and heads; metrics with bootstrap
 confidence intervals; Platt calibration; JSON + safetensors persistence.
 
-    from intervene import probes
+    import intervene.probes as probes
     probe = probes.LogisticRegressionProbe(C=1.0).fit(x, y)      # x [N, D] or [L, N, D] or [L, H, N, D]
     ccs = probes.CCS(n_restarts=10).fit(x_pos, x_neg).calibrate(x_pos, x_neg, y)
     probe.save("probe_dir"); probes.load_probe("probe_dir")
 """
 
-from intervene.probes import metrics
-from intervene.probes.base import (
-    LinearProbe,
-    Probe,
-    ProbeFormatError,
-    ProbeNotFittedError,
-    lookup_probe,
-    register_probe,
-    registered_probes,
-)
+import intervene.probes.metrics as metrics
+from intervene.errors import ProbeFormatError, ProbeNotFittedError
+from intervene.probes.base import LinearProbe, Probe
 from intervene.probes.calibration import PlattCalibration, calibrate, fit_platt
 from intervene.probes.ccs import CCSProbe
 from intervene.probes.crc import CRCProbe
@@ -33,6 +26,7 @@ from intervene.probes.metrics import (
     calibrated_accuracy,
     ece,
 )
+from intervene.probes.registry import lookup_probe, register_probe, registered_probes
 
 # Short aliases (the design's ``iv.probes.CCS()``).
 CCS = CCSProbe

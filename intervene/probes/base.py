@@ -13,49 +13,17 @@ Shape names used in docstrings: ``N`` samples, ``D`` features, ``*batch`` any le
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 
+import intervene.probes.metrics as metrics
 from intervene.errors import ProbeFormatError, ProbeNotFittedError
-from intervene.probes import metrics
+from intervene.probes.arrays import ArrayLike
 
-ArrayLike = torch.Tensor | np.ndarray
 P = TypeVar("P", bound="Probe")
-
-_REGISTRY: dict[str, type[Probe]] = {}
-
-
-def register_probe(name: str) -> Callable[[type[P]], type[P]]:
-    """Class decorator: make ``cls`` loadable by :func:`intervene.probes.load_probe` as ``name``."""
-
-    def deco(cls: type[P]) -> type[P]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"probe type {name!r} is already registered to {_REGISTRY[name].__name__}")
-        cls.probe_type = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def registered_probes() -> dict[str, type[Probe]]:
-    """A copy of the registry: probe type name -> class."""
-    return dict(_REGISTRY)
-
-
-def lookup_probe(name: str) -> type[Probe]:
-    """The class registered as ``name``; raises :class:`ProbeFormatError` if there is none."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ProbeFormatError(
-            f"unknown probe type {name!r}; registered: {sorted(_REGISTRY)}. If it is your own class, "
-            "import the module that registers it before loading."
-        ) from None
 
 
 def as_features(x: ArrayLike, name: str = "x") -> torch.Tensor:

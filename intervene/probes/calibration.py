@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-import numpy as np
 import torch
 
-from intervene.probes.base import ArrayLike, Probe, ProbeNotFittedError
-from intervene.probes.solvers import fit_logistic_1d
+from intervene.errors import ProbeNotFittedError
+from intervene.probes.arrays import ArrayLike, to_tensor
+from intervene.probes.solvers.newton import fit_logistic_1d
 
-P = TypeVar("P", bound=Probe)
+P = TypeVar("P")  # a Probe (not imported: the probe base class imports this module)
 
 __all__ = ["PlattCalibration", "calibrate", "fit_platt"]
-
-
-def _tensor(a: ArrayLike) -> torch.Tensor:
-    return a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
 
 
 def fit_platt(
@@ -41,8 +37,8 @@ def fit_platt(
         ``(scale, bias)``, float64 tensors of shape ``[*batch]``. A negative scale means the
         scores were anti-correlated with the labels.
     """
-    s = _tensor(scores).double().cpu()
-    yt = _tensor(y).double().cpu()
+    s = to_tensor(scores).double().cpu()
+    yt = to_tensor(y).double().cpu()
     if s.shape[-1] != yt.shape[-1]:
         raise ValueError(f"scores have {s.shape[-1]} samples but y has {yt.shape[-1]}")
     batch = torch.broadcast_shapes(s.shape[:-1], yt.shape[:-1])
@@ -56,7 +52,7 @@ def calibrate(probe: P, *args: ArrayLike) -> P:
     """Platt-calibrate ``probe`` in place and return it: ``calibrate(probe, x, y)`` or
     ``calibrate(probe, x_pos, x_neg, y)``. Fixes the sign of ``probe.direction_`` (positive means
     label 1) and the scale of its log-odds."""
-    return probe.calibrate(*args)
+    return probe.calibrate(*args)  # type: ignore[attr-defined]
 
 
 class PlattCalibration:
@@ -78,7 +74,7 @@ class PlattCalibration:
         """Calibrated log-odds, same shape as ``scores``."""
         if not hasattr(self, "scale_"):
             raise ProbeNotFittedError("PlattCalibration is not fitted yet; call fit() first")
-        s = _tensor(scores).double().cpu()
+        s = to_tensor(scores).double().cpu()
         return self.scale_.unsqueeze(-1) * s + self.bias_.unsqueeze(-1)
 
     def predict_proba(self, scores: ArrayLike) -> torch.Tensor:

@@ -15,7 +15,7 @@ own statistics, which makes a pair's prediction depend on the rest of its batch 
 single example be meaningless); here one example scores the same alone or inside a batch.
 
 Each (batch item, restart) is an independent problem with its own L-BFGS history and line search
-(:func:`~intervene.probes.lbfgs.lbfgs_linear`), so fitting ``[L, N, D]`` gives exactly the
+(:func:`~intervene.probes.solvers.lbfgs.lbfgs_linear`), so fitting ``[L, N, D]`` gives exactly the
 per-layer fits. The restarts share the features, so every pass over the data is one GEMM against
 ``[D, n_restarts]``.
 """
@@ -27,8 +27,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-from intervene.probes.base import ArrayLike, Probe, check_pair, register_probe
-from intervene.probes.lbfgs import lbfgs_linear
+from intervene.probes.base import ArrayLike, Probe, check_pair
+from intervene.probes.registry import register_probe
+from intervene.probes.solvers.lbfgs import lbfgs_linear
 
 __all__ = ["CCSProbe"]
 

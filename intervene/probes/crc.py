@@ -29,7 +29,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from intervene.probes.base import ArrayLike, LinearProbe, check_pair, register_probe
+from intervene.probes.base import ArrayLike, LinearProbe, check_pair
+from intervene.probes.registry import register_probe
 
 __all__ = ["CRCProbe"]
 

@@ -20,8 +20,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from intervene.errors import ProbeFormatError
 from intervene.fileio import atomic_write
-from intervene.probes.base import Probe, ProbeFormatError, lookup_probe
+from intervene.probes.registry import lookup_probe
+
+# A Probe (intervene.probes.base), typed loosely: the base class imports this module for save/load.
+Probe = Any
 
 FORMAT = "intervene.probe"
 FORMAT_VERSION = 1
@@ -50,7 +54,7 @@ def _jsonable(value: Any, where: str) -> Any:
 
 def probe_to_state(probe: Probe) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The JSON-able config and the (contiguous, de-aliased, CPU) tensors of a fitted probe."""
-    from intervene import __version__
+    from intervene.version import __version__
 
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in probe._learned_tensors().items()}
     config = {

@@ -6,9 +6,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels, register_probe
+from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels
 from intervene.probes.mean_diff import class_means
-from intervene.probes.solvers import psd_solve
+from intervene.probes.registry import register_probe
+from intervene.probes.solvers.newton import psd_solve
 
 __all__ = ["LDAProbe", "ledoit_wolf_shrinkage"]
 

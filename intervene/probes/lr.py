@@ -3,9 +3,9 @@
 Fitting ``[L, N, D]`` (layers) or ``[L, H, N, D]`` (attention heads, as ITI needs) fits every
 probe in one batched solve instead of a Python loop over scikit-learn. Two solvers:
 
-* ``"newton"`` (:mod:`intervene.probes.solvers`): ~5-15 iterations whatever the conditioning, each
+* ``"newton"`` (:mod:`intervene.probes.solvers.newton`): ~5-15 iterations whatever the conditioning, each
   an ``N x D^2`` GEMM and a ``(D+1)^2`` Cholesky solve.
-* ``"lbfgs"`` (:mod:`intervene.probes.lbfgs`): O(N D) per iteration, but the iteration count grows
+* ``"lbfgs"`` (:mod:`intervene.probes.solvers.lbfgs`): O(N D) per iteration, but the iteration count grows
   with the conditioning of the features.
 
 Measured on a 2-core CPU (5,000 examples, one thread): on isotropic synthetic features L-BFGS
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from intervene.probes import metrics
-from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels, register_probe
-from intervene.probes.lbfgs import lbfgs_linear
-from intervene.probes.solvers import DEFAULT_CHUNK_BYTES, fit_logistic
+from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels
+from intervene.probes.registry import register_probe
+from intervene.probes.solvers.lbfgs import lbfgs_linear
+from intervene.probes.solvers.newton import DEFAULT_CHUNK_BYTES, fit_logistic
 
 __all__ = ["LogisticRegressionProbe"]
 

@@ -10,7 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels, register_probe
+from intervene.probes.base import ArrayLike, LinearProbe, as_features, as_labels
+from intervene.probes.registry import register_probe
 
 __all__ = ["MeanDiffProbe", "class_means"]
 

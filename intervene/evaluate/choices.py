@@ -1,42 +1,18 @@
-"""The shipped quirky demo model: a tiny Llama trained by ``examples/train_quirky_model.py``.
+"""Next-token choice scoring: which of a row's answer strings the model prefers after its prompt.
 
-It judges statements of :mod:`intervene.data.quirky` truthfully when the prompt names Alice and with a
-systematic error when it names Bob. Everything runs offline: weights and tokenizer live in
-``intervene/assets/quirky-tiny``, loadable with vanilla ``AutoModelForCausalLM.from_pretrained``.
+The quirky datasets (:mod:`intervene.data.quirky`) give each row a ``text`` ending before the answer and
+single-token ``choices``; ``choice_logits(...).argmax(-1)`` is the model's answer in their label convention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "quirky-tiny"
-DEMO_ALIASES = ("demo", "quirky-tiny")
-
-
-def resolve_model_name(name: str | Path) -> str:
-    """Map ``"demo"`` (or ``"quirky-tiny"``) to the shipped model's directory; anything else unchanged."""
-    return str(DEMO_MODEL_DIR) if str(name) in DEMO_ALIASES else str(name)
-
-
-def demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the demo model (in eval mode) and its tokenizer (left padding, ready for batched prompts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL_DIR}; "
-                                "rebuild it with examples/train_quirky_model.py")
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).to(device).eval()
-    return model, tokenizer
 
 
 def choice_token_ids(tokenizer: PreTrainedTokenizerBase, choices: Sequence[str]) -> list[int]:

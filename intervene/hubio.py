@@ -1,20 +1,26 @@
-"""Hugging Face Hub I/O for diffs through the real ``huggingface_hub`` client.
+"""Hub transport for diffs through the real ``huggingface_hub`` client: fetch one, upload a folder.
 
-Downloads honour ``revision``, ``token`` and the usual cache/``HF_ENDPOINT``/offline settings.
-Uploads go in one commit.
+Part of the core because ``Intervenable.load("user/repo", model)`` and ``ivm.push_to_hub`` are: it knows
+the diff's file names and nothing else. Publishing baked models (cards, stale weights) is
+:mod:`intervene.publish`. Downloads honour ``revision``, ``token`` and the usual cache /
+``HF_ENDPOINT`` / offline settings; uploads go in one commit.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from intervene.diff_format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from intervene.cards import diff_card
+from intervene.diff_format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config, save_diff
 from intervene.errors import DiffFormatError, DiffNotFoundError
 
 if TYPE_CHECKING:
-    from intervene.intervenable import Intervenable
+    from torch import nn
+
+    from intervene.intervention import Intervention
 
 
 def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path:
@@ -88,14 +94,13 @@ def _is_commit_hash(rev: str) -> bool:
     return len(rev) == 40 and all(c in "0123456789abcdef" for c in rev)
 
 
-def push_diff(ivm: Intervenable, repo_id: str, private: bool = False, token: str | None = None,
+def push_diff(model: nn.Module, interventions: Sequence[Intervention], repo_id: str,
+              metadata: Mapping[str, Any] | None = None, private: bool = False, token: str | None = None,
               commit_message: str | None = None, revision: str | None = None, create_repo: bool = True) -> Any:
-    """Save ``ivm``'s diff with a card and upload it to ``repo_id`` (branch ``revision``) as one commit."""
-    from intervene.cards import diff_card
-    from intervene.diff_format import read_config
-
+    """Save ``interventions`` (fitted on ``model``) as a diff with a card and upload it to ``repo_id``
+    (branch ``revision``) as one commit; returns the ``CommitInfo``."""
     with tempfile.TemporaryDirectory() as tmp:
-        d = ivm.save_pretrained(tmp, card=False)
-        (Path(d) / CARD_NAME).write_text(diff_card(read_config(Path(d)), repo_id=repo_id))
+        d = save_diff(Path(tmp), model, list(interventions), metadata, card=False)
+        (d / CARD_NAME).write_text(diff_card(read_config(d), repo_id=repo_id))
         return upload_dir(tmp, repo_id, private=private, token=token, revision=revision, create_repo=create_repo,
                           commit_message=commit_message or "Upload intervene diff")

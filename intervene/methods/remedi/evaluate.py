@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from intervene.intervenable import Intervenable
-from intervene.interventions.remedi import Remedi
-from intervene.remedi_states import left_pad, model_device, pad_id_of, prompt_entity_tokens
-from intervene.remedi_train import check_samples, target_ids
+from intervene.methods.remedi.intervention import Remedi
+from intervene.methods.remedi.states import left_pad, model_device, pad_id_of, prompt_entity_tokens
+from intervene.methods.remedi.train import check_samples, target_ids
 
 __all__ = ["add_neighbor_entities", "evaluate_remedi", "mean_ci", "n_gram_entropy", "score_targets"]
 

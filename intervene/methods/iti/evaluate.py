@@ -17,7 +17,7 @@ from typing import Any
 from intervene.evaluate.mc import truthfulness
 from intervene.evaluate.side_effects import side_effects
 from intervene.intervenable import Intervenable
-from intervene.interventions.iti import ITI
+from intervene.methods.iti.intervention import ITI
 
 DEFAULT_ALPHAS = (0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
 

@@ -18,15 +18,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.cli.common import guard, load_model_args, load_single
+from intervene.command import add_config_arguments, config_from_args, guard, load_model_args, load_single
+from intervene.methods.remedi.config import RemediConfig
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, batch_and_seed: bool = True) -> None:
     p.add_argument("model", help="local dir, Hub id, or 'demo'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    if batch_and_seed:  # `fit` takes both from RemediConfig
+        p.add_argument("--batch-size", type=int, default=RemediConfig.batch_size, help="examples per forward pass")
+        p.add_argument("--seed", type=int, default=RemediConfig.seed, help="seeds the sample split")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -42,24 +44,12 @@ def register(subparsers: Any) -> None:
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="train an editor; write the diff and metrics.json")
-    _model_args(p)
+    _model_args(p, batch_and_seed=False)
     p.add_argument("data", help="CounterFact JSON file or quirky:facts")
-    p.add_argument("--layer", type=int, required=True, help="edit the output of this block")
-    p.add_argument("--side", default="output", choices=["output", "input"],
-                   help="edit the block's output (default) or its input (layer 0 input: the embeddings)")
+    p.add_argument("--layer", type=int, required=True, help="edit the output (or, with --side input, the input) "
+                                                            "of this block")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--rank", type=int, default=None, help="low-rank editor (default: full rank)")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--use-entity", action="store_true", help="feed the entity's representation to the editor")
-    p.add_argument("--lam-m", type=float, default=1.0)
-    p.add_argument("--lam-u", type=float, default=1.0)
-    p.add_argument("--lam-kl", type=float, default=10.0)
-    p.add_argument("--norm-penalty", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--full-sequence-targets", action="store_true", help="score whole targets, not first tokens")
+    add_config_arguments(p, RemediConfig)
     p.add_argument("--n-train", type=int, default=1000, help="training samples (default 1000)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="CounterFact: subjects held out for eval")
     p.add_argument("--no-progress", action="store_true")
@@ -83,7 +73,7 @@ def load_samples(spec: str, part: str, n: int | None, seed: int = 0, test_fracti
         if spec != "quirky:facts":
             raise ValueError(f"REMEDI needs entity facts: use quirky:facts, not {spec}")
         from intervene.data.quirky import facts_table, remedi_samples
-        from intervene.evaluate.remedi_metrics import add_neighbor_entities
+        from intervene.methods.remedi.evaluate import add_neighbor_entities
 
         samples = remedi_samples("test" if part == "test" else "train", n=n or 200, seed=seed)
         return add_neighbor_entities(samples, list(facts_table()))
@@ -107,18 +97,15 @@ def _summary(report: dict[str, Any]) -> str:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from intervene.evaluate.remedi_metrics import evaluate_remedi
     from intervene.intervenable import Intervenable
-    from intervene.interventions.remedi import Remedi
+    from intervene.methods.remedi.evaluate import evaluate_remedi
+    from intervene.methods.remedi.intervention import Remedi
 
     model, tok = load_model_args(args)
     train = load_samples(args.data, "train", args.n_train, args.seed, args.test_fraction)
     test = load_samples(args.data, "test", args.n_eval, args.seed, args.test_fraction)
-    editor = Remedi.fit(model, tok, train, layer=args.layer, side=args.side, rank=args.rank, alpha=args.alpha,
-                        use_entity=args.use_entity, lam_m=args.lam_m, lam_u=args.lam_u, lam_kl=args.lam_kl,
-                        norm_penalty=args.norm_penalty, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                        val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
-                        full_sequence_targets=args.full_sequence_targets, progress=not args.no_progress)
+    editor = Remedi.fit(model, tok, train, args.layer, config_from_args(RemediConfig, args),
+                        progress=not args.no_progress)
     result: dict[str, Any] = {"history": editor.history_, "best_epoch": editor.best_epoch_,
                               "n_train": editor.n_train_, "n_val": editor.n_val_}
     if test:
@@ -126,7 +113,7 @@ def _fit(args: argparse.Namespace) -> int:
                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                              seed=args.seed)
     if args.data == "quirky:facts":
-        from intervene.remedi_inspect import inspect_attributes, quirky_items
+        from intervene.methods.remedi.inspect import inspect_attributes, quirky_items
 
         result["inspection"] = inspect_attributes(editor, model, tok, quirky_items("test"), seed=args.seed,
                                                   batch_size=args.batch_size)
@@ -145,9 +132,9 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from intervene.evaluate.remedi_metrics import evaluate_remedi
     from intervene.intervenable import Intervenable
-    from intervene.interventions.remedi import Remedi
+    from intervene.methods.remedi.evaluate import evaluate_remedi
+    from intervene.methods.remedi.intervention import Remedi
 
     model, tok = load_model_args(args)
     editor = load_single(args.diff, model, Remedi, "REMEDI editors", args.alpha)

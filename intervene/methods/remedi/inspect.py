@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene.interventions.remedi import Remedi
-from intervene.remedi_states import (
+from intervene.methods.remedi.intervention import Remedi
+from intervene.methods.remedi.states import (
     attribute_states,
     entity_states,
     layer_means,

@@ -13,7 +13,7 @@ untouched:
 
 Heads are chosen as in the paper: one logistic-regression probe per head on last-token
 activations of "Q: {question} A: {answer}" prompts, train/validation split by question, the top
-``K`` heads by validation accuracy (see :mod:`intervene.iti_fit`).
+``K`` heads by validation accuracy (see :mod:`intervene.methods.iti.fit`).
 
 What the labels must contrast: true against false *answers*, and the model must have a reason to
 represent which is which. The quirky demo model does: it learned from transcripts that a speaker's
@@ -39,7 +39,9 @@ from typing import Any
 import torch
 
 from intervene.errors import InterventionError
-from intervene.intervention import Intervention, register
+from intervene.hparams import as_dict, make_config
+from intervene.intervention import Intervention
+from intervene.methods.iti.config import ITIConfig
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
 from intervene.sites import Site
 
@@ -48,7 +50,6 @@ def _site_of(layer: int) -> str:
     return f"layers.{layer}.heads"
 
 
-@register("iti")
 class ITI(Intervention):
     """Add ``alpha * sigma[k] * direction[k]`` to head ``heads[k]`` at the o_proj input.
 
@@ -206,22 +207,20 @@ class ITI(Intervention):
         return out
 
     @classmethod
-    def fit(cls, model: Any, tok: Any, data: Sequence[Any] | None, num_heads: int = 48, alpha: float = 15.0,
-            direction: str = "mass_mean", positions: PositionsSpec = "all", seed: int = 0,
-            val_fraction: float = 0.2, batch_size: int = 16, activations: Any = None, C: float = 1.0,
-            name: str | None = None, progress: bool = False) -> ITI:
+    def fit(cls, model: Any, tok: Any, data: Sequence[Any] | None, config: ITIConfig | None = None, *,
+            batch_size: int = 16, activations: Any = None, name: str | None = None, progress: bool = False,
+            **hyperparameters: Any) -> ITI:
         """Fit ITI as in the paper (see the module docstring).
 
         Args:
             model, tok: a HuggingFace causal LM and its tokenizer (``tok`` unused with ``activations``).
-            data: rows in any format of :func:`intervene.iti_fit.build_examples` (TruthfulQA MC or
-                generation rows, quirky rows, ``{"text", "label"}`` rows).
-            num_heads: K, the number of heads kept (at most L·H).
-            direction: ``"mass_mean"`` | ``"probe"`` | ``"random"``.
-            val_fraction: fraction of *questions* held out to rank heads.
+            data: rows in any format of :func:`intervene.methods.iti.fit.build_examples` (TruthfulQA MC
+                or generation rows, quirky rows, ``{"text", "label"}`` rows).
+            config: an :class:`ITIConfig`; keyword ``hyperparameters`` (``num_heads=8, alpha=1.5``)
+                override its fields (or the defaults).
             activations: precomputed last-token head activations of the rendered texts, as
                 ``{"layers.{i}.heads": [N, H, D]}`` or a tensor ``[N, L, H, D]``; skips the model.
-            C: inverse L2 strength of the probes (scikit-learn's; honest_llama uses 1.0).
+            batch_size, progress: of the activation pass.
 
         Probes are trained on the training questions only. Mass-mean directions and σ use every
         rendered row (train and validation), as honest_llama's ``get_com_directions`` and its
@@ -229,62 +228,37 @@ class ITI(Intervention):
         keeps the heads chosen by the probes and only randomises their directions (honest_llama's
         ``use_random_dir`` also randomises the heads), so it isolates the effect of the direction.
         """
-        from intervene.iti_fit import (
+        from intervene.methods.iti.fit import (
             as_head_tensor,
             build_examples,
-            fit_head_probes,
             head_activations,
             head_directions,
             rank_heads,
             split_by_group,
         )
+        from intervene.probes.solvers import fit_head_probes
 
+        cfg = make_config(ITIConfig, config, **hyperparameters)
         ex = build_examples(data)
         if activations is not None:
             x = as_head_tensor(activations, len(ex.texts))
         else:
             x = head_activations(model, tok, ex.texts, batch_size=batch_size, progress=progress)
         y = ex.labels
-        train, val = split_by_group(ex.groups, val_fraction, seed)
+        train, val = split_by_group(ex.groups, cfg.val_fraction, cfg.seed)
         if y[train].unique().numel() < 2:
             raise ValueError("the training questions hold only one label; ITI's probes need both")
-        probes = fit_head_probes(x[:, :, train], y[train], C=C, seed=seed)
+        probes = fit_head_probes(x[:, :, train], y[train], C=cfg.C, seed=cfg.seed)
         val_acc = probes.accuracy(x[:, :, val], y[val])
-        heads = rank_heads(val_acc, num_heads)
-        dirs, sigma = head_directions(x, y, heads, direction, probes.coef, seed)  # type: ignore[arg-type]
-        iv = cls(heads, dirs, sigma, alpha=alpha, positions=positions, name=name)
+        heads = rank_heads(val_acc, cfg.num_heads)
+        dirs, sigma = head_directions(x, y, heads, cfg.direction, probes.coef, cfg.seed)  # type: ignore[arg-type]
+        iv = cls(heads, dirs, sigma, alpha=cfg.alpha, positions=cfg.positions, name=name)
         iv.head_accuracies_ = val_acc.float()
         iv.train_accuracies_ = probes.accuracy(x[:, :, train], y[train]).float()
+        saved = {k: v for k, v in as_dict(cfg).items() if k not in ("alpha", "positions")}  # saved beside
         iv.fit_info_ = {
-            "direction": direction, "num_heads": num_heads, "C": C, "seed": seed, "val_fraction": val_fraction,
-            "n_examples": int(y.numel()), "n_train": int(train.numel()), "n_val": int(val.numel()),
+            **saved, "n_examples": int(y.numel()), "n_train": int(train.numel()), "n_val": int(val.numel()),
             "n_questions": len(set(ex.groups)), "sigma_ddof": 0,
             "val_accuracy": [round(float(val_acc[lay, h]), 6) for lay, h in heads],
         }
         return iv
-
-
-def bake_iti(iv: Intervention, sites: Mapping[str, Site], editor: Any) -> None:
-    """Baker: the hook adds ``d`` (the layer's per-head shifts, zeros elsewhere) to o_proj's input, so the
-    weights get ``o_proj.bias += W_o·d`` (a bias is created where the family has a config flag for it)."""
-    from intervene.bake.bakers import require_all_positions
-    from intervene.bake.layout import locate
-
-    require_all_positions(iv)
-    model = getattr(editor, "model_for_sites", editor.model)
-    if not isinstance(iv, ITI):
-        raise TypeError(f"bake_iti bakes ITI interventions, not {type(iv).__name__}")
-    for concrete, site in sites.items():
-        editor.add(locate(model, site), iv.layer_shift(concrete, site.heads[0]).reshape(-1),
-                   f"{iv.name} at {concrete}")
-
-
-def _register_baker() -> None:
-    try:
-        from intervene.bake.registry import register_baker
-    except ImportError:  # the bake package is optional at this layer
-        return
-    register_baker("iti")(bake_iti)
-
-
-_register_baker()

@@ -39,10 +39,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from intervene.errors import InterventionError, NotBakeableError
-from intervene.intervention import Intervention, register
-from intervene.positions import CallContext, Positions, expand_mask
-from intervene.remedi_states import (
+from intervene.errors import InterventionError
+from intervene.hparams import as_dict, make_config
+from intervene.intervention import Intervention
+from intervene.methods.remedi.config import RemediConfig
+from intervene.methods.remedi.states import (
     attribute_states,
     entity_states,
     find_token_span,
@@ -54,15 +55,14 @@ from intervene.remedi_states import (
     tokenize_with_span,
     unwrap,
 )
-from intervene.sites import Site
+from intervene.positions import CallContext, Positions, expand_mask
+from intervene.sites import Site, hidden_size
 
 if TYPE_CHECKING:
     from intervene.intervenable import Intervenable
 
 __all__ = ["Remedi", "RemediEditor", "attribute_states", "entity_states", "find_token_span", "layer_means",
            "left_pad", "prompt_entity_tokens", "tokenize_with_span"]
-
-
 
 
 class RemediEditor(nn.Module):
@@ -129,8 +129,6 @@ class RemediEditor(nn.Module):
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
 
-
-
 @dataclass(frozen=True)
 class _EditState:
     directions: torch.Tensor  # [n_examples, hidden]; may carry grad while training
@@ -138,7 +136,6 @@ class _EditState:
     prompt_only: bool = False  # every position lies in the prompt: cached decode steps need no work
 
 
-@register("remedi")
 class Remedi(Intervention):
     """A REMEDI editor as an intervention at ``layers.{layer}`` (or its input; see the module docstring).
 
@@ -282,11 +279,35 @@ class Remedi(Intervention):
     # ---- fitting -------------------------------------------------------------------------------
     @classmethod
     def fit(cls, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]], layer: int,
-            **kwargs: Any) -> Remedi:
-        """Train an editor on ``samples`` with the LM frozen; see :func:`intervene.remedi_train.fit_remedi`."""
-        from intervene.remedi_train import fit_remedi
+            config: RemediConfig | None = None, *, name: str | None = None, progress: bool = True,
+            encode_batch_size: int = 32, **hyperparameters: Any) -> Remedi:
+        """Train an editor at ``layers.{layer}`` (or its input) on ``samples`` with the LM frozen.
 
-        return fit_remedi(model, tok, samples, layer, **kwargs)
+        Args:
+            model: a causal LM; never modified (no gradient is stored on it). Put it in eval mode.
+            tok: its *fast* tokenizer (character offsets locate the entity and attribute tokens).
+            samples: dicts with ``entity``, ``context``, ``attribute``, ``prompt``, ``target_new`` and
+                optionally ``target_true``.
+            config: a :class:`RemediConfig`; keyword ``hyperparameters`` (``lr=3e-3, side="input"``)
+                override its fields (or the defaults).
+            progress: show a progress bar with the loss.
+
+        Returns a fitted :class:`Remedi` with ``history_`` (per epoch: ``train_loss``, ``val_loss``),
+        ``best_epoch_`` (0 = the untrained editor), ``n_train_``, ``n_val_``; the loss and the loop are
+        documented in :mod:`intervene.methods.remedi.train`.
+        """
+        from intervene.methods.remedi.train import check_fit_inputs, train_editor
+
+        cfg = make_config(RemediConfig, config, **hyperparameters)
+        check_fit_inputs(model, samples)
+        hidden = hidden_size(model)
+        with torch.random.fork_rng(devices=[]):  # seed the editor's init without touching the global RNG
+            torch.manual_seed(cfg.seed)
+            editor = RemediEditor(hidden, cfg.rank, cfg.use_entity).to(model_device(model))
+        remedi = cls(layer, hidden, cfg.rank, cfg.alpha, cfg.use_entity, editor=editor, name=name,
+                     config={**as_dict(cfg), "n_samples": len(samples)}, side=cfg.side)
+        train_editor(remedi, model, tok, samples, cfg, progress=progress, encode_batch_size=encode_batch_size)
+        return remedi
 
     # ---- persistence ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:
@@ -323,12 +344,6 @@ class Remedi(Intervention):
             if site.width is not None and site.width != self.hidden_size:
                 raise InterventionError(f"{self.name}: the editor is {self.hidden_size} wide, site {concrete!r} "
                                         f"is {site.width}")
-
-    def bake_into(self, editor: Any, sites: Mapping[str, Site]) -> None:
-        """Refuse: ``intervene.bake`` calls this instead of looking up a baker for the type."""
-        raise NotBakeableError(
-            f"{self.name} (remedi): REMEDI edits depend on the input (a direction computed from each prompt's "
-            "context, added at its entity's token), so no weight edit reproduces them; keep it as a diff")
 
     def __repr__(self) -> str:
         return (f"Remedi(name={self.name!r}, site={self.site!r}, rank={self.rank}, alpha={self.alpha}, "

@@ -19,15 +19,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.cli.common import guard, load_model_args, load_single
+from intervene.command import add_config_arguments, config_from_args, guard, load_model_args, load_single
+from intervene.methods.iti.config import ITIConfig
+from intervene.methods.iti.evaluate import DEFAULT_ALPHAS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local dir, Hub id, or 'demo'")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
 
 
 def _data_args(p: argparse.ArgumentParser, split: str, eval_too: bool = False) -> None:
@@ -42,15 +43,11 @@ def _data_args(p: argparse.ArgumentParser, split: str, eval_too: bool = False) -
 
 def _fit_args(p: argparse.ArgumentParser, several_k: bool = False) -> None:
     if several_k:
-        p.add_argument("--num-heads", "--ks", dest="ks", type=int, nargs="+", default=[48], metavar="K",
-                       help="K values to sweep (default 48)")
+        p.add_argument("--num-heads", "--ks", dest="ks", type=int, nargs="+", default=[ITIConfig.num_heads],
+                       metavar="K", help=f"K values to sweep (default {ITIConfig.num_heads})")
+        add_config_arguments(p, ITIConfig, exclude=("num_heads", "alpha"))
     else:
-        p.add_argument("--num-heads", type=int, default=48, help="K, heads to intervene on (default 48)")
-    p.add_argument("--alpha", type=float, default=15.0, help="strength α (default 15)")
-    p.add_argument("--direction", default="mass_mean", choices=["mass_mean", "probe", "random"])
-    p.add_argument("--positions", default="all", choices=["all", "generated", "last"])
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of questions held out to rank heads")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the per-head probes")
+        add_config_arguments(p, ITIConfig)
     p.add_argument("--labels", default="answer", choices=["answer", "speaker"],
                    help="quirky data: label each prompt+answer by the answer's truth (default), or each prompt "
                         "by whether its speaker is truthful (Alice) or not (Bob)")
@@ -84,6 +81,7 @@ def register(subparsers: Any) -> None:
     _data_args(p, "test")
     _ref_args(p)
     p.add_argument("--alpha", type=float, default=None, help="override the diff's α")
+    p.add_argument("--seed", type=int, default=0, help="seeds the row sample with --n (default 0)")
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
     p.set_defaults(func=guard(_eval))
 
@@ -92,7 +90,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("dataset", help="fitting DATASET")
     _data_args(p, "train", eval_too=True)
     _fit_args(p, several_k=True)
-    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="α values to sweep")
     _ref_args(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=guard(_sweep))
@@ -107,8 +105,8 @@ def _rows(spec: str, split: str, n: int | None, character: str | None, seed: int
     return rows
 
 
-def _fit_model(args: argparse.Namespace, model: Any, tok: Any, num_heads: int) -> Any:
-    from intervene.interventions.iti import ITI
+def _fit_model(args: argparse.Namespace, model: Any, tok: Any, num_heads: int | None = None) -> Any:
+    from intervene.methods.iti.intervention import ITI
 
     rows = _rows(args.dataset, args.split, args.n, args.character, args.seed)
     if args.labels == "speaker":
@@ -117,9 +115,8 @@ def _fit_model(args: argparse.Namespace, model: Any, tok: Any, num_heads: int) -
         if not all("character" in r for r in rows):
             raise ValueError("--labels speaker needs quirky rows (with a 'character'): use quirky:<task>")
         rows = speaker_contrast(rows)
-    return ITI.fit(model, tok, rows, num_heads=num_heads, alpha=args.alpha, direction=args.direction,
-                   positions=args.positions, seed=args.seed, val_fraction=args.val_fraction,
-                   batch_size=args.batch_size, C=args.C)
+    overrides = {} if num_heads is None else {"num_heads": num_heads}
+    return ITI.fit(model, tok, rows, config_from_args(ITIConfig, args, **overrides), batch_size=args.batch_size)
 
 
 def _fit_report(iti: Any) -> dict[str, Any]:
@@ -128,11 +125,11 @@ def _fit_report(iti: Any) -> dict[str, Any]:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from intervene.evaluate.plots_iti import plot_head_accuracies
     from intervene.intervenable import Intervenable
+    from intervene.methods.iti.plots import plot_head_accuracies
 
     model, tok = load_model_args(args)
-    iti = _fit_model(args, model, tok, args.num_heads)
+    iti = _fit_model(args, model, tok)
     out = Path(args.out)
     ivm = Intervenable(model, [iti], attach=False)
     ivm.metadata = {"method": "ITI (Li et al., 2023)", "dataset": args.dataset, "character": args.character}
@@ -157,8 +154,8 @@ def _mc_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from intervene.evaluate.iti_sweep import evaluate_iti
-    from intervene.interventions.iti import ITI
+    from intervene.methods.iti.evaluate import evaluate_iti
+    from intervene.methods.iti.intervention import ITI
 
     model, tok = load_model_args(args)
     iti = load_single(args.diff, model, ITI, "ITI interventions", args.alpha)
@@ -176,8 +173,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from intervene.evaluate.iti_sweep import sweep, truth_key, write_csv
-    from intervene.evaluate.plots_iti import plot_head_accuracies, plot_tradeoff
+    from intervene.methods.iti.evaluate import sweep, truth_key, write_csv
+    from intervene.methods.iti.plots import plot_head_accuracies, plot_tradeoff
 
     model, tok = load_model_args(args)
     ks = sorted(set(args.ks))

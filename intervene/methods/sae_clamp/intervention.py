@@ -23,31 +23,19 @@ import torch
 
 from intervene.errors import InterventionError
 from intervene.features.sae import SAE
-from intervene.intervention import Intervention, register
-from intervene.interventions.steering import Steering
+from intervene.intervention import Intervention
+from intervene.methods.steering import Steering
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
 from intervene.sites import Site
 
 
 def steering_from_sae(sae: SAE, latent: int, scale: float = 1.0, positions: PositionsSpec = "all",
                       name: str | None = None, unit: bool = True, site: str | None = None) -> Steering:
-    """A :class:`Steering` that adds ``scale * d`` at the SAE's write site, ``d`` = the latent's decoder row.
-
-    Args:
-        unit: ``True`` (default) uses the row divided by its norm, so ``scale`` is a distance in
-            activation space (comparable across latents and with probe directions). ``False`` uses
-            the raw row, so ``scale`` is in the latent's own units: adding ``scale * W_dec[latent]``
-            is what the SAE would decode if the latent fired ``scale`` more strongly.
-        site: overrides the SAE's site (for SAEs loaded without one).
-    """
-    target = site or sae.write_site
-    if target is None:
-        raise InterventionError("the SAE is not attached to a site: pass site=... (e.g. 'layers.6')")
-    v = sae.decoder_direction(latent, unit=unit)
-    return Steering(v, scale=scale, positions=positions, name=name or f"sae_latent_{int(latent)}", sites=target)
+    """A :class:`Steering` that adds ``scale * d`` at the SAE's write site, ``d`` = the latent's decoder row
+    (the same as :meth:`Steering.from_sae`, which documents the arguments)."""
+    return Steering.from_sae(sae, latent, scale=scale, positions=positions, name=name, unit=unit, site=site)
 
 
-@register("sae_clamp")
 class LatentClamp(Intervention):
     """Set SAE latents to fixed values, keeping the SAE's reconstruction error (see the module docstring).
 

@@ -1,4 +1,4 @@
-"""Bakers for the built-in intervention types, registered by type name.
+"""How steering vectors and directional ablations bake into weights (see :mod:`intervene.bake`).
 
 A baker receives one intervention, its resolved sites and the :class:`WeightEditor`, and either
 describes its edit as affine maps at residual locations or raises ``NotBakeableError``.
@@ -10,9 +10,9 @@ from collections.abc import Mapping
 
 import torch
 
+from intervene.bake import require_all_positions
 from intervene.bake.editor import WeightEditor
 from intervene.bake.layout import Loc, locate
-from intervene.bake.registry import refuse, register_baker
 from intervene.errors import NotBakeableError
 from intervene.intervention import Intervention
 from intervene.sites import Site
@@ -21,20 +21,11 @@ from intervene.sites import Site
 ABLATION_SITES_EXAMPLE = '["layers.*:input", "layers.*.attn", "layers.*"]'
 
 
-def require_all_positions(iv: Intervention) -> None:
-    """Refuse edits that are not applied at every position: weights cannot tell positions apart."""
-    if iv.positions.kind != "all":
-        raise NotBakeableError(
-            f"{iv.name} ({iv.type_name}): positions={iv.positions.to_json()!r}; weights act on every token "
-            "alike, so only positions='all' bakes")
-
-
 def _site_vector(iv: Intervention, concrete: str) -> torch.Tensor:
     """The exact vector the hook adds/uses at ``concrete`` (float32 math, as the hook does)."""
     return iv._vec(concrete, torch.empty(0, dtype=torch.float32)).reshape(-1)  # noqa: SLF001
 
 
-@register_baker("steering")
 def bake_steering(iv: Intervention, sites: Mapping[str, Site], editor: WeightEditor) -> None:
     """``h + scale·v`` at a residual point or writer output is a bias; at a writer input (the
     heads site) it is ``b + W (scale·v)``."""
@@ -44,7 +35,6 @@ def bake_steering(iv: Intervention, sites: Mapping[str, Site], editor: WeightEdi
         editor.add(locate(model, site), _site_vector(iv, concrete), f"{iv.name} at {concrete}")
 
 
-@register_baker("directional_ablation")
 def bake_directional_ablation(iv: Intervention, sites: Mapping[str, Site], editor: WeightEditor) -> None:
     """Writer outputs and inputs project locally (``W <- P W`` / ``W <- W P``). Residual points
     (``layers.{i}``, ``layers.{i}:input`` for i > 0) are baked by making the whole residual
@@ -106,7 +96,3 @@ def residual_coverage(locs: list[Loc], editor: WeightEditor) -> list[str]:
     if not free:
         gaps.append("the final norm's input")
     return gaps
-
-
-refuse("remedi", "REMEDI edits depend on each input (the entity representation it reads), and weights "
-                 "cannot compute an input-dependent shift exactly")

@@ -1,4 +1,4 @@
-"""Training REMEDI editors: the editing loss and :func:`fit_remedi` (behind ``Remedi.fit``).
+"""Training REMEDI editors: the editing loss and the loop behind ``Remedi.fit`` (:func:`train_editor`).
 
 Per example ``i`` (prompt with the entity edited by ``d_i``, ``p̃`` edited / ``p`` base next-token
 distributions)::
@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from intervene.errors import InterventionError
 from intervene.intervenable import Intervenable
-from intervene.interventions.remedi import Remedi, RemediEditor
-from intervene.remedi_states import (
+from intervene.methods.remedi.config import RemediConfig
+from intervene.methods.remedi.states import (
     attribute_states,
     entity_states,
     left_pad,
@@ -42,9 +42,10 @@ from intervene.remedi_states import (
     pad_id_of,
     prompt_entity_tokens,
 )
-from intervene.sites import hidden_size
 
-__all__ = ["EncodedSamples", "LossParts", "encode_samples", "fit_remedi", "remedi_loss", "target_ids"]
+__all__ = ["EncodedSamples", "LossParts", "check_fit_inputs", "encode_samples", "remedi_loss", "target_ids",
+           "train_editor"]
+# The Remedi being trained is passed in (typed Any): this module sits below intervention.py, which imports it.
 
 REQUIRED_KEYS = ("entity", "context", "attribute", "prompt", "target_new")
 
@@ -95,7 +96,7 @@ def check_samples(samples: Sequence[Mapping[str, Any]]) -> None:
             raise InterventionError(f"REMEDI sample {i} lacks {missing} (needs {list(REQUIRED_KEYS)})")
 
 
-def encode_samples(remedi: Remedi, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
+def encode_samples(remedi: Any, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
                    batch_size: int = 32) -> EncodedSamples:
     """Tokenize prompts and targets and encode attributes (and entities) at the editor's layer."""
     check_samples(samples)
@@ -131,7 +132,7 @@ def _target_logprob(logp: torch.Tensor, starts: list[int], targets: list[list[in
     return torch.zeros(len(targets), device=dev, dtype=vals.dtype).index_add(0, torch.tensor(rows, device=dev), vals)
 
 
-def remedi_loss(remedi: Remedi, ivm: Intervenable, enc: EncodedSamples, idx: Sequence[int], *,
+def remedi_loss(remedi: Any, ivm: Intervenable, enc: EncodedSamples, idx: Sequence[int], *,
                 lam_m: float = 1.0, lam_u: float = 1.0, lam_kl: float = 10.0, norm_penalty: float = 0.0,
                 full_sequence_targets: bool = False) -> LossParts:
     """The editing loss of examples ``idx`` (see the module docstring); ``ivm`` must hold ``remedi``, attached.
@@ -198,36 +199,9 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return perm[n_val:], perm[:n_val]
 
 
-def fit_remedi(model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]], layer: int,
-               rank: int | None = None, alpha: float = 1.0, use_entity: bool = False, lam_m: float = 1.0,
-               lam_u: float = 1.0, lam_kl: float = 10.0, norm_penalty: float = 0.0, lr: float = 1e-3,
-               weight_decay: float = 0.01, epochs: int = 20, batch_size: int = 16, val_fraction: float = 0.1,
-               patience: int = 2, seed: int = 0, full_sequence_targets: bool = False, progress: bool = True,
-               name: str | None = None, encode_batch_size: int = 32, side: str = "output") -> Remedi:
-    """Fit a REMEDI editor at ``layers.{layer}`` with AdamW and early stopping on a validation split.
-
-    Args:
-        model: a causal LM of any family in the site table; never modified (see the module docstring).
-            Put it in eval mode (dropout would make the loss noisy).
-        tok: its *fast* tokenizer (character offsets locate the entity and attribute tokens).
-        samples: dicts with ``entity``, ``context``, ``attribute``, ``prompt``, ``target_new`` and
-            optionally ``target_true``.
-        layer, rank, alpha, use_entity, side: the editor (see :class:`~intervene.interventions.remedi.Remedi`).
-        lam_m, lam_u, lam_kl, norm_penalty: loss weights (module docstring).
-        lr, weight_decay, epochs, batch_size: AdamW and the loop.
-        val_fraction, patience: a seeded held-out fraction; stop after ``patience`` epochs without a
-            lower validation loss and keep the best editor (the untrained, no-op editor counts too).
-        seed: editor initialisation, split and shuffling.
-        full_sequence_targets: score whole targets instead of their first token.
-        progress: show a tqdm bar.
-
-    Returns:
-        a fitted :class:`Remedi` with ``history_`` (per epoch: ``train_loss``, ``val_loss``), ``best_epoch_``
-        (0 = the untrained editor), ``n_train_``, ``n_val_``.
-    """
+def check_fit_inputs(model: nn.Module, samples: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse what would train wrongly: bad samples, or gradient checkpointing re-running unedited blocks."""
     check_samples(samples)
-    if epochs < 0 or batch_size < 1:
-        raise InterventionError("epochs must be >= 0 and batch_size >= 1")
     if model.training and getattr(model, "is_gradient_checkpointing", False):
         # A checkpointed block re-runs its hooks during backward, after the per-call edit state and
         # position context of that forward are gone: the recomputed activations would be unedited.
@@ -235,25 +209,27 @@ def fit_remedi(model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
                                 "train mode and would recompute blocks without the edit)")
     if model.training:
         warnings.warn("fitting REMEDI on a model in train mode: dropout makes the loss noisy (call model.eval())",
-                      stacklevel=2)
-    hidden = hidden_size(model)
-    device = model_device(model)
-    with torch.random.fork_rng(devices=[]):  # seed the editor's init without touching the global RNG
-        torch.manual_seed(seed)
-        editor = RemediEditor(hidden, rank, use_entity).to(device)
-    config = {"lam_m": lam_m, "lam_u": lam_u, "lam_kl": lam_kl, "norm_penalty": norm_penalty, "lr": lr,
-              "weight_decay": weight_decay, "epochs": epochs, "batch_size": batch_size,
-              "val_fraction": val_fraction, "patience": patience, "seed": seed,
-              "full_sequence_targets": full_sequence_targets, "n_samples": len(samples)}
-    remedi = Remedi(layer, hidden, rank, alpha, use_entity, editor=editor, name=name, config=config, side=side)
+                      stacklevel=3)
+
+
+def train_editor(remedi: Any, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
+                 cfg: RemediConfig, progress: bool = True, encode_batch_size: int = 32) -> None:
+    """Train ``remedi.editor`` in place with AdamW and early stopping on a seeded validation split.
+
+    Stops after ``cfg.patience`` epochs without a lower validation loss and keeps the best editor (the
+    untrained, no-op editor counts too). Sets ``history_``, ``best_epoch_``, ``n_train_``, ``n_val_`` on
+    ``remedi`` and records the outcome in ``remedi.config``.
+    """
+    editor = remedi.editor
     enc = encode_samples(remedi, model, tok, samples, encode_batch_size)
-    train_idx, val_idx = _split(len(enc), val_fraction, seed)
+    train_idx, val_idx = _split(len(enc), cfg.val_fraction, cfg.seed)
     editor.set_input_stats(enc.h_attr[train_idx], None if enc.h_ent is None else enc.h_ent[train_idx])
-    loss_kw = dict(lam_m=lam_m, lam_u=lam_u, lam_kl=lam_kl, norm_penalty=norm_penalty,
-                   full_sequence_targets=full_sequence_targets)
+    loss_kw = dict(lam_m=cfg.lam_m, lam_u=cfg.lam_u, lam_kl=cfg.lam_kl, norm_penalty=cfg.norm_penalty,
+                   full_sequence_targets=cfg.full_sequence_targets)
+    batch_size, patience = cfg.batch_size, cfg.patience
     params = list(editor.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
     n_batches = math.ceil(len(train_idx) / batch_size)
     history: list[dict[str, float]] = []
 
@@ -272,8 +248,8 @@ def fit_remedi(model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
         best_state = copy.deepcopy(editor.state_dict())
         history.append({"epoch": 0, "train_loss": mean_loss(train_idx) if val_idx else best,
                         "val_loss": best if val_idx else float("nan")})
-        bar = tqdm(total=epochs * n_batches, desc="REMEDI", disable=not progress)
-        for epoch in range(1, epochs + 1):
+        bar = tqdm(total=cfg.epochs * n_batches, desc="REMEDI", disable=not progress)
+        for epoch in range(1, cfg.epochs + 1):
             order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
             running = 0.0
             for s in range(0, len(order), batch_size):
@@ -309,4 +285,3 @@ def fit_remedi(model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
     remedi.n_train_, remedi.n_val_ = len(train_idx), len(val_idx)
     remedi.config.update(best_epoch=best_epoch, epochs_run=len(history) - 1,
                          best_loss=None if math.isnan(best) else round(best, 6))
-    return remedi

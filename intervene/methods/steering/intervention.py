@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from intervene.errors import InterventionError
-from intervene.intervention import Intervention, register
+from intervene.intervention import Intervention
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
 from intervene.sites import Site, wildcard_match
 
@@ -107,9 +107,8 @@ class _PerSite(Intervention):
         return out
 
 
-@register("steering")
 class Steering(_PerSite):
-    """Add ``scale * v`` at each site (DESIGN §2): ``Steering({"layers.6": v}, scale=4.0)``.
+    """Add ``scale * v`` at each site: ``Steering({"layers.6": v}, scale=4.0)``.
 
     Args:
         vectors: ``{site: v}`` with ``v`` of shape ``[width]`` (``[n_heads, head_dim]`` or flat for
@@ -160,14 +159,24 @@ class Steering(_PerSite):
 
     @classmethod
     def from_sae(cls, sae: Any, latent: int, scale: float = 1.0, positions: PositionsSpec = "all",
-                 name: str | None = None, unit: bool = True) -> Steering:
-        """Steer along an SAE latent's decoder row at the SAE's site (see ``intervene.features``)."""
-        from intervene.features.interventions import steering_from_sae
+                 name: str | None = None, unit: bool = True, site: str | None = None) -> Steering:
+        """Steer along an SAE latent's decoder row at the SAE's write site (see ``intervene.features``).
 
-        return steering_from_sae(sae, latent, scale=scale, positions=positions, name=name, unit=unit)
+        Args:
+            sae: an :class:`intervene.features.SAE` (anything with ``write_site`` and ``decoder_direction``).
+            unit: ``True`` (default) uses the row divided by its norm, so ``scale`` is a distance in
+                activation space (comparable across latents and with probe directions). ``False`` uses
+                the raw row, so ``scale`` is in the latent's own units: adding ``scale * W_dec[latent]``
+                is what the SAE would decode if the latent fired ``scale`` more strongly.
+            site: overrides the SAE's site (for SAEs loaded without one).
+        """
+        target = site or sae.write_site
+        if target is None:
+            raise InterventionError("the SAE is not attached to a site: pass site=... (e.g. 'layers.6')")
+        v = sae.decoder_direction(latent, unit=unit)
+        return cls(v, scale=scale, positions=positions, name=name or f"sae_latent_{int(latent)}", sites=target)
 
 
-@register("directional_ablation")
 class DirectionalAblation(_PerSite):
     """Project out a unit direction ``r`` at each site, optionally adding back ``value * r``.
 

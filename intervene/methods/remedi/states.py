@@ -1,7 +1,7 @@
 """Token spans and hidden states for REMEDI: find an entity's or attribute's tokens by character offsets,
 left-pad token lists, and read the mean activation of a site over given tokens (base model, no cache).
 
-Shared by the editor (:mod:`intervene.interventions.remedi`), its training loop, evaluation and
+Shared by the editor (:mod:`intervene.methods.remedi.intervention`), its training loop, evaluation and
 inspection.
 """
 

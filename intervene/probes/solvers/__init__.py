@@ -1,0 +1,23 @@
+"""The batched logistic-regression solver family the probes and ITI's head ranking share.
+
+* :mod:`~intervene.probes.solvers.newton` — damped Newton (a Gram matrix per iteration; few iterations);
+* :mod:`~intervene.probes.solvers.pcg` — preconditioned nonlinear CG with a fixed Böhning-bound
+  preconditioner (two feature passes per iteration; many small problems, e.g. one per head);
+* :mod:`~intervene.probes.solvers.lbfgs` — batched L-BFGS for wide features.
+
+All minimise scikit-learn's L2 objective (same minimiser as ``LogisticRegression(C=C)``).
+"""
+
+from intervene.probes.solvers.lbfgs import lbfgs_linear
+from intervene.probes.solvers.newton import (
+    DEFAULT_CHUNK_BYTES,
+    LogisticFit,
+    fit_logistic,
+    fit_logistic_1d,
+    psd_cholesky,
+    psd_solve,
+)
+from intervene.probes.solvers.pcg import HeadProbes, fit_head_probes
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadProbes", "LogisticFit", "fit_head_probes", "fit_logistic", "fit_logistic_1d",
+           "lbfgs_linear", "psd_cholesky", "psd_solve"]
