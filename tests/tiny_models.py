@@ -23,6 +23,8 @@ CONFIGS: dict[str, tuple[type, dict]] = {
     "mistral": (T.MistralConfig, dict(_COMMON_LLAMA, num_key_value_heads=2, sliding_window=None)),
     "qwen2": (T.Qwen2Config, dict(_COMMON_LLAMA, num_key_value_heads=2)),
     "gemma": (T.GemmaConfig, dict(_COMMON_LLAMA, num_key_value_heads=1, head_dim=16)),
+    "gemma2": (T.Gemma2Config, dict(_COMMON_LLAMA, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                    query_pre_attn_scalar=8)),
     "phi3": (T.Phi3Config, dict(_COMMON_LLAMA, num_key_value_heads=2, pad_token_id=0)),
     "mixtral": (T.MixtralConfig, dict(_COMMON_LLAMA, num_key_value_heads=2, num_local_experts=4,
                                       num_experts_per_tok=2)),

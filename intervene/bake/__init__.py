@@ -62,8 +62,12 @@ def bake(model: nn.Module, interventions: Sequence[Intervention]) -> nn.Module:
 def bake_with_report(model: nn.Module, interventions: Sequence[Intervention]) -> tuple[nn.Module, BakeReport]:
     """:func:`bake`, plus a :class:`BakeReport` of the parameters and config flags it changed."""
     interventions = list(interventions)
+    specs = [method_spec(iv.type_name) for iv in interventions]
+    for iv, spec in zip(interventions, specs):
+        if spec.bake is None:  # a type that never bakes says why before anything about the model
+            spec.baker()(iv, {}, None)
     resolved = resolve(model, interventions)  # binds every intervention: shapes are validated
-    plan = [(iv, method_spec(iv.type_name).baker()) for iv in interventions]
+    plan = [(iv, spec.baker()) for iv, spec in zip(interventions, specs)]
     editor = WeightEditor(model, n_interventions=len(interventions))
     for iv, fn in plan:
         fn(iv, resolved[iv.name], editor)

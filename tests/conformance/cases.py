@@ -1,0 +1,102 @@
+"""One conformance entry per registered intervention type: how to build a non-trivial instance on a
+model, its identity setting (or why it has none), and per-call state it needs (REMEDI's edit).
+
+Adding an intervention type means adding its entry here; the suite fails for a registered built-in
+type without one (docs/architecture.md, "Adding a method").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import intervene as iv
+from intervene.features.sae import SAE
+from intervene.intervention import Intervention
+from intervene.sites import hidden_size, resolve_site
+
+Build = Callable[[nn.Module, str], Intervention]  # (model, positions spec name) -> a fresh instance
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _vec(model: nn.Module, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    return torch.randn(hidden_size(model), generator=_gen(seed)) * scale
+
+
+def steering(model: nn.Module, positions: str, scale: float = 2.0) -> Intervention:
+    heads = resolve_site(model, "layers.0.heads").heads
+    assert heads is not None
+    return iv.Steering({"layers.1": _vec(model, 1.0, 1),
+                        "layers.0.heads": torch.randn(*heads, generator=_gen(2))}, scale=scale, positions=positions)
+
+
+def directional_ablation(model: nn.Module, positions: str) -> Intervention:
+    return iv.DirectionalAblation({"layers.1.attn": _vec(model, 1.0, 3), "layers.0.mlp": _vec(model, 1.0, 4)},
+                                  positions=positions)
+
+
+def iti(model: nn.Module, positions: str, alpha: float = 3.0) -> Intervention:
+    heads = resolve_site(model, "layers.1.heads").heads
+    assert heads is not None
+    n_heads, head_dim = heads
+    picks = [(0, 0), (1, n_heads - 1), (1, 1)]
+    return iv.ITI(picks, torch.randn(3, head_dim, generator=_gen(5)), torch.rand(3, generator=_gen(6)) + 0.5,
+                  alpha=alpha, positions=positions)
+
+
+def remedi(model: nn.Module, positions: str, alpha: float = 2.0) -> Intervention:
+    r = iv.Remedi(0, hidden_size(model), rank=4, alpha=alpha)  # layer 0: later positions read the edit
+    with torch.no_grad():
+        for p in r.editor.parameters():
+            p.copy_(torch.randn(p.shape, generator=_gen(7)) * 0.3)
+    return r
+
+
+def sae_clamp(model: nn.Module, positions: str) -> Intervention:
+    d, n = hidden_size(model), 24
+    g = _gen(8)
+    sae = SAE(torch.randn(d, n, generator=g) / d ** 0.5, torch.randn(n, generator=g) * 0.1,
+              torch.randn(n, d, generator=g) / n ** 0.5, torch.randn(d, generator=g) * 0.1, site="layers.1")
+    return iv.LatentClamp(sae, latents=[1, 5, 9], values=[3.0, 0.0, 1.5], positions=positions)
+
+
+@contextlib.contextmanager
+def remedi_state(intervention: Intervention, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+    """REMEDI edits per call: directions from its editor (so a reloaded editor gives the same ones), at
+    one prompt token per row (own-token index 1: the second real token)."""
+    assert isinstance(intervention, iv.Remedi)
+    n = batch["input_ids"].shape[0]
+    attr = torch.randn(n, intervention.hidden_size, generator=_gen(9))
+    p = next(intervention.editor.parameters())
+    with torch.no_grad():
+        d = intervention.editor(attr.to(p.dtype))
+    with intervention.editing_with(d, [1] * n, prompt_only=True):
+        yield
+
+
+@dataclass(frozen=True)
+class Case:
+    """How the suite exercises one type."""
+
+    build: Build
+    identity: Build | None = None  # the type's "does nothing" setting
+    no_identity: str = ""  # why the type has none
+    state: Callable[[Intervention, dict[str, torch.Tensor]], contextlib.AbstractContextManager] | None = None
+    generated: bool = True  # supports positions="generated" (else the KV-cache check uses its own positions)
+
+
+CASES: dict[str, Case] = {
+    "steering": Case(steering, identity=lambda m, p: steering(m, p, scale=0.0)),
+    "directional_ablation": Case(directional_ablation,
+                                 no_identity="removing a component along a non-zero direction always changes h"),
+    "iti": Case(iti, identity=lambda m, p: iti(m, p, alpha=0.0)),
+    "remedi": Case(remedi, identity=lambda m, p: remedi(m, p, alpha=0.0), state=remedi_state, generated=False),
+    "sae_clamp": Case(sae_clamp, no_identity="a clamp sets latents to constants, which no setting makes the identity"),
+}
