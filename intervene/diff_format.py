@@ -130,9 +130,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise DiffFormatError(f"{path}: format_version {version!r} is not readable by this intervene "
                               f"(reads up to {FORMAT_VERSION}); upgrade the library")
-    for e in config["interventions"]:
-        if not isinstance(e, dict) or not {"type", "name", "sites"} <= set(e):
-            raise DiffFormatError(f"{path}: malformed intervention entry {e!r}")
+    for entry in config["interventions"]:
+        if not isinstance(entry, dict) or not {"type", "name", "sites"} <= set(entry):
+            raise DiffFormatError(f"{path}: malformed intervention entry {entry!r}")
     return config
 
 

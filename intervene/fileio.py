@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` on a temp file next to ``path``, then rename it over ``path``.
 
     The rename is atomic on POSIX; on any error the temp file is removed and ``path`` is untouched.

@@ -50,11 +50,11 @@ def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token
         raise DiffNotFoundError(f"no Hub repo {repo_id!r} (or no access to it: pass token=...)") from e
     except (EntryNotFoundError, LocalEntryNotFoundError) as e:
         raise DiffNotFoundError(f"could not fetch {repo_id!r} (offline and not cached?): {e}") from e
-    local = Path(local)
-    if not (local / CONFIG_NAME).is_file():
+    snapshot = Path(local)
+    if not (snapshot / CONFIG_NAME).is_file():
         raise DiffNotFoundError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no {CONFIG_NAME}: "
                                 "it is not an intervene diff")
-    return local
+    return snapshot
 
 
 def upload_dir(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None,

@@ -205,12 +205,13 @@ class Intervenable:
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``model.generate`` with the edits; HF kwargs pass through, HF's return value comes back."""
         with self._live():
-            return self.model.generate(*args, **kwargs)
+            generate: Any = self.model.generate  # attached now: this is _patch_generate's wrapper
+            return generate(*args, **kwargs)
 
     def _patch_generate(self) -> None:
         model = self.model
         had = "generate" in model.__dict__
-        inner = model.generate
+        inner: Any = model.generate
         self._saved_generate = (had, model.__dict__.get("generate"))
 
         def generate(*args: Any, **kwargs: Any) -> Any:

@@ -20,25 +20,52 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 import torch
 
 from intervene.errors import PositionsError
 
-PositionsSpec = Union[str, Sequence[int], Sequence[Sequence[int]], torch.Tensor, "Positions"]
+PositionsSpec = Union[str, Sequence[int], Sequence[Sequence[int]], torch.Tensor, "Positions", dict]
 _NAMED = ("all", "prompt", "generated", "last")
+MAX_INDEX = 2**31 - 1  # beyond any sequence a model can hold; larger values are corrupt input
+
+
+def _index(i: Any) -> int:
+    """An int position (``bool`` and floats refused: ``1.9`` is not a token index)."""
+    if isinstance(i, torch.Tensor) and i.ndim == 0 and not i.dtype.is_floating_point and i.dtype != torch.bool:
+        i = int(i)
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise PositionsError(f"a position must be an integer, got {i!r}")
+    if not -MAX_INDEX <= i <= MAX_INDEX:
+        raise PositionsError(f"position {i} is out of range (|i| <= {MAX_INDEX})")
+    return i
+
+
+def _row(r: Any) -> tuple[int, ...]:
+    if isinstance(r, torch.Tensor):
+        if r.dtype.is_floating_point or r.ndim != 1:
+            raise PositionsError("a per-example positions tensor must be a 1-D integer tensor")
+        r = r.tolist()
+    if isinstance(r, (str, bytes)) or not isinstance(r, Sequence):
+        raise PositionsError(f"per-example positions must be lists of integers, got {r!r}")
+    return tuple(_index(i) for i in r)
 
 
 @dataclass(frozen=True)
 class Positions:
-    """A normalized, hashable positions spec (see the module docstring)."""
+    """A normalized, hashable positions spec (see the module docstring).
+
+    ``indices`` holds the ints of ``kind="indices"``, or one tuple of ints per example for
+    ``kind="per_example"``; it is empty for the named kinds.
+    """
 
     kind: str  # one of _NAMED, "indices", "per_example"
-    indices: tuple[int, ...] | tuple[tuple[int, ...], ...] = ()
+    indices: tuple[Any, ...] = ()
 
     @classmethod
     def parse(cls, spec: PositionsSpec) -> Positions:
+        """Normalise a user's spec (see the module docstring); ``PositionsError`` for anything else."""
         if isinstance(spec, Positions):
             return spec
         if isinstance(spec, str):
@@ -46,25 +73,27 @@ class Positions:
                 raise PositionsError(f"unknown positions {spec!r}; use one of {_NAMED}, a list of ints, "
                                      "or one list of ints per example")
             return cls(spec)
-        if isinstance(spec, dict) and set(spec) == {"per_example"}:
-            spec = spec["per_example"]
-            if not spec:
+        if isinstance(spec, dict):
+            if set(spec) != {"per_example"}:
+                raise PositionsError(f"a positions object must be {{'per_example': [[...], ...]}}, got keys "
+                                     f"{sorted(map(str, spec))}")
+            rows = spec["per_example"]
+            if not isinstance(rows, (list, tuple)) or not rows:
                 raise PositionsError("per-example positions need at least one example")
-            return cls("per_example", tuple(tuple(int(i) for i in row) for row in spec))
+            return cls("per_example", tuple(_row(r) for r in rows))
         if isinstance(spec, torch.Tensor):
-            if spec.dtype.is_floating_point or spec.ndim not in (1, 2):
+            if spec.dtype.is_floating_point or spec.dtype == torch.bool or spec.ndim not in (1, 2):
                 raise PositionsError("a positions tensor must be an integer tensor of shape [k] or [batch, k]")
             spec = spec.tolist()
-        if isinstance(spec, Sequence) and len(spec) > 0:
+        if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)) and len(spec) > 0:
             if all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
-                return cls("indices", tuple(spec))
-            if all(isinstance(r, (Sequence, torch.Tensor)) and not isinstance(r, str) for r in spec):
-                rows = tuple(tuple(int(i) for i in (r.tolist() if isinstance(r, torch.Tensor) else r))
-                             for r in spec)
-                return cls("per_example", rows)
+                return cls("indices", tuple(_index(i) for i in spec))
+            if all(isinstance(r, (Sequence, torch.Tensor)) and not isinstance(r, (str, bytes)) for r in spec):
+                return cls("per_example", tuple(_row(r) for r in spec))
         raise PositionsError(f"cannot read positions {spec!r}")
 
-    def to_json(self) -> str | list:
+    def to_json(self) -> str | list[int] | dict[str, list[list[int]]]:
+        """The JSON form a diff stores (``parse`` reads it back)."""
         if self.kind in _NAMED:
             return self.kind
         if self.kind == "indices":
@@ -72,7 +101,7 @@ class Positions:
         return {"per_example": [list(r) for r in self.indices]}
 
     @classmethod
-    def from_json(cls, obj) -> Positions:
+    def from_json(cls, obj: Any) -> Positions:
         return cls.parse(obj)
 
 
@@ -101,7 +130,7 @@ class CallContext:
         self._am = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         self._past = past_len
         self._gen = gen
-        self._masks: dict[tuple[Positions, torch.device], torch.Tensor | bool | None] = {}
+        self._masks: dict[tuple[Positions, torch.device | None], torch.Tensor | bool | None] = {}
         self._abs: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._prompt: torch.Tensor | None = None
@@ -131,6 +160,7 @@ class CallContext:
         else:
             self._abs = (torch.arange(self.seq) + self._past).expand(self.batch, self.seq)
         if self._gen is not None:
+            assert self._gen.prompt_len is not None  # set by the generate call's first forward
             self._prompt = self._gen.prompt_len.to(self._abs.device)
             if self._prompt.shape[0] != self.batch:
                 raise PositionsError("batch size changed inside generate (unsupported decoding strategy)")
@@ -141,6 +171,7 @@ class CallContext:
     def abs_pos(self) -> torch.Tensor:
         if self._abs is None:
             self._compute()
+        assert self._abs is not None
         return self._abs
 
     @property
@@ -153,6 +184,7 @@ class CallContext:
     def prompt_len(self) -> torch.Tensor:
         if self._abs is None:
             self._compute()
+        assert self._prompt is not None
         return self._prompt
 
     def example_index(self) -> torch.Tensor:
