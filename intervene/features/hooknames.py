@@ -122,8 +122,8 @@ def norm_affine(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor
     TransformerLens's ``hook_normalized`` (LayerNorm: centred and divided by ``sqrt(var + eps)``; RMSNorm: divided
     by ``sqrt(mean(x^2) + eps)``).
 
-    ``nn.LayerNorm`` gives its parameters; an RMS norm's effective gain (``w`` or Gemma's ``1 + w``) is measured
-    on a float64 copy and checked on a second input, so an unknown norm is refused rather than guessed.
+    ``nn.LayerNorm`` gives its parameters; for an RMS norm a probe decides whether its gain is ``weight`` (Llama)
+    or ``1 + weight`` (Gemma), so an unknown norm is refused rather than guessed.
     """
     if isinstance(norm, nn.LayerNorm):
         w = norm.weight.double() if norm.weight is not None else torch.ones(width, dtype=torch.float64)
@@ -134,12 +134,17 @@ def norm_affine(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor
     if eps is None:
         raise SAEFormatError(f"cannot fold {type(norm).__name__}: it is neither nn.LayerNorm nor an RMS norm "
                              "with an eps / variance_epsilon")
-    probe = copy.deepcopy(norm).to("cpu", torch.float64)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, width, generator=g, dtype=torch.float64) + 0.5  # no exact zeros
-    n = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + float(eps))
-    y = probe(x)
-    w = y[0] / n[0]
-    if not torch.allclose(y[1], n[1] * w, rtol=1e-9, atol=1e-12):
-        raise SAEFormatError(f"{type(norm).__name__} is not an RMS norm with a per-channel gain; cannot fold it")
-    return w, torch.zeros(width, dtype=torch.float64)
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or getattr(norm, "bias", None) is not None:
+        raise SAEFormatError(f"cannot fold {type(norm).__name__}: it has no per-channel gain of width {width}")
+    # The gain is the weight (Llama) or 1 + weight (Gemma); which one is measured on a probe. Norms may compute in
+    # float32 whatever the input, so the probe tells the forms apart but the gain returned is the parameter's.
+    probe = copy.deepcopy(norm).to("cpu", torch.float32)
+    x = torch.randn(4, width, generator=torch.Generator().manual_seed(0)) + 0.5
+    n = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + float(eps))
+    y = probe(x).double()
+    w = weight.detach().to("cpu", torch.float64)
+    for gain in (w, 1.0 + w):
+        if torch.allclose(y, n * gain, rtol=1e-4, atol=1e-6):
+            return gain, torch.zeros(width, dtype=torch.float64)
+    raise SAEFormatError(f"{type(norm).__name__} is not an RMS norm with gain weight or 1 + weight; cannot fold it")
