@@ -1,9 +1,11 @@
 """A loopback OpenAI-compatible chat-completions server with a deterministic canned policy (tests only).
 
-``POST /v1/chat/completions`` answers:
+``POST /v1/chat/completions`` answers (``POST /v1/embeddings`` gives hashed bag-of-words vectors):
 
 * explanation prompts (they contain ``<<marked>>`` tokens and ask what they have in common) with
   ``[EXPLANATION]: the word "X"``, X the most often marked token;
+* intruder prompts with the example whose marks miss the most-marked word; simulation prompts with 10 on
+  tokens equal to the explained word X, else 0;
 * scoring prompts (``Explanation: ... the word "X"`` then ``Snippet i: ...`` lines): 1 for a snippet
   containing X (detection), or whose marked tokens are all X (when the system prompt is about
   marked tokens: fuzzing); one digit, or a list for several snippets. With ``logprobs`` it also
@@ -34,6 +36,16 @@ def canned_answer(messages: list[dict[str, str]]) -> tuple[str, list[int] | None
     """The policy: ``(text, per-snippet answers or None)``."""
     system = next((m["content"] for m in messages if m["role"] == "system"), "")
     user = "\n".join(m["content"] for m in messages if m["role"] == "user")
+    if "intruder" in system:  # the example whose marks miss the word most examples mark
+        marks = [set(w.strip() for span in _MARK.findall(line) for w in span.split())
+                 for line in re.findall(r"^Example \d+: (.*)$", user, re.MULTILINE)]
+        common = Counter(w for m in marks for w in m).most_common(1)
+        odd = next((i for i, m in enumerate(marks) if common and common[0][0] not in m), 0)
+        return f"They share one word.\n[RESPONSE]: {odd}", None
+    if "predict how strongly" in system:  # 10 on the explained word, 0 elsewhere
+        m = _WORD.search(user)
+        toks = [json.loads(t) for t in re.findall(r"^\d+\t(.*)$", user, re.MULTILINE)]
+        return json.dumps([10 if m and t.strip() == m.group(1) else 0 for t in toks]), None
     if "Explanation:" not in user:
         marked = Counter(w.strip() for w in _MARK.findall(user) for w in w.split() if w.strip())
         word = marked.most_common(1)[0][0] if marked else "nothing"
@@ -52,6 +64,20 @@ def canned_answer(messages: list[dict[str, str]]) -> tuple[str, list[int] | None
             answers.append(int(word in re.findall(r"\w+", snippet)))
     text = str(answers[0]) if len(answers) == 1 else json.dumps(answers)
     return text, answers
+
+
+_INSTRUCTION = set("instruct retrieve sentences that could be related to the explanation query word".split())
+
+
+def bag_of_words(text: str, dim: int = 64) -> list[float]:
+    """``/v1/embeddings``: counts of the text's words (less the retrieval instruction's) hashed into ``dim`` bins."""
+    import zlib
+
+    vec = [0.0] * dim
+    for w in re.findall(r"[a-z]+", text.lower()):
+        if w not in _INSTRUCTION:
+            vec[zlib.crc32(w.encode()) % dim] += 1.0
+    return vec
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -91,6 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, body, headers)
 
     def _answer(self, payload: dict[str, Any], fail: int | None) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        if self.path.rstrip("/") == "/v1/embeddings" and fail is None:
+            data = [{"object": "embedding", "index": i, "embedding": bag_of_words(t)}
+                    for i, t in enumerate(payload.get("input", []))]
+            return 200, {"object": "list", "data": data[::-1], "model": payload.get("model")}, None  # any order
         if self.path.rstrip("/") != "/v1/chat/completions":
             return 404, {"error": {"message": f"no route {self.path}"}}, None
         if fail is not None:

@@ -101,9 +101,10 @@ def test_saelens_layout_matches_hand_computation(tmp_path: Path, arch: str) -> N
 @pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu"])
 def test_save_load_round_trip(tmp_path: Path, layout: str, activation: str) -> None:
     sae = rand_sae(activation)
-    if layout == "sparsify" and activation == "jumprelu":
-        with pytest.raises(SAEFormatError, match="JumpReLU"):
+    if layout == "sparsify" and activation != "topk":  # sparsify has no ReLU / JumpReLU SAE: refused, not mis-written
+        with pytest.raises(SAEFormatError, match="sparsify has only top-k and groupmax"):
             save_sae(sae, tmp_path, layout=layout)
+        assert not (tmp_path / "sae.safetensors").exists()
         return
     back = load_sae(save_sae(sae, tmp_path / "s", layout=layout))
     assert back.site == "layers.1" and back.activation == activation
@@ -136,7 +137,9 @@ def test_hook_names_translate() -> None:
     assert site_from_hook_name("blocks.3.hook_mlp_out") == "layers.3.mlp"
     assert site_from_hook_name("blocks.3.attn.hook_z") == "layers.3.heads"
     assert site_from_hook_name("layers.7.mlp") == "layers.7.mlp"
-    assert site_from_hook_name("blocks.3.hook_resid_mid") is None
+    assert site_from_hook_name("blocks.3.hook_resid_mid") is None  # a module path: needs the model
+    assert site_from_hook_name("blocks.1.hook_resid_mid", tiny_model("llama")) == \
+        "model.layers.1.post_attention_layernorm:input"
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -154,8 +157,11 @@ def test_named_errors(tmp_path: Path) -> None:
     gated.mkdir()
     save_file({"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.zeros(8, 4),
                "b_dec": torch.zeros(4)}, str(gated / "sae_weights.safetensors"))
+    (gated / "cfg.json").write_text(json.dumps({"architecture": "abstopk", "d_in": 4, "d_sae": 8}))
+    with pytest.raises(SAEFormatError, match="architecture 'abstopk' is not supported"):
+        load_sae(gated)
     (gated / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 4, "d_sae": 8}))
-    with pytest.raises(SAEFormatError, match="architecture 'gated' is not supported"):
+    with pytest.raises(SAEFormatError, match=r"missing \['b_gate', 'b_mag', 'r_mag'\]"):
         load_sae(gated)
     with pytest.raises(SAEFormatError, match="not a Hub repo id"):
         load_sae(tmp_path / "missing" / "deeper" / "x")

@@ -14,6 +14,7 @@ Interventions on latents live in :mod:`intervene.methods.sae_clamp` (``LatentCla
 
 from intervene.features.cache import cache_latents, token_rows
 from intervene.features.clients import Client, ClientError, OpenAIClient, TransformersClient, make_client
+from intervene.features.delphi import export_delphi, import_delphi
 from intervene.features.encoders import DirectionEncoder, LatentEncoder
 from intervene.features.examples import Example, LatentExamples, sample_examples
 from intervene.features.explain import Explainer, Explanation, highlight, parse_explanation
@@ -21,6 +22,13 @@ from intervene.features.report import explain_latents, load_explanations, score_
 from intervene.features.sae import SAE, SAEFormatError, site_from_hook_name
 from intervene.features.sae_io import load_sae, save_sae
 from intervene.features.score import DetectionScorer, FuzzingScorer, ScoreResult, binary_metrics
+from intervene.features.scorers_client import IntruderScorer, SimulationScorer
+from intervene.features.scorers_model import (
+    EmbeddingScorer,
+    OpenAIEmbedder,
+    SurprisalScorer,
+    TransformersEmbedder,
+)
 from intervene.features.store import LatentActivations, LatentCache, LatentCacheError
 
 __all__ = [
@@ -30,4 +38,7 @@ __all__ = [
     "cache_latents", "explain_latents", "highlight", "load_explanations", "load_sae", "make_client",
     "parse_explanation", "sample_examples", "save_sae", "score_latents", "site_from_hook_name",
     "token_rows",
+    # interop with delphi and its scorers
+    "EmbeddingScorer", "IntruderScorer", "OpenAIEmbedder", "SimulationScorer", "SurprisalScorer",
+    "TransformersEmbedder", "export_delphi", "import_delphi",
 ]

@@ -22,7 +22,6 @@ what makes the exact latent clamp of :mod:`intervene.methods.sae_clamp.intervent
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +29,9 @@ import torch
 from torch import nn
 
 from intervene.errors import SAEFormatError, SiteError
+from intervene.features.hooknames import TL_HOOKS, hook_site, site_from_hook_name
 
-Activation = Literal["relu", "jumprelu", "topk"]
+Activation = Literal["relu", "jumprelu", "topk", "groupmax"]
 SPARSIFY_WEIGHTS = "sae.safetensors"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 CFG_NAME = "cfg.json"
@@ -47,8 +47,9 @@ class SAE(nn.Module):
     and ``W_skip`` ``[d_out, d_in]``. ``d_out == d_in`` for autoencoders.
 
     Args:
-        activation: ``"relu"``, ``"jumprelu"`` (``relu(pre) * (pre > threshold)``) or ``"topk"``
-            (the ``k`` largest of ``relu(pre)``).
+        activation: ``"relu"``, ``"jumprelu"`` (``relu(pre) * (pre > threshold)``), ``"topk"``
+            (the ``k`` largest of ``relu(pre)``) or ``"groupmax"`` (sparsify's: ``relu(pre)`` split into
+            ``k`` contiguous groups of ``d_sae / k`` latents, the largest of each group kept).
         site: where it reads (``layers.6``, ``layers.6.mlp``...); ``output_site`` where a transcoder
             writes (``None`` for autoencoders: they write back where they read).
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding (autoencoders).
@@ -66,10 +67,12 @@ class SAE(nn.Module):
                 f"inconsistent SAE shapes: W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, "
                 f"W_dec {tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)} (want [d_in, d_sae], [d_sae], "
                 "[d_sae, d_out], [d_out])")
-        if activation not in ("relu", "jumprelu", "topk"):
-            raise SAEFormatError(f"unknown SAE activation {activation!r}; supported: relu, jumprelu, topk")
-        if activation == "topk" and (k is None or not 0 < int(k) <= d_sae):
-            raise SAEFormatError(f"a top-k SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
+        if activation not in ("relu", "jumprelu", "topk", "groupmax"):
+            raise SAEFormatError(f"unknown SAE activation {activation!r}; supported: relu, jumprelu, topk, groupmax")
+        if activation in ("topk", "groupmax") and (k is None or not 0 < int(k) <= d_sae):
+            raise SAEFormatError(f"a {activation} SAE needs 0 < k <= d_sae={d_sae}, got k={k}")
+        if activation == "groupmax" and d_sae % int(k):
+            raise SAEFormatError(f"a groupmax SAE needs d_sae ({d_sae}) divisible by k ({k})")
         if activation == "jumprelu" and (threshold is None or threshold.shape != (d_sae,)):
             raise SAEFormatError(f"a JumpReLU SAE needs a threshold of shape [{d_sae}]")
         if apply_b_dec_to_input and W_dec.shape[1] != d_in:
@@ -126,8 +129,16 @@ class SAE(nn.Module):
             return torch.relu(pre)
         if self.activation == "jumprelu":
             return torch.relu(pre) * (pre > self.threshold)
-        vals, idx = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
+        vals, idx = self._select(pre)
         return torch.zeros_like(pre).scatter_(-1, idx, vals)
+
+    def _select(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k / groupmax: the kept values and their latent indices, ``[..., k]`` each."""
+        act = torch.relu(pre)
+        if self.activation == "topk":
+            return act.topk(self.k, dim=-1, sorted=False)
+        vals, idx = act.unflatten(-1, (self.k, -1)).max(dim=-1)  # one winner per contiguous group
+        return vals, idx + torch.arange(0, self.d_sae, self.d_sae // self.k, device=pre.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``[..., d_in] -> [..., d_sae]`` (dense)."""
@@ -136,11 +147,11 @@ class SAE(nn.Module):
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Non-zero latents of ``x`` ``[n, d_in]`` as COO ``(rows [nnz], latents [nnz], values [nnz])``.
 
-        Top-k SAEs never build the dense ``[n, d_sae]`` activation matrix.
+        Top-k and groupmax SAEs never build the dense ``[n, d_sae]`` activation matrix.
         """
         pre = self.pre_acts(x)
-        if self.activation == "topk":
-            vals, idx = torch.relu(pre).topk(self.k, dim=-1, sorted=False)
+        if self.activation in ("topk", "groupmax"):
+            vals, idx = self._select(pre)
             rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
             keep = vals > 0
             return rows[keep], idx[keep], vals[keep]
@@ -201,24 +212,6 @@ class SAE(nn.Module):
         return f"d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation}{k}, site={self.site!r}"
 
 
-# ---- site names ------------------------------------------------------------------------------
-_TL = re.compile(r"^blocks\.(\d+)\.(hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out|attn\.hook_z)$")
-_TL_TO_SITE = {"hook_resid_post": "layers.{}", "hook_resid_pre": "layers.{}:input", "hook_mlp_out": "layers.{}.mlp",
-               "hook_attn_out": "layers.{}.attn", "attn.hook_z": "layers.{}.heads"}
-_OURS = re.compile(r"^layers\.\d+(?::input|\.attn|\.mlp|\.heads)?$")
-
-
-def site_from_hook_name(hook: str | None) -> str | None:
-    """Our site name for a TransformerLens hook name (``blocks.6.hook_resid_post`` -> ``layers.6``),
-    a sparsify hookpoint (``layers.6``, ``layers.6.mlp``) or one of our own names; ``None`` otherwise."""
-    if not hook:
-        return None
-    if _OURS.match(hook):
-        return hook
-    m = _TL.match(hook)
-    return _TL_TO_SITE[m.group(2)].format(m.group(1)) if m else None
-
-
 # ---- loading ---------------------------------------------------------------------------------
 def _read_cfg(folder: Path) -> dict[str, Any]:
     p = folder / CFG_NAME
@@ -245,85 +238,61 @@ def _weights_file(folder: Path) -> Path:
                          f"{SAELENS_WEIGHTS} (SAELens); found {others}")
 
 
-def _hook_of(cfg: dict[str, Any], keys: tuple[str, ...] = ("hookpoint", "hook_name", "hook_point")) -> str | None:
-    for holder in (cfg, cfg.get("meta") or {}, cfg.get("metadata") or {}):
-        for key in keys:
-            if isinstance(holder, dict) and isinstance(holder.get(key), str):
-                return holder[key]
-    return None
+def _translate(hook: str | None, model: nn.Module | None, raw_ok: bool, what: str, where: str
+               ) -> tuple[str | None, nn.Module | None]:
+    """``(site, norm to fold)`` for a hook name; raw module paths pass through only when ``raw_ok``."""
+    if not hook:
+        return None, None
+    found = hook_site(hook, model)
+    if found is not None:
+        return found.site, found.norm
+    if raw_ok:  # SAELens on a HF model (model_class_name AutoModelForCausalLM): a module's output
+        return hook, None
+    raise SAEFormatError(f"{where}: the {what} hook {hook!r} is not a TransformerLens hook this loader translates "
+                         f"({', '.join(TL_HOOKS)}); pass site=... / output_site=...")
 
 
-def _need(t: dict[str, torch.Tensor], *keys: str, where: str) -> list[torch.Tensor]:
-    missing = [k for k in keys if k not in t]
-    if missing:
-        raise SAEFormatError(f"{where}: missing tensors {missing}; have {sorted(t)}")
-    return [t[k] for k in keys]
+def _fold_norm(parts: dict[str, Any], norm: nn.Module, transcoder: bool) -> None:
+    """Rewrite ``parts`` so the SAE reads the norm's output ``y = n * w + b`` instead of TransformerLens's
+    normalized ``n`` (and, for an autoencoder, writes there too). Exact: ``n = (y - b) / w``."""
+    from intervene.features.hooknames import norm_affine
 
-
-def _from_sparsify(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    if "encoder.weight" in t:
-        W, b = _need(t, "encoder.weight", "encoder.bias", where=where)
+    W_enc = parts["W_enc"]
+    w, b = (v.to(W_enc.dtype) for v in norm_affine(norm, W_enc.shape[0]))
+    if not bool((w != 0).all()):
+        raise SAEFormatError("the norm has a zero gain: its input cannot be recovered from its output")
+    bw = b / w
+    if parts["apply_b_dec_to_input"]:  # y - (w*b_dec + b) = w * (n - b_dec)
+        parts["b_dec"] = parts["b_dec"] * w + b
+        parts["W_dec"] = parts["W_dec"] * w
     else:
-        W, b = _need(t, "W_enc", "b_enc", where=where)
-    W_dec, b_dec = _need(t, "W_dec", "b_dec", where=where)
-    d_sae = int(b.shape[0])
-    # sparsify stores the encoder as nn.Linear: [d_sae, d_in]; accept the transpose too.
-    W_enc = W.T if W.shape[0] == d_sae and (W.shape[1] != d_sae or "encoder.weight" in t) else W
-    act = cfg.get("activation", "topk")
-    if act not in ("topk", "relu"):
-        raise SAEFormatError(f"{where}: sparsify activation {act!r} is not supported (topk, relu)")
-    k = cfg.get("k") if act == "topk" else None
-    transcode = bool(cfg.get("transcode", False))
-    if "d_in" in cfg and int(cfg["d_in"]) != W_enc.shape[0]:
-        raise SAEFormatError(f"{where}: cfg.json says d_in={cfg['d_in']} but the encoder has {W_enc.shape[0]}")
-    return dict(W_enc=W_enc, b_enc=b, W_dec=W_dec, b_dec=b_dec, activation=act, k=k,
-                apply_b_dec_to_input=not transcode and W_dec.shape[1] == W_enc.shape[0],
-                W_skip=t.get("W_skip"), transcoder=transcode)
-
-
-_SAELENS_ARCH = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk",
-                 "transcoder": "relu", "jumprelu_transcoder": "jumprelu", "skip_transcoder": "relu"}
-
-
-def _from_saelens(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    arch = cfg.get("architecture", "standard")
-    if arch not in _SAELENS_ARCH:
-        raise SAEFormatError(f"{where}: SAELens architecture {arch!r} is not supported "
-                             f"(supported: {sorted(_SAELENS_ARCH)})")
-    norm = cfg.get("normalize_activations", "none")
-    if norm not in (None, "none"):
-        raise SAEFormatError(f"{where}: normalize_activations={norm!r} rescales each input nonlinearly; only "
-                             "'none' is supported (fold the scaling factor into the weights first)")
-    if cfg.get("finetuning_scaling_factor"):
-        raise SAEFormatError(f"{where}: finetuning_scaling_factor is not supported")
-    W_enc, b_enc, W_dec, b_dec = _need(t, "W_enc", "b_enc", "W_dec", "b_dec", where=where)
-    if "d_in" in cfg and "d_sae" in cfg and tuple(W_enc.shape) != (int(cfg["d_in"]), int(cfg["d_sae"])):
-        raise SAEFormatError(f"{where}: W_enc has shape {tuple(W_enc.shape)}, cfg.json says "
-                             f"[d_in={cfg['d_in']}, d_sae={cfg['d_sae']}]")
-    act = _SAELENS_ARCH[arch]
-    transcoder = "transcoder" in arch
-    if act == "jumprelu":
-        (thr,) = _need(t, "threshold", where=where)
-    else:
-        thr = None
-    if arch == "skip_transcoder":
-        _need(t, "W_skip", where=where)
-    return dict(W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, activation=act,
-                k=cfg.get("k") if act == "topk" else None, threshold=thr,
-                apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
-                W_skip=t.get("W_skip"), transcoder=transcoder, output_hook=_hook_of(cfg, ("hook_name_out",)))
+        parts["b_enc"] = parts["b_enc"] - bw @ W_enc
+        if transcoder:
+            if parts.get("W_skip") is not None:
+                parts["b_dec"] = parts["b_dec"] - bw @ parts["W_skip"].T
+                parts["W_skip"] = parts["W_skip"] / w
+        else:
+            parts["W_dec"], parts["b_dec"] = parts["W_dec"] * w, parts["b_dec"] * w + b
+    parts["W_enc"] = W_enc / w[:, None]
 
 
 def load_sae_folder(folder: str | Path, site: str | None = None, output_site: str | None = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    source: str | None = None, hookpoint: str | None = None) -> SAE:
+                    source: str | None = None, hookpoint: str | None = None, model: nn.Module | None = None) -> SAE:
     """Load one SAE from a local folder (``cfg.json`` + weights); layout detected from the files.
+
+    SAELens hook names are translated with TransformerLens's semantics (:mod:`intervene.features.hooknames`);
+    the ones that are module paths (``hook_resid_mid``, ``hook_mlp_in``, ``ln2.hook_normalized``) need ``model``.
+    An explicit ``site`` is taken as is (no translation, no fold).
 
     Sparsify transcoders name the module they *replace* (``layers.6.mlp``): that becomes the
     ``output_site``, and the input site must be given as ``site`` (e.g. the MLP's input path).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from intervene.features.saelens import parse_saelens
+    from intervene.features.sparsify import parse_sparsify
 
     folder = Path(folder)
     wfile = _weights_file(folder)
@@ -333,30 +302,37 @@ def load_sae_folder(folder: str | Path, site: str | None = None, output_site: st
         t = load_file(str(wfile), device=str(device))
     except (SafetensorError, OSError) as e:
         raise SAEFormatError(f"could not read {wfile}: {e}") from e
+    sparsify_cfg = "k" in cfg or "num_latents" in cfg or "expansion_factor" in cfg
     if "encoder.weight" in t or (wfile.name == SPARSIFY_WEIGHTS and "W_enc" not in t):
-        parts = _from_sparsify(t, cfg, where)
-        layout = "sparsify"
+        layout, parts = "sparsify", parse_sparsify(t, cfg, where)
     elif "W_enc" in t and ("d_sae" in cfg or "architecture" in cfg or wfile.name == SAELENS_WEIGHTS):
-        parts = _from_saelens(t, cfg, where)
-        layout = "saelens"
-    elif "W_enc" in t and ("k" in cfg or "num_latents" in cfg or "expansion_factor" in cfg):
-        parts = _from_sparsify(t, cfg, where)
-        layout = "sparsify"
+        layout, parts = "saelens", parse_saelens(t, cfg, where)
+    elif "W_enc" in t and sparsify_cfg:
+        layout, parts = "sparsify", parse_sparsify(t, cfg, where)
     else:
         raise SAEFormatError(
             f"{where}: unknown SAE layout (tensors {sorted(t)}, cfg keys {sorted(cfg)}). Expected sparsify "
             f"({SPARSIFY_WEIGHTS}: encoder.weight, encoder.bias, W_dec, b_dec; cfg.json with d_in and k) or "
             f"SAELens ({SAELENS_WEIGHTS}: W_enc, b_enc, W_dec, b_dec[, threshold]; cfg.json with d_in, d_sae, "
             "architecture)")
-    hook = _hook_of(cfg) or hookpoint or folder.name
-    out_hook = parts.pop("output_hook", None)
+    hook = parts.pop("hook") or hookpoint or folder.name
+    out_hook, in_hook = parts.pop("output_hook", None), parts.pop("input_hook", None)
+    raw_ok = parts.pop("model_class_name", None) == "AutoModelForCausalLM"
     transcoder = parts.pop("transcoder")
-    if transcoder and layout == "sparsify":
-        output_site = output_site or site_from_hook_name(hook)
-    else:
-        site = site or site_from_hook_name(hook)
+    if layout == "sparsify":
+        site = site or in_hook or (None if transcoder else site_from_hook_name(hook))
         if transcoder:
-            output_site = output_site or site_from_hook_name(out_hook)
+            output_site = output_site or site_from_hook_name(hook)
+    else:
+        if site is None:
+            site, norm = _translate(hook, model, raw_ok, "input", where)
+            if norm is not None:
+                _fold_norm(parts, norm, transcoder)
+        if transcoder and output_site is None:
+            output_site, norm = _translate(out_hook, model, raw_ok, "output", where)
+            if norm is not None:
+                raise SAEFormatError(f"{where}: a transcoder writing to {out_hook!r} (a norm's normalized value) "
+                                     "is not supported")
     meta = {"layout": layout, "cfg": cfg, "hook_name": hook, "transcoder": transcoder}
     sae = SAE(**parts, site=site, output_site=output_site, source=source or str(folder), meta=meta)
     return sae.to(dtype=dtype) if dtype is not None else sae

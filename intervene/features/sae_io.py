@@ -33,7 +33,8 @@ def load_sae(name: str | Path, site: str | None = None, *, hookpoint: str | None
             TransformerLens names translated) or its sparsify hookpoint folder name.
         hookpoint: subfolder of a multi-SAE folder or repo (sparsify: ``layers.6``; SAELens: the
             folder holding ``cfg.json``). Defaults to ``site`` when the root has no ``cfg.json``.
-        model: when given, the site and widths are checked against it (``SAEFormatError`` on mismatch).
+        model: when given, the site and widths are checked against it (``SAEFormatError`` on mismatch); SAELens
+            hooks that are module paths (``hook_resid_mid``, ``hook_mlp_in``, ``ln2.hook_normalized``) need it.
         revision, token: for Hub repos (passed to ``huggingface_hub.snapshot_download``).
     """
     source = str(name)
@@ -47,7 +48,7 @@ def load_sae(name: str | Path, site: str | None = None, *, hookpoint: str | None
         path = _download(str(name), hookpoint or site, revision, token)
     folder = _pick_folder(path, hookpoint or site, source)
     sae = load_sae_folder(folder, site=site, output_site=output_site, dtype=dtype, device=device,
-                          source=source, hookpoint=hookpoint)
+                          source=source, hookpoint=hookpoint, model=model)
     if model is not None:
         sae.check_model(model)
     return sae
@@ -100,44 +101,30 @@ def _download(repo_id: str, sub: str | None, revision: str | None, token: str | 
     return local_path
 
 
-def save_sae(sae: SAE, folder: str | Path, layout: Literal["sparsify", "saelens"] = "sparsify") -> Path:
-    """Write ``sae`` as ``cfg.json`` + weights in the sparsify or SAELens layout (readable by both libraries
-    for the architectures they share). The site goes into ``hookpoint`` / ``hook_name``."""
+def save_sae(sae: SAE, folder: str | Path, layout: Literal["sparsify", "saelens"] | None = None) -> Path:
+    """Write ``sae`` as ``cfg.json`` + weights in the sparsify or SAELens layout, such that that library loads the
+    same map (checked against both in the tests). The site goes into ``hookpoint`` / ``hook_name`` (TransformerLens
+    names for SAELens). A layout that cannot express the SAE is refused with ``SAEFormatError`` (sparsify has only
+    top-k / groupmax SAEs that write as wide as they read; SAELens has no groupmax, no top-k transcoder).
+    ``layout=None`` picks sparsify for top-k / groupmax SAEs sparsify can express, else SAELens.
+    """
     from safetensors.torch import save_file
 
+    from intervene.features.saelens import saelens_files
+    from intervene.features.sparsify import sparsify_files
+
+    if layout is None:
+        try:
+            sparsify_files(sae)
+            layout = "sparsify"
+        except SAEFormatError:
+            layout = "saelens"
+    if layout not in ("sparsify", "saelens"):
+        raise SAEFormatError(f"unknown layout {layout!r}: 'sparsify' or 'saelens'")
+    tensors, cfg = sparsify_files(sae) if layout == "sparsify" else saelens_files(sae)
+    wname = SPARSIFY_WEIGHTS if layout == "sparsify" else SAELENS_WEIGHTS
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    if layout == "sparsify":
-        if sae.activation == "jumprelu":
-            raise SAEFormatError("sparsify has no JumpReLU layout; save with layout='saelens'")
-        tensors = {"encoder.weight": sae.W_enc.T, "encoder.bias": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-        if sae.W_skip is not None:
-            tensors["W_skip"] = sae.W_skip
-        cfg = {"activation": "topk" if sae.activation == "topk" else "relu", "expansion_factor": max(1, sae.d_sae // sae.d_in),
-               "normalize_decoder": True, "num_latents": sae.d_sae, "k": sae.k or 0, "multi_topk": False,
-               "skip_connection": sae.W_skip is not None, "transcode": sae.is_transcoder, "d_in": sae.d_in,
-               "hookpoint": sae.site}
-        wname = SPARSIFY_WEIGHTS
-    else:
-        arch = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk"}[sae.activation]
-        if sae.is_transcoder:
-            arch = {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(arch, arch)
-            if sae.W_skip is not None:
-                arch = "skip_transcoder"
-        tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-        if sae.threshold is not None:
-            tensors["threshold"] = sae.threshold
-        if sae.W_skip is not None:
-            tensors["W_skip"] = sae.W_skip
-        cfg = {"architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-               "normalize_activations": "none", "dtype": str(sae.W_enc.dtype).removeprefix("torch."),
-               "metadata": {"hook_name": sae.site}}
-        if sae.activation == "topk":
-            cfg["k"] = sae.k
-        if sae.is_transcoder:
-            cfg["d_out"] = sae.d_out
-            cfg["metadata"]["hook_name_out"] = sae.output_site
-        wname = SAELENS_WEIGHTS
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(folder / wname))
     (folder / CFG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     return folder

@@ -14,6 +14,7 @@ counted (``n_failed``) and left out of the metrics.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -210,31 +211,65 @@ class DetectionScorer(Scorer):
 
 class FuzzingScorer(Scorer):
     """Is the highlighting right? Activating windows marked where the latent fires are 1; the other
-    half of them marked on as many silent tokens, and non-activating windows marked at random, are 0."""
+    half of them marked on as many silent tokens, and non-activating windows marked at random, are 0.
+
+    Args:
+        highlight_threshold: mark a token when its activation is ``>= highlight_threshold * the window's
+            maximum`` (and wrong marks go only on tokens at or below that level). ``0`` (default) marks every
+            firing token; ``0.3`` is delphi's threshold (``examples_to_samples``), for scores comparable with it.
+        n_wrong: how many tokens a wrongly marked window gets: as many as that window fires on
+            (``"per_example"``), or delphi's ``ceil`` of the mean over the activating windows (``"mean"``).
+    """
 
     name = "fuzzing"
     system = FUZZING_SYSTEM
     question = "Do all the marked tokens match the explanation?"
 
+    def __init__(self, client: Client, tokenizer: Any, *, highlight_threshold: float = 0.0,
+                 n_wrong: str = "per_example", **kwargs: Any) -> None:
+        super().__init__(client, tokenizer, **kwargs)
+        if not 0.0 <= float(highlight_threshold) <= 1.0 or n_wrong not in ("per_example", "mean"):
+            raise ValueError("highlight_threshold must be in [0, 1] and n_wrong 'per_example' or 'mean'")
+        self.highlight_threshold = float(highlight_threshold)
+        self.n_wrong = n_wrong
+
+    def marked(self, e: Example) -> list[bool]:
+        """The correct highlighting of ``e`` (at ``highlight_threshold``)."""
+        return highlighted(e, self.highlight_threshold)
+
     def samples(self, ex: LatentExamples) -> list[Sample]:
         rng = random.Random(f"fuzz-{self.seed}-{ex.latent}")
         out = []
         act = list(ex.score_activating)
-        counts = [max(1, sum(a > 0 for a in e.acts)) for e in act] or [1]
+        thr = self.highlight_threshold
+        counts = [max(1, sum(self.marked(e))) for e in act] or [1]
+        if self.n_wrong == "mean":
+            fired = [sum(a != 0 for a in e.acts) for e in act]
+            counts = [max(1, math.ceil(sum(fired) / len(fired)))] * len(act) if act else [1]
         for i, e in enumerate(act):
             if i % 2 == 0:
-                out.append(_sample(e, example_text(e, self.text), 1, "correct"))
+                out.append(_sample(e, example_text(e, self.text, marked=self.marked(e)), 1, "correct"))
             else:
-                out.append(_sample(e, example_text(e, self.text, marked=_random_marks(e, counts[i], rng, silent=True)),
-                                   0, "wrong"))
+                marks = _random_marks(e, counts[i], rng, thr)
+                out.append(_sample(e, example_text(e, self.text, marked=marks), 0, "wrong"))
         for e in ex.score_nonactivating:
             k = rng.choice(counts)
-            out.append(_sample(e, example_text(e, self.text, marked=_random_marks(e, k, rng, silent=True)), 0))
+            out.append(_sample(e, example_text(e, self.text, marked=_random_marks(e, k, rng, thr)), 0))
         return out
 
 
-def _random_marks(e: Example, k: int, rng: random.Random, silent: bool) -> list[bool]:
-    idx = [i for i, a in enumerate(e.acts) if not silent or a <= 0] or list(range(len(e.acts)))
+def highlighted(e: Example, threshold: float = 0.0) -> list[bool]:
+    """Tokens of ``e`` to mark: firing ones (``threshold=0``), or those at ``>= threshold * max`` (delphi's rule)."""
+    if threshold <= 0:
+        return [a > 0 for a in e.acts]
+    level = threshold * e.max_act
+    return [a > 0 and a >= level for a in e.acts]
+
+
+def _random_marks(e: Example, k: int, rng: random.Random, threshold: float = 0.0) -> list[bool]:
+    """``k`` random tokens that the correct highlighting would not mark (at or below ``threshold * max``)."""
+    level = threshold * e.max_act
+    idx = [i for i, a in enumerate(e.acts) if a <= level] or list(range(len(e.acts)))
     chosen = set(rng.sample(idx, min(k, len(idx))))
     return [i in chosen for i in range(len(e.acts))]
 

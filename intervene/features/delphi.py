@@ -1,0 +1,180 @@
+"""Our latent cache <-> EleutherAI delphi's cache layout, so each library's explainers and scorers run on the other's.
+
+delphi (``latents/cache.py``, ``latents/loader.py``) writes, per hookpoint ``{module}``::
+
+    {module}/config.json                 its CacheConfig (``cache_ctx_len``, ``n_tokens``, ``n_splits``, dataset
+                                         names...) plus ``model_name``
+    {module}/{start}_{end}.safetensors   latents start..end (both inclusive) of a split of
+                                         ``linspace(0, width, n_splits + 1)``:
+        "locations"   [m, 3]   (row, position, latent - start), uint16 when rows and latents fit, else uint32
+        "activations" [m]      float16
+        "tokens"      [n_seq, ctx_len]   the whole token array (in every split; without it delphi re-tokenizes
+                                         its dataset from the Hub)
+
+Its cache keeps activations with ``|a| > 1e-5``; :func:`export_delphi` applies the same threshold by default, so an
+exported cache holds the entries delphi's own cache would. Values are float16 there, as delphi stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from intervene.errors import LatentCacheError
+from intervene.features.store import FORMAT, INDEX, TOKENS, VERSION, LatentCache
+
+__all__ = ["DELPHI_THRESHOLD", "export_delphi", "import_delphi", "read_delphi_entries", "split_bounds"]
+
+DELPHI_THRESHOLD = 1e-5  # delphi's InMemoryCache.get_nonzeros keeps |activation| > 1e-5
+_SPLIT = re.compile(r"^(\d+)_(\d+)\.safetensors$")
+
+
+def _module_dir(root: Path, module: str) -> Path:
+    # A module name is one path component: nothing is read or written outside the directory given.
+    if not module or module in (".", "..") or "/" in module or "\\" in module or "\0" in module:
+        raise LatentCacheError(f"invalid delphi module name {module!r}")
+    return root / module
+
+
+def split_bounds(width: int, n_splits: int) -> list[tuple[int, int]]:
+    """delphi's splits of ``width`` latents: ``(start, end)`` pairs, ``end`` inclusive."""
+    b = torch.linspace(0, width, steps=n_splits + 1).long().tolist()
+    return [(b[i], b[i + 1] - 1) for i in range(n_splits) if b[i + 1] > b[i]]
+
+
+def export_delphi(cache: LatentCache | str | Path, out_dir: str | Path, module: str | None = None,
+                  n_splits: int = 5, threshold: float = DELPHI_THRESHOLD, model_name: str | None = None,
+                  progress: bool = True) -> Path:
+    """Write ``cache`` in delphi's layout under ``out_dir/{module}`` (default module: the cache's site).
+
+    Args:
+        threshold: keep activations with ``|a| > threshold`` (delphi's own rule; ``0`` keeps every entry).
+        model_name: written to ``config.json`` (delphi loads the tokenizer from it unless given one).
+    Returns:
+        the module directory.
+    """
+    from safetensors.numpy import save_file
+    from tqdm.auto import tqdm
+
+    cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+    module = module or cache.site
+    folder = _module_dir(Path(out_dir), module)
+    folder.mkdir(parents=True, exist_ok=True)
+    L, n_seq = cache.ctx_len, int(cache.index["n_seq"])
+    tokens = cache.tokens.to(torch.int64).numpy()
+    bounds = split_bounds(cache.n_latents, n_splits)
+    for start, end in tqdm(bounds, desc="exporting to delphi", disable=not progress):
+        locs, vals = [], []
+        for latent in range(start, end + 1):
+            rec = cache.latent(latent)
+            keep = rec.values.float().abs() > threshold
+            p = rec.positions[keep]
+            locs.append(torch.stack([p // L, p % L, torch.full_like(p, latent - start)], dim=1))
+            vals.append(rec.values[keep].float())
+        loc = torch.cat(locs).numpy() if locs else np.zeros((0, 3), np.int64)
+        small = loc.size == 0 or (loc.max(0) < 2 ** 16).all()  # delphi's rule, with positions checked too
+        save_file({"locations": loc.astype(np.uint16 if small else np.uint32),
+                   "activations": torch.cat(vals).half().numpy() if vals else np.zeros(0, np.float16),
+                   "tokens": tokens}, str(folder / f"{start}_{end}.safetensors"))
+    cfg = {"dataset_repo": "", "dataset_split": "", "dataset_name": "", "dataset_column": "text",
+           "batch_size": int(cache.index.get("batch_size", 1)), "cache_ctx_len": L, "n_tokens": n_seq * L,
+           "n_splits": len(bounds), "model_name": model_name or (cache.index.get("model") or {}).get("name_or_path"),
+           "intervene": {"site": cache.site, "encoder": cache.index.get("encoder"), "threshold": threshold}}
+    (folder / "config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+    return folder
+
+
+def read_delphi_entries(raw_dir: str | Path, module: str) -> dict[str, Any]:
+    """Every entry of a delphi cache module: ``rows``, ``cols``, ``latents`` (int64 ``[m]``), ``values``
+    (float32 ``[m]``), ``tokens`` ``[n_seq, ctx_len]``, ``width`` (one past the last split's end), ``config``."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = _module_dir(Path(raw_dir), module)
+    if not folder.is_dir():
+        raise LatentCacheError(f"{folder}: no delphi cache module there")
+    try:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    except json.JSONDecodeError as e:
+        raise LatentCacheError(f"{folder / 'config.json'} is not valid JSON: {e}") from e
+    splits = sorted((int(m.group(1)), int(m.group(2)), p) for p in folder.iterdir()
+                    if p.is_file() and (m := _SPLIT.match(p.name)))
+    if not splits:
+        raise LatentCacheError(f"{folder}: no {{start}}_{{end}}.safetensors splits")
+    rows, cols, lats, vals, tokens = [], [], [], [], None
+    for start, end, path in splits:
+        try:
+            t = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise LatentCacheError(f"could not read {path}: {e}") from e
+        loc, act = t.get("locations"), t.get("activations")
+        if loc is None or act is None or loc.ndim != 2 or loc.shape[1] != 3 or act.shape != (loc.shape[0],) \
+                or loc.dtype.kind not in "iu" or act.dtype.kind != "f":
+            raise LatentCacheError(f"{path}: want integer locations [m, 3] and float activations [m]")
+        loc = loc.astype(np.int64)
+        if loc.size and (loc.min() < 0 or loc[:, 2].max() > end - start):
+            raise LatentCacheError(f"{path}: latent offsets outside {start}..{end}")
+        if tokens is None and "tokens" in t:
+            tokens = t["tokens"].astype(np.int64)
+        rows.append(loc[:, 0])
+        cols.append(loc[:, 1])
+        lats.append(loc[:, 2] + start)
+        vals.append(act.astype(np.float32))
+    if tokens is None or tokens.ndim != 2:
+        raise LatentCacheError(f"{folder}: the splits hold no [n_seq, ctx_len] tokens (delphi would re-tokenize its "
+                               "dataset; re-cache with save_tokens=True)")
+    out = {k: torch.from_numpy(np.concatenate(v)) for k, v in
+           (("rows", rows), ("cols", cols), ("latents", lats), ("values", vals))}
+    if out["rows"].numel() and (int(out["rows"].max()) >= tokens.shape[0] or int(out["cols"].max()) >= tokens.shape[1]):
+        raise LatentCacheError(f"{folder}: locations outside the {tuple(tokens.shape)} token array")
+    return {**out, "tokens": torch.from_numpy(tokens), "width": splits[-1][1] + 1, "config": config}
+
+
+def import_delphi(raw_dir: str | Path, module: str, out_dir: str | Path, *, d_sae: int | None = None,
+                  n_shards: int = 8, tokenizer: Any = None, overwrite: bool = False) -> LatentCache:
+    """Build one of our caches at ``out_dir`` from a delphi cache module (every entry, float16 values widened).
+
+    ``d_sae`` defaults to one past delphi's last split (delphi does not record the width).
+    """
+    from intervene.features.cache import _Buffer, _flush, _save, _write_json
+
+    e = read_delphi_entries(raw_dir, module)
+    d_sae = int(d_sae or e["width"])
+    if e["latents"].numel() and int(e["latents"].max()) >= d_sae:
+        raise LatentCacheError(f"latent {int(e['latents'].max())} is out of range for d_sae={d_sae}")
+    out = Path(out_dir)
+    if (out / INDEX).exists():
+        if not overwrite:
+            raise LatentCacheError(f"{out} already holds a latent cache; pass overwrite=True")
+        import shutil
+
+        shutil.rmtree(out / "shards", ignore_errors=True)
+    tokens = e["tokens"].to(torch.int32)
+    n_seq, L = tokens.shape
+    width = math.ceil(d_sae / max(1, n_shards))
+    cfg = e["config"]
+    index = {"format": FORMAT, "version": VERSION, "site": (cfg.get("intervene") or {}).get("site") or module,
+             "ctx_len": L, "n_seq": n_seq, "batch_size": int(cfg.get("batch_size") or 1), "buffer_size": 0,
+             "shard_width": width, "n_shards": math.ceil(d_sae / width), "d_sae": d_sae, "value_dtype": "float32",
+             "encoder": {"kind": "delphi", "module": module}, "model": {"name_or_path": cfg.get("model_name")},
+             "next_batch": 0, "n_parts": 0, "peak_buffer": 0, "done": False}
+    out.mkdir(parents=True, exist_ok=True)
+    _save(out / TOKENS, {"tokens": tokens})
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    pos = e["rows"] * L + e["cols"]
+    order = torch.argsort(pos, stable=True)  # positions ascending within each latent after the stable sort
+    stats = {"count": torch.zeros(d_sae, dtype=torch.int64), "max": torch.full((d_sae,), -math.inf),
+             "sum": torch.zeros(d_sae, dtype=torch.float64)}
+    buf = _Buffer([pos[order]], [e["latents"][order].to(torch.int32)], [e["values"][order]], int(pos.numel()))
+    _flush(out, buf, index, stats, next_batch=1)  # writes the shards, the stats and the index
+    index["done"] = True
+    _write_json(out / INDEX, index)
+    return LatentCache(out)
+
