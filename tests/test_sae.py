@@ -325,3 +325,11 @@ def test_demo_sae_reconstructs_the_demo_model() -> None:
         h = model(**batch, output_hidden_states=True).hidden_states[layer + 1][batch["attention_mask"].bool()]
     fvu = ((sae(h) - h) ** 2).sum() / ((h - h.mean(0)) ** 2).sum()
     assert fvu < 0.35, f"FVU {fvu:.3f}"
+
+
+def test_latent_clamp_refuses_groupmax_saes() -> None:
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(torch.randn(HIDDEN, D_SAE, generator=g), torch.zeros(D_SAE), torch.randn(D_SAE, HIDDEN, generator=g),
+              torch.zeros(HIDDEN), activation="groupmax", k=4, site="layers.1")
+    with pytest.raises(iv.InterventionError, match="groupmax"):
+        LatentClamp(sae, 3)

@@ -51,6 +51,11 @@ class LatentClamp(Intervention):
 
     def __init__(self, sae: SAE, latents: int | Sequence[int], values: float | Sequence[float] = 0.0,
                  positions: PositionsSpec = "all", name: str | None = None, site: str | None = None) -> None:
+        if sae.activation not in ("relu", "jumprelu", "topk"):
+            # groupmax picks one winner per group of latents: clamping some latents would need every group's
+            # full encoder and its argmax rule at hook time, which this clamp does not implement
+            raise InterventionError(f"LatentClamp supports relu, jumprelu and topk SAEs, not {sae.activation!r}; "
+                                    "steer along its decoder rows with Steering.from_sae instead")
         if sae.is_transcoder:
             raise InterventionError("LatentClamp needs an autoencoder; a transcoder reads and writes different "
                                     "sites (use steering_from_sae for its decoder directions)")
