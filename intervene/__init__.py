@@ -31,6 +31,7 @@ from intervene.features.sae_io import load_sae
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
 from intervene.methods.iti import ITI, ITIConfig
+from intervene.methods.patching import Noise, Patch, interchange
 from intervene.methods.remedi import Remedi, RemediConfig
 from intervene.methods.sae_clamp import LatentClamp, steering_from_sae
 from intervene.methods.steering import DirectionalAblation, Steering
@@ -51,9 +52,9 @@ from intervene.version import __version__
 __all__ = [
     "ITI", "SAE", "Activations", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
     "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
-    "LatentClamp", "MethodSpec", "NotBakeableError", "Positions", "PositionsError", "Remedi", "RemediConfig",
+    "LatentClamp", "MethodSpec", "Noise", "NotBakeableError", "Patch", "Positions", "PositionsError", "Remedi", "RemediConfig",
     "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",
-    "bake_and_push", "collect", "demo_model", "expand_sites", "load_sae", "probes", "register",
+    "bake_and_push", "collect", "demo_model", "expand_sites", "interchange", "load_sae", "probes", "register",
     "register_family", "register_method", "registered_methods", "registered_types", "resolve_site",
     "resolve_sites", "site_names", "steering_from_sae",
 ]

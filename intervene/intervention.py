@@ -33,7 +33,7 @@ class Intervention:
 
     type_name: ClassVar[str] = "intervention"
 
-    def __init__(self, sites: list[str] | str, positions: PositionsSpec = "all", name: str | None = None) -> None:
+    def __init__(self, sites: Sequence[str] | str, positions: PositionsSpec = "all", name: str | None = None) -> None:
         self.sites = [sites] if isinstance(sites, str) else list(sites)
         if not self.sites:
             raise InterventionError(f"{type(self).__name__} needs at least one site")

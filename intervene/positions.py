@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 
@@ -105,7 +105,7 @@ class Positions:
         return cls.parse(obj)
 
 
-_NONE = False  # mask sentinel: the edit touches nothing in this call
+_NONE: Literal[False] = False  # mask sentinel: the edit touches nothing in this call
 
 
 @dataclass
@@ -130,7 +130,7 @@ class CallContext:
         self._am = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         self._past = past_len
         self._gen = gen
-        self._masks: dict[tuple[Positions, torch.device | None], torch.Tensor | bool | None] = {}
+        self._masks: dict[tuple[Positions, torch.device | None], torch.Tensor | Literal[False] | None] = {}
         self._abs: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._prompt: torch.Tensor | None = None
@@ -194,7 +194,7 @@ class CallContext:
             raise PositionsError(f"cannot map {self.batch} rows onto {batch0} examples")
         return torch.arange(self.batch) // (self.batch // batch0)
 
-    def mask(self, positions: Positions, device: torch.device | None = None) -> torch.Tensor | bool | None:
+    def mask(self, positions: Positions, device: torch.device | None = None) -> torch.Tensor | Literal[False] | None:
         """``None`` (every position), ``False`` (none) or a ``[batch, seq]`` bool tensor."""
         key = (positions, device)
         if key in self._masks:
@@ -210,7 +210,7 @@ class CallContext:
         self._masks[key] = m
         return m
 
-    def _build(self, p: Positions) -> torch.Tensor | bool | None:
+    def _build(self, p: Positions) -> torch.Tensor | Literal[False] | None:
         if self.decode_step and p.kind in _NAMED:
             return None if p.kind in ("all", "generated") else _NONE
         if p.kind == "all":
@@ -225,15 +225,26 @@ class CallContext:
         elif p.kind == "last":
             m = pos == plen - 1
         else:
-            if p.kind == "indices":
-                idx = torch.tensor(p.indices, device=pos.device).expand(self.batch, -1)
-                pad = torch.zeros_like(idx, dtype=torch.bool)
-            else:
-                idx, pad = self._per_example(p, pos.device)
-            idx = torch.where(idx < 0, idx + plen, idx)
-            idx = idx.masked_fill(pad, -1)
-            m = (pos[:, :, None] == idx[:, None, :]).any(-1)
+            m = (pos[:, :, None] == self.listed(p)[:, None, :]).any(-1)
         return m if self.valid is None else m & self.valid
+
+    def listed(self, p: Positions) -> torch.Tensor:
+        """``[batch, k]`` own-token indices of an ``indices`` / ``per_example`` spec, negative ones resolved
+        against each row's prompt length and missing entries (rows with fewer positions) set to ``-1``.
+
+        Column ``j`` is the ``j``-th listed position of the row's example, so values aligned with the list
+        (``[n_examples, k, ...]``) can be gathered by it.
+        """
+        pos, plen = self.abs_pos, self.prompt_len[:, None]
+        if p.kind == "indices":
+            idx = torch.tensor(p.indices, device=pos.device, dtype=torch.long).expand(self.batch, -1)
+            pad = torch.zeros_like(idx, dtype=torch.bool)
+        elif p.kind == "per_example":
+            idx, pad = self._per_example(p, pos.device)
+        else:
+            raise PositionsError(f"positions {p.to_json()!r} are not a list of indices")
+        idx = torch.where(idx < 0, idx + plen, idx)
+        return idx.masked_fill(pad, -1)
 
     def _per_example(self, p: Positions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = p.indices

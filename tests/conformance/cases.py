@@ -67,6 +67,17 @@ def sae_clamp(model: nn.Module, positions: str) -> Intervention:
     return iv.LatentClamp(sae, latents=[1, 5, 9], values=[3.0, 0.0, 1.5], positions=positions)
 
 
+def patch(model: nn.Module, positions: str) -> Intervention:
+    heads = resolve_site(model, "layers.0.heads").heads
+    assert heads is not None
+    return iv.Patch({"layers.0.heads": torch.randn(*heads, generator=_gen(10)),
+                     "layers.1.heads": torch.randn(*heads, generator=_gen(11))}, positions=positions, heads=[1])
+
+
+def noise(model: nn.Module, positions: str, scale: float = 0.5) -> Intervention:
+    return iv.Noise(["layers.0", "layers.1.attn"], scale=scale, positions=positions, seed=12)
+
+
 @contextlib.contextmanager
 def remedi_state(intervention: Intervention, batch: dict[str, torch.Tensor]) -> Iterator[None]:
     """REMEDI edits per call: directions from its editor (so a reloaded editor gives the same ones), at
@@ -99,4 +110,6 @@ CASES: dict[str, Case] = {
     "iti": Case(iti, identity=lambda m, p: iti(m, p, alpha=0.0)),
     "remedi": Case(remedi, identity=lambda m, p: remedi(m, p, alpha=0.0), state=remedi_state, generated=False),
     "sae_clamp": Case(sae_clamp, no_identity="a clamp sets latents to constants, which no setting makes the identity"),
+    "patch": Case(patch, no_identity="a patch sets activations to given values, which no constant makes the identity"),
+    "noise": Case(noise, identity=lambda m, p: noise(m, p, scale=0.0)),
 }

@@ -42,6 +42,8 @@ EXPECTED_BAKE: dict[str, dict[str, str]] = {
     "iti": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": UNVERIFIED},
     "remedi": dict.fromkeys(FAMILIES, "depend on the input"),
     "sae_clamp": dict.fromkeys(FAMILIES, "computed from each activation"),
+    "patch": dict.fromkeys(FAMILIES, "replaces activations"),
+    "noise": dict.fromkeys(FAMILIES, "drawn per token"),
 }
 
 

@@ -1,0 +1,20 @@
+"""Causal interventions: activation patching, interchange, patching sweeps, causal tracing, attribution patching.
+
+* :class:`Patch` / :class:`Noise` — set activations to source values (zero, mean, resampled, another run's)
+  or add seeded noise (``intervention.py``);
+* :func:`interchange` — source run, then base run with the source's activations patched in (``exchange.py``).
+"""
+
+from intervene.methods.patching.exchange import interchange, interchange_patch
+from intervene.methods.patching.intervention import Noise, Patch
+from intervene.registry import register_method
+
+register_method(
+    "patch", Patch,
+    refuse="a patch replaces activations with given values instead of adding to them; weights can only add a "
+           "constant (a bias) or project, so only steering-like edits bake")
+register_method(
+    "noise", Noise,
+    refuse="noise is drawn per token and position at run time; weights are the same for every token")
+
+__all__ = ["Noise", "Patch", "interchange", "interchange_patch"]
