@@ -2,11 +2,15 @@
 
 * :class:`Patch` / :class:`Noise` — set activations to source values (zero, mean, resampled, another run's)
   or add seeded noise (``intervention.py``);
-* :func:`interchange` — source run, then base run with the source's activations patched in (``exchange.py``).
+* :func:`interchange` — source run, then base run with the source's activations patched in (``exchange.py``);
+* :func:`sweep` — the effect of patching every (site, position) cell, many cells per forward (``sweep.py``),
+  as a :class:`PatchingResult` grid with a heat map (``metrics.py``, ``plots.py``).
 """
 
 from intervene.methods.patching.exchange import interchange, interchange_patch
 from intervene.methods.patching.intervention import Noise, Patch
+from intervene.methods.patching.metrics import PatchingResult, answer_prob, logit_diff
+from intervene.methods.patching.sweep import sweep
 from intervene.registry import register_method
 
 register_method(
@@ -17,4 +21,5 @@ register_method(
     "noise", Noise,
     refuse="noise is drawn per token and position at run time; weights are the same for every token")
 
-__all__ = ["Noise", "Patch", "interchange", "interchange_patch"]
+__all__ = ["Noise", "Patch", "PatchingResult", "answer_prob", "interchange", "interchange_patch", "logit_diff",
+           "sweep"]

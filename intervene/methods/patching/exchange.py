@@ -22,6 +22,7 @@ from torch import nn
 
 from intervene.errors import InterventionError
 from intervene.intervenable import Intervenable
+from intervene.intervention import Intervention
 from intervene.methods.patching.intervention import Patch
 from intervene.methods.patching.record import (
     Inputs,
@@ -85,7 +86,7 @@ def interchange(target: nn.Module | Intervenable, base: Inputs, source: Inputs, 
         forward_kwargs: passed to the base forward (e.g. ``use_cache=False``).
     """
     patch = interchange_patch(target, base, source, sites, positions, source_positions, heads, directions)
-    with _attached(target, patch) as ivm:
+    with attached_with(target, [patch]) as ivm:
         if generate is not None:  # generate derives position ids from the mask itself
             return ivm.generate(**{k: v for k, v in base.items() if k != "position_ids"}, **dict(generate))
         return ivm(**with_position_ids(model_of(target), base), **forward_kwargs)
@@ -96,12 +97,12 @@ def _rows(inputs: Inputs) -> int:
     return int((ref if ref is not None else inputs["inputs_embeds"]).shape[0])
 
 
-class _attached:
-    """An attached Intervenable with ``patch`` added last (composing after the target's own edits);
+class attached_with:
+    """Context manager: an attached Intervenable with ``patches`` added last (after the target's own edits);
     the target's interventions and attachment come back as they were."""
 
-    def __init__(self, target: nn.Module | Intervenable, patch: Patch) -> None:
-        self.target, self.patch = target, patch
+    def __init__(self, target: nn.Module | Intervenable, patches: Sequence[Intervention]) -> None:
+        self.target, self.patches = target, list(patches)
         self.ivm: Intervenable | None = None
         self.was_attached = False
 
@@ -109,10 +110,10 @@ class _attached:
         if isinstance(self.target, Intervenable):
             self.was_attached = self.target.attached
             self.target.detach()
-            self.target.interventions.append(self.patch)
+            self.target.interventions.extend(self.patches)
             self.ivm = self.target
         else:
-            self.ivm = Intervenable(self.target, [self.patch], attach=False)
+            self.ivm = Intervenable(self.target, self.patches, attach=False)
         try:
             return self.ivm.attach()
         except BaseException:
@@ -123,7 +124,8 @@ class _attached:
         assert self.ivm is not None
         self.ivm.detach()
         if isinstance(self.target, Intervenable):
-            self.target.interventions.remove(self.patch)
+            for p in self.patches:
+                self.target.interventions.remove(p)
             if self.was_attached:
                 self.target.attach()
 
