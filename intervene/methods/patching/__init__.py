@@ -4,9 +4,11 @@
   or add seeded noise (``intervention.py``);
 * :func:`interchange` — source run, then base run with the source's activations patched in (``exchange.py``);
 * :func:`sweep` — the effect of patching every (site, position) cell, many cells per forward (``sweep.py``),
-  as a :class:`PatchingResult` grid with a heat map (``metrics.py``, ``plots.py``).
+  as a :class:`PatchingResult` grid with a heat map (``metrics.py``, ``plots.py``);
+* :func:`attribution_patching` — every cell of a sweep estimated from two forwards and one backward.
 """
 
+from intervene.methods.patching.attribution import attribution_patching
 from intervene.methods.patching.exchange import interchange, interchange_patch
 from intervene.methods.patching.intervention import Noise, Patch
 from intervene.methods.patching.metrics import PatchingResult, answer_prob, logit_diff
@@ -21,5 +23,5 @@ register_method(
     "noise", Noise,
     refuse="noise is drawn per token and position at run time; weights are the same for every token")
 
-__all__ = ["Noise", "Patch", "PatchingResult", "answer_prob", "interchange", "interchange_patch", "logit_diff",
+__all__ = ["Noise", "Patch", "PatchingResult", "answer_prob", "attribution_patching", "interchange", "interchange_patch", "logit_diff",
            "sweep"]
