@@ -83,6 +83,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, excl
             parser.add_argument(_option(f.name), dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
             continue
+        if isinstance(default, (tuple, list)):  # a sequence field: several values after one option
+            item = type(default[0]) if default else str
+            parser.add_argument(_option(f.name), dest=f.name, type=item, nargs="+", default=list(default),
+                                choices=choices, help=f"{f.metadata.get('help', '')} (default {' '.join(map(str, default))})")
+            continue
         args = typing.get_args(kind)
         base = kind if kind in (int, float, str) else next((a for a in args if a in (int, float, str)), str)
         parser.add_argument(_option(f.name), dest=f.name, type=base, default=default, choices=choices, help=help_text)
@@ -92,6 +97,7 @@ def config_from_args(config_cls: type, args: argparse.Namespace, **overrides: An
     """The hyperparameter dataclass filled from parsed ``args`` (fields the parser lacks keep their defaults)."""
     from intervene.hparams import hparam_fields
 
-    values = {f.name: getattr(args, f.name) for f in hparam_fields(config_cls) if hasattr(args, f.name)}
+    values = {f.name: (tuple(v) if isinstance(v, list) else v)
+              for f in hparam_fields(config_cls) if hasattr(args, f.name) for v in [getattr(args, f.name)]}
     values.update(overrides)
     return config_cls(**values)

@@ -309,6 +309,26 @@ def speaker_contrast(rows: Sequence[dict]) -> list[dict]:
             for r in rows]
 
 
+def speaker_pairs(rows: Sequence[dict]) -> list[dict]:
+    """Patching pairs from quirky rows: the same question asked of Alice (clean) and of Bob (corrupted).
+
+    Only questions where the two answer differently are kept: ``{"clean": Alice's prompt, "corrupted": Bob's,
+    "answer": Alice's answer, "wrong": Bob's, "question_id", "template"}``. Patching Alice's activations into
+    Bob's run and measuring the answer's logit difference locates where Bob's systematic error enters.
+    """
+    by_q: dict[tuple[str, int], dict[str, dict]] = {}
+    for r in rows:
+        by_q.setdefault((r["question_id"], r["template"]), {})[r["character"]] = r
+    out = []
+    for (qid, template), pair in by_q.items():
+        alice, bob = pair.get("Alice"), pair.get("Bob")
+        if alice is None or bob is None or alice["alice_label"] == alice["bob_label"]:
+            continue
+        out.append({"clean": alice["text"], "corrupted": bob["text"], "answer": alice["choices"][alice["alice_label"]],
+                    "wrong": alice["choices"][alice["bob_label"]], "question_id": qid, "template": template})
+    return out
+
+
 BELIEF_TEMPLATE = "{statement}, says {character}."
 
 

@@ -273,19 +273,20 @@ class Noise(Intervention):
         self._draws: dict[tuple[str, int, int], torch.Tensor] = {}
 
     def bind(self, sites: Mapping[str, Site]) -> None:
-        for concrete, site in sites.items():
-            if site.shape is None:
-                raise InterventionError(f"{self.name}: the width of {concrete!r} is unknown; use a canonical site")
-            self._shape[concrete] = tuple(site.shape)
+        self._shape = {n: tuple(s.shape) for n, s in sites.items() if s.shape is not None}
         self._draws.clear()
 
-    def draw(self, site: str, n_ids: int, pos: int) -> torch.Tensor:
-        """``[n_ids, *site]`` float32 noise of own-token position ``pos`` (cached)."""
+    def draw(self, site: str, n_ids: int, pos: int, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``[n_ids, *shape]`` float32 noise of own-token position ``pos`` (cached; ``shape`` defaults to the
+        site's, known for canonical sites and taken from the activation for raw module paths)."""
+        shape = shape or self._shape.get(site)
+        if shape is None:
+            raise InterventionError(f"{self.name}: the width of {site!r} is not known before a forward")
         key = (site, n_ids, pos)
         out = self._draws.get(key)
         if out is None:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + pos) % (2**63 - 1))
-            out = self._draws[key] = torch.randn(n_ids, *self._shape[site], generator=g)
+            out = self._draws[key] = torch.randn(n_ids, *shape, generator=g)
         return out
 
     def apply(self, site: str, h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
@@ -301,7 +302,7 @@ class Noise(Intervention):
         eps = torch.zeros(h.shape, dtype=torch.float32)
         for p in torch.unique(pos[sel]).tolist():
             rows, cols = ((pos == p) & sel).nonzero(as_tuple=True)
-            eps[rows, cols] = self.draw(site, n_ids, int(p))[ids[rows]]
+            eps[rows, cols] = self.draw(site, n_ids, int(p), tuple(h.shape[2:]))[ids[rows]]
         new = (h.float() + self.scale * eps.to(h.device)).to(h.dtype)
         return new if m is None else torch.where(expand_mask(m, h), new, h)
 
