@@ -340,3 +340,13 @@ def test_pyvene_vanilla_interchange_gives_the_same_logits() -> None:
             assert (ours - model(**base).logits).abs().max() > 1e-4
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_resample_draws_rows_from_the_pool_and_derange_moves_every_row() -> None:
+    pool = torch.arange(5 * 32, dtype=torch.float32).view(5, 32)
+    p = iv.Patch.resample({"layers.1": pool}, n_examples=5, seed=3, derange=True)
+    rows = [int(v[0]) // 32 for v in p.values["layers.1"]]
+    assert sorted(rows) == list(range(5)) and all(r != i for i, r in enumerate(rows))
+    q = iv.Patch.resample({"layers.1": pool}, n_examples=8, seed=3)
+    assert q.values["layers.1"].shape == (8, 32) and q.per_example
+    assert torch.equal(q.values["layers.1"], iv.Patch.resample({"layers.1": pool}, 8, seed=3).values["layers.1"])

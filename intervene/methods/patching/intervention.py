@@ -246,6 +246,35 @@ class Patch(Intervention):
             vals[n] = a.reshape(-1, *a.shape[a.ndim - keep:]).mean(0)
         return cls(vals, positions=positions, name=name or "mean_ablation", heads=heads)
 
+    @classmethod
+    def resample(cls, activations: Mapping[str, torch.Tensor], n_examples: int, sites: Sequence[str] | None = None,
+                 positions: PositionsSpec = "all", seed: int = 0, derange: bool = False, name: str | None = None,
+                 heads: Sequence[int] | None = None) -> Patch:
+        """Resample ablation: example ``i`` of the next batch gets a row drawn (seeded, with replacement) from
+        ``activations`` (``[N, *site]``, e.g. ``iv.collect(..., positions="last")``), used at every patched position.
+
+        ``derange=True`` draws a random permutation with no fixed point instead (``N == n_examples``: each
+        example gets *another* example's activation, when the pool is the batch's own data).
+        """
+        names = list(sites) if sites is not None else list(activations)
+        pools = {n: torch.as_tensor(activations[n]).float() for n in names}
+        size = {int(v.shape[0]) for v in pools.values()}
+        if len(size) != 1:
+            raise InterventionError(f"resample: the sites hold different numbers of rows {sorted(size)}")
+        pool = size.pop()
+        g = torch.Generator().manual_seed(seed)
+        if derange:
+            if pool != n_examples or pool < 2:
+                raise InterventionError("derange needs a pool of exactly n_examples >= 2 rows")
+            shift = torch.randint(1, pool, (1,), generator=g)
+            perm = torch.randperm(pool, generator=g)
+            rows = torch.empty(pool, dtype=torch.long)
+            rows[perm] = perm.roll(int(shift))  # a cyclic shift of a random order: nobody keeps their own row
+        else:
+            rows = torch.randint(0, pool, (n_examples,), generator=g)
+        return cls({n: v[rows] for n, v in pools.items()}, positions=positions, per_example=True,
+                   name=name or "resample_ablation", heads=heads)
+
     def __repr__(self) -> str:
         kind = "per-example" if self.per_example else "constant"
         return f"Patch(name={self.name!r}, sites={self.sites}, {kind}, positions={self.positions.to_json()!r})"

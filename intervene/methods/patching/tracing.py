@@ -213,11 +213,17 @@ class DatasetTrace:
                           f"average indirect effect over {self.n} facts (total effect {self.total_effect:.3f})",
                           self.window, label="AIE")
 
-    def peak(self, kind: str) -> tuple[str, int, float]:
-        """``(bucket, layer, AIE)`` of the largest average indirect effect of ``kind``."""
-        a = self.aie[kind]
-        i = int(torch.argmax(torch.nan_to_num(a, nan=-math.inf)))
-        return BUCKETS[i // a.shape[1]], i % a.shape[1], float(a.reshape(-1)[i])
+    def peak(self, kind: str, rows: Sequence[int] | None = None) -> tuple[str, int, float]:
+        """``(bucket, layer, AIE)`` of the largest average indirect effect of ``kind`` (among bucket ``rows``)."""
+        rows = list(range(len(BUCKETS))) if rows is None else list(rows)
+        a = torch.nan_to_num(self.aie[kind][rows], nan=-math.inf)
+        i = int(torch.argmax(a))
+        return BUCKETS[rows[i // a.shape[1]]], i % a.shape[1], float(a.reshape(-1)[i])
+
+    def peak_within(self, kind: str, rows: Sequence[int]) -> tuple[str, int]:
+        """``(bucket, layer)`` of the largest AIE of ``kind`` among bucket ``rows`` (e.g. the subject's)."""
+        bucket, layer, _ = self.peak(kind, rows)
+        return bucket, layer
 
 
 def buckets(n_tokens: int, subject: tuple[int, int]) -> list[list[int]]:

@@ -1,0 +1,134 @@
+"""Causal tracing against a hand-written ROME-style reference, its invariants, the demo model's finding, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import intervene as iv
+from intervene.methods.patching import noise_level, trace, trace_dataset
+from intervene.methods.patching.cli import trace_items
+from intervene.methods.patching.tracing import BUCKETS, buckets, subject_tokens
+
+PROMPT, SUBJECT, ANSWER = "Pel'elm works as a", "Pel'elm", " tailor"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return iv.demo_model()
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _modules(model, kind: str, layer: int):
+    block = model.model.layers[layer]
+    return {"hidden": block, "mlp": block.mlp, "attn": block.self_attn}[kind]
+
+
+@torch.no_grad()
+def _reference(model, tok, restore: list[tuple[str, int, int]], nu: float, samples: int, seed: int) -> float:
+    """ROME by hand: noise the subject's token embeddings with the documented per-(sample, position) draws,
+    copy clean states back at (kind, layer, token), average P(answer) over the samples."""
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    subj = subject_tokens(tok, PROMPT, SUBJECT)
+    answer = tok(ANSWER, add_special_tokens=False)["input_ids"][0]
+    clean, hooks = {}, []
+    for kind, layer, _ in restore:
+        mod = _modules(model, kind, layer)
+        hooks.append(mod.register_forward_hook(lambda m, a, o, k=(kind, layer): clean.__setitem__(k, _first(o).clone())))
+    model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    rows = ids.expand(samples, -1)
+
+    def noisy(m, a, o):
+        o = o.clone()
+        for p in subj:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + p)
+            o[:, p] += nu * torch.randn(samples, o.shape[-1], generator=g)
+        return o
+
+    hooks = [model.get_input_embeddings().register_forward_hook(noisy)]
+    for kind, layer, t in restore:
+        def put(m, a, o, k=(kind, layer), t=t):
+            h = _first(o).clone()
+            h[:, t] = clean[k][0, t]
+            return (h, *o[1:]) if isinstance(o, tuple) else h
+        hooks.append(_modules(model, kind, layer).register_forward_hook(put))
+    try:
+        probs = torch.softmax(model(input_ids=rows).logits[:, -1].float(), -1)[:, answer]
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(probs.mean())
+
+
+def test_trace_equals_rome_by_hand(demo) -> None:
+    model, tok = demo
+    nu = noise_level(model, tok, [PROMPT], [SUBJECT])
+    res = trace(model, tok, PROMPT, SUBJECT, ANSWER, samples=4, window=3, seed=5)
+    assert res.answer == ANSWER and res.subject_range == (1, 4)
+    assert res.corrupted == pytest.approx(_reference(model, tok, [], nu, 4, 5), abs=1e-6)
+    for kind, layer, t in (("hidden", 0, 3), ("hidden", 2, 6), ("mlp", 1, 3), ("attn", 1, 6)):
+        window = [layer] if kind == "hidden" else list(range(max(0, layer - 1), min(4, layer + 2)))
+        want = _reference(model, tok, [(kind, w, t) for w in window], nu, 4, 5)
+        assert float(res.scores[kind][t, layer]) == pytest.approx(want, abs=1e-6), (kind, layer, t)
+
+
+def test_trace_invariants(demo) -> None:
+    model, tok = demo
+    res = trace(model, tok, PROMPT, SUBJECT, ANSWER, window=1)
+    # nothing before the subject sees the noise (causal attention): restoring it changes nothing
+    for kind in ("hidden", "mlp", "attn"):
+        assert res.indirect_effect(kind)[0].abs().max() < 1e-6
+    # the last token's logits read only the last block's output there: restoring it gives the clean run back
+    assert float(res.scores["hidden"][-1, -1]) == pytest.approx(res.clean, abs=1e-5)
+    assert res.total_effect > 0.3
+
+
+def test_buckets_follow_rome() -> None:
+    # tokens: 0 1 [2 3 4] 5 6 7 -> subject 2..4
+    assert buckets(8, (2, 5)) == [[2], [3], [4], [5], [6], [7]]
+    assert buckets(5, (1, 2)) == [[1], [], [1], [2], [3], [4]]
+    assert len(BUCKETS) == 6
+
+
+def test_demo_model_recalls_facts_at_the_entitys_last_token_in_block_0(demo) -> None:
+    """The trace agrees with the REMEDI work: block 0 (its MLP) at the entity's last token is where the
+    fact enters; later states of the subject carry nothing. Measured on 40 facts: hidden AIE 0.097 ± 0.038
+    (95%) at (last subject token, layer 0), MLP 0.094 ± 0.036, every later subject state <= 0.005,
+    total effect 0.70; bounds sit ~1.5 half-widths below."""
+    model, tok = demo
+    res = trace_dataset(model, tok, trace_items("quirky:facts", 40), window=1, progress=False)
+    assert res.n == 40 and res.skipped == 0 and res.total_effect > 0.55
+    subject = [0, 1, 2]  # first / middle / last subject token buckets
+    for kind in ("hidden", "mlp"):
+        a = res.aie[kind]
+        assert float(a[2, 0]) > 0.04, kind
+        assert res.peak_within(kind, subject) == ("last subject token", 0)
+        assert float(torch.nan_to_num(a[subject, 1:]).abs().max()) < 0.03, kind
+    assert float(res.aie["attn"][2, 0]) < float(res.aie["mlp"][2, 0])  # the MLP, not attention, adds the fact
+
+
+def test_cli_trace_writes_csv_and_plots(tmp_path) -> None:
+    data = tmp_path / "facts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "subject": s, "answer": a}) for p, s, a in [
+        (PROMPT, SUBJECT, ANSWER), ("Jor'uth likes the colour", "Jor'uth", " white")]) + "\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "intervene", "trace", "demo", str(data), "--window", "1",
+                           "--samples", "3", "--kinds", "hidden", "mlp", "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "traced 2 facts" in proc.stdout and "Largest average indirect effects" in proc.stdout
+    lines = (out / "trace.csv").read_text().splitlines()
+    assert lines[0] == "kind,bucket,layer,aie,ci95" and len(lines) == 1 + 2 * 6 * 4
+    assert (out / "trace.png").stat().st_size > 1000 and (out / "fact_0.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "intervene", "trace", "demo", "quirky:addition", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "needs facts" in bad.stderr and "Traceback" not in bad.stderr
