@@ -30,7 +30,12 @@ from intervene.sites import Site
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Intervenable] = weakref.WeakKeyDictionary()
 
 
-def _past_length(pkv: Any) -> int:
+def _past_length(named: dict[str, Any]) -> int:
+    """Tokens already in the KV cache of this call (transformers 5 names it ``cache``, 4 ``past_key_values``)."""
+    pos = named.get("cache_position")
+    if isinstance(pos, torch.Tensor) and pos.numel():
+        return int(pos.reshape(-1)[0])
+    pkv = named.get("cache", named.get("past_key_values"))
     if pkv is None:
         return 0
     if hasattr(pkv, "get_seq_length"):
@@ -145,7 +150,7 @@ class Intervenable:
             self._ctx = None
             return
         self._ctx = CallContext(x.shape[0], x.shape[1], named.get("attention_mask"),
-                                _past_length(named.get("past_key_values")), self._gen)
+                                _past_length(named), self._gen)
 
     def _context_for(self, h: torch.Tensor) -> tuple[CallContext, torch.Tensor]:
         """The call's context and ``h`` viewed as ``[batch, seq, ...]``.

@@ -18,6 +18,7 @@ Specs:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
@@ -252,13 +253,24 @@ class CallContext:
         n_examples = self._gen.batch0 if self._gen is not None else self.batch
         if len(rows) != n_examples:
             raise PositionsError(f"per-example positions give {len(rows)} rows for a batch of {n_examples} examples")
-        width = max(1, max(len(r) for r in rows))
-        table = torch.zeros(len(rows), width, dtype=torch.long)
-        pad = torch.ones(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            pad[i, : len(r)] = False
+        table, pad = _table(p)
         return table[ex].to(device), pad[ex].to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _table(p: Positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n_examples, width]`` indices of per-example positions and where a row has none (built once per spec:
+    every layer's hook of every forward asks for the same one)."""
+    rows = p.indices
+    width = max(1, max(len(r) for r in rows))
+    table = torch.zeros(len(rows), width, dtype=torch.long)
+    pad = torch.ones(len(rows), width, dtype=torch.bool)
+    flat = [(i, j, v) for i, r in enumerate(rows) for j, v in enumerate(r)]
+    if flat:
+        i, j, v = zip(*flat)
+        table[list(i), list(j)] = torch.tensor(v, dtype=torch.long)
+        pad[list(i), list(j)] = False
+    return table, pad
 
 
 def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

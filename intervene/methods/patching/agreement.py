@@ -31,23 +31,26 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def agreement(estimate: PatchingResult, real: PatchingResult, k: int = 3) -> dict[str, Any]:
-    """Spearman over all cells and over the live ones (non-zero in either grid), and per row (site) the overlap
-    of the ``k`` positions of largest |score|."""
+    """Spearman over all cells and over the live ones (|score| > 1e-6 in either grid), and per row (site) the
+    overlap of the ``k`` live positions of largest |score|."""
     if estimate.rows != real.rows or estimate.positions != real.positions:
         raise InterventionError("the two grids have different rows or positions")
-    k = max(1, min(k, len(real.positions)))
+    # cells where clean and corrupted agree are 0 in both grids; they tie and would inflate a rank correlation
+    live = (estimate.scores.abs() > 1e-6) | (real.scores.abs() > 1e-6)
     per_row = {}
     for i, row in enumerate(real.rows):
-        top_e = set(torch.argsort(estimate.scores[i].abs(), descending=True)[:k].tolist())
-        top_r = set(torch.argsort(real.scores[i].abs(), descending=True)[:k].tolist())
-        per_row[row] = len(top_e & top_r) / k
+        cols = live[i].nonzero().flatten()
+        kk = min(k, int(cols.numel()))
+        if kk == 0:
+            continue  # nothing to rank in this row
+        top_e = set(cols[torch.argsort(estimate.scores[i, cols].abs(), descending=True)[:kk]].tolist())
+        top_r = set(cols[torch.argsort(real.scores[i, cols].abs(), descending=True)[:kk]].tolist())
+        per_row[row] = len(top_e & top_r) / kk
     n_top = max(1, min(10, real.scores.numel()))
     top_e = set(torch.argsort(estimate.scores.reshape(-1).abs(), descending=True)[:n_top].tolist())
     top_r = set(torch.argsort(real.scores.reshape(-1).abs(), descending=True)[:n_top].tolist())
-    # cells where clean and corrupted agree are 0 in both grids; they tie and would inflate a rank correlation
-    live = (estimate.scores.abs() > 1e-6) | (real.scores.abs() > 1e-6)
     return {"spearman": spearman(estimate.scores, real.scores), "cells": int(real.scores.numel()),
             "spearman_live": spearman(estimate.scores[live], real.scores[live]) if int(live.sum()) > 1 else float("nan"),
             "live_cells": int(live.sum()),
             f"top{k}_overlap_per_row": per_row,
-            "mean_top_overlap": sum(per_row.values()) / len(per_row), f"global_top{n_top}_overlap": len(top_e & top_r) / n_top}
+            "mean_top_overlap": sum(per_row.values()) / len(per_row) if per_row else float("nan"), f"global_top{n_top}_overlap": len(top_e & top_r) / n_top}

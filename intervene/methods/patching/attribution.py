@@ -33,6 +33,7 @@ from intervene.methods.patching.sweep import (
     _tokens,
     cells_of,
     encode,
+    ends_real,
     last_logits,
     position_grid,
 )
@@ -66,7 +67,8 @@ def _forward_with_grads(target: nn.Module | Intervenable, inputs: Inputs, sites:
         for site in sites.values():
             (add_input_hook if site.side == "input" else add_output_hook)(hooks, site.module, adder(site), site.name)
         with torch.enable_grad():
-            out = target(**inputs, use_cache=False)
+            out = target(**inputs, use_cache=False, **({"logits_to_keep": 1} if ends_real(model_of(target), inputs)
+                                                     else {}))
             values = metric(last_logits(out.logits, inputs).float(), pair).float()
             names = list(deltas)
             grads = torch.autograd.grad(values.sum(), [deltas[n] for n in names], allow_unused=True)
@@ -129,7 +131,8 @@ def attribution_patching(model: nn.Module | Intervenable, clean: Sequence[str] |
         b_in = {k: v[rows] for k, v in base_in.items()}
         s_in = {k: v[rows] for k, v in src_in.items()}
         with torch.no_grad():
-            src_acts, src_out = record(model, s_in, list(resolved), use_cache=False)
+            src_acts, src_out = record(model, s_in, list(resolved), use_cache=False,
+                                       **({"logits_to_keep": 1} if ends_real(m, s_in) else {}))
         m_src[rows] = metric(last_logits(src_out.logits, s_in).float(), rows).float()
         base_acts, grads, m_base[rows] = _forward_with_grads(model, b_in, resolved, metric, rows)
         r_idx = torch.arange(len(rows))[:, None, None]

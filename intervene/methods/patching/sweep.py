@@ -18,6 +18,8 @@ head separately (``heads="each"``) or the whole site.
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,9 +71,10 @@ def encode(tokenizer: Any, texts: Sequence[str] | Inputs) -> dict[str, torch.Ten
 
 
 def last_logits(logits: torch.Tensor, inputs: Inputs) -> torch.Tensor:
-    """``[batch, vocab]`` logits at each row's last real token (left or right padding)."""
+    """``[batch, vocab]`` logits at each row's last real token (left or right padding; ``logits`` may hold only
+    the last position, computed with ``logits_to_keep=1`` when every row ends on a real token)."""
     mask = inputs.get("attention_mask")
-    if mask is None:
+    if mask is None or logits.shape[1] == 1:
         return logits[:, -1]
     cols = torch.arange(mask.shape[1], device=mask.device)
     last = (mask.bool() * cols).argmax(-1)
@@ -170,13 +173,20 @@ def sweep(model: nn.Module | Intervenable, clean: Sequence[str] | Inputs, corrup
     src_cols = [src_in["attention_mask"][i].nonzero().flatten() for i in range(n)]
     base_cols = [base_in["attention_mask"][i].nonzero().flatten() for i in range(n)]
 
-    jobs = [(c, j, p) for c in range(len(cells)) for j in range(len(labels)) for p in range(n)]
+    prefix = _shared_prefix(m, base_in, base_pos)  # per column: the position every row patches, if shared
+    jobs = [(c, j, p) for j in range(len(labels)) for c in range(len(cells)) for p in range(n)]
     per_pair = torch.empty(len(cells), len(labels), n)
     bar = tqdm(total=len(jobs), desc="patching", unit="cell", disable=not progress)
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    caches: dict[int, Any] = {}
+    keep_last = ends_real(m, base_in)
+    per_column = len(cells) * n
+    starts = (range(0, len(jobs), batch_size) if prefix is None else  # with a shared prefix, never mix columns
+              [j * per_column + s for j in range(len(labels)) for s in range(0, per_column, batch_size)])
+    for start in starts:
+        chunk = jobs[start:min(start + batch_size, len(jobs) if prefix is None else (start // per_column + 1) * per_column)]
+        # rows patching the same column share its prefix: run only the suffix from the corrupted KV cache
+        cut = prefix[chunk[0][1]] if prefix is not None and len({j for _, j, _ in chunk}) == 1 else 0
         rows = torch.tensor([p for _, _, p in chunk])
-        inputs = {k: v[rows] for k, v in base_in.items()}
         patches = []
         for name in {cells[c].site for c, _, _ in chunk}:
             site = resolved[name]
@@ -198,9 +208,16 @@ def sweep(model: nn.Module | Intervenable, clean: Sequence[str] | Inputs, corrup
                 own.append(list(bp))
             patches.append(Patch({name: values}, positions={"per_example": own}, per_example=True,
                                  name=f"cell_{len(patches)}"))
+        inputs = {k: v[rows] for k, v in base_in.items()}
+        if cut:
+            if cut not in caches:
+                caches = {cut: _prefix_cache(model, base_in, cut)}  # columns run in order: keep one
+            inputs = _suffix_inputs(m, inputs, caches[cut], rows, cut)
+        if keep_last:  # every row ends on a real token: only the last position's logits are read
+            inputs["logits_to_keep"] = 1
         with torch.no_grad(), attached_with(model, patches) as ivm:
-            out = ivm(**inputs, use_cache=False)
-        vals = metric(last_logits(out.logits, inputs).float(), rows).float()
+            out = ivm(**inputs, use_cache=bool(cut))
+        vals = metric(out.logits[:, -1].float() if cut else last_logits(out.logits, inputs).float(), rows).float()
         for r, (c, j, p) in enumerate(chunk):
             per_pair[c, j, p] = vals[r]
         bar.update(len(chunk))
@@ -213,6 +230,58 @@ def sweep(model: nn.Module | Intervenable, clean: Sequence[str] | Inputs, corrup
     tokens = _tokens(tokenizer, base_in, labels)
     return PatchingResult((raw - corr_mean) / denom, raw, per_pair, clean_mean, corr_mean, [c.label for c in cells],
                           labels, tokens, direction, meta={"n_pairs": n, "batch_size": batch_size})
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def ends_real(model: nn.Module, inputs: Inputs) -> bool:
+    """Whether every row's last column is a real token (no right padding) and the model can skip the other
+    positions' logits (``logits_to_keep``): then only the last position's logits are computed."""
+    mask = inputs.get("attention_mask")
+    return _accepts(model, "logits_to_keep") and (mask is None or bool(mask[:, -1].bool().all()))
+
+
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name under which the model's forward takes a KV cache (transformers 5: ``cache``)."""
+    return next((n for n in ("cache", "past_key_values") if _accepts(model, n)), None)
+
+
+def _shared_prefix(model: nn.Module, base: Inputs, base_pos: list[list[list[int]]]) -> list[int] | None:
+    """Per column, the single own position every pair patches — when no row is padded and the model takes a
+    KV cache — else ``None``. Tokens before it are the unpatched base run's in every row (causal attention),
+    so they are computed once and the patched rows run from there."""
+    mask = base.get("attention_mask")
+    if _cache_argument(model) is None or (mask is not None and not bool(mask.bool().all())):
+        return None
+    out = []
+    for col in base_pos:
+        firsts = {tuple(rows) for rows in col}
+        if len(firsts) != 1 or len(next(iter(firsts))) != 1:
+            return None
+        out.append(next(iter(firsts))[0])
+    return out
+
+
+def _prefix_cache(target: nn.Module | Intervenable, base: Inputs, cut: int) -> Any:
+    """The KV cache of every pair's first ``cut`` base tokens (the target's own edits applied)."""
+    prefix = {k: v[:, :cut] for k, v in base.items()}
+    with torch.no_grad():
+        return target(**prefix, use_cache=True).past_key_values
+
+
+def _suffix_inputs(model: nn.Module, inputs: Inputs, cache: Any, rows: torch.Tensor, cut: int) -> dict[str, Any]:
+    """The rows' tokens from ``cut`` on, with a copy of the prefix cache reordered to the rows' pairs."""
+    mine = copy.deepcopy(cache)
+    mine.reorder_cache(rows)
+    out: dict[str, Any] = {k: v[:, cut:] for k, v in inputs.items() if k != "attention_mask"}
+    out["attention_mask"] = inputs["attention_mask"]  # the whole row: past and new tokens
+    out[_cache_argument(model) or "past_key_values"] = mine
+    return out
 
 
 def _tokens(tokenizer: Any, inputs: Inputs, labels: list[int | str]) -> list[str] | None:
