@@ -23,7 +23,7 @@ from torch import nn
 
 from intervene.bake.layout import Layout, Loc, Part, layout_of, proj_paths, skeleton, writer_paths
 from intervene.errors import NotBakeableError
-from intervene.sites import hidden_size, num_layers
+from intervene.sites import hidden_size, layer_parts, num_layers
 
 _seq = itertools.count()
 
@@ -131,6 +131,9 @@ class WeightEditor:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
         output and the output of every attention and MLP writer of every block."""
         r = direction.detach().to(torch.float64).reshape(-1)
+        if any(layer_parts(self.source, i).post_norm for i in range(self.n_layers)):
+            raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
+                                   "projection of the writers keeps it orthogonal to r")
         self._push(Loc("embed"), _Op(r, None, 9, why))
         for i in range(self.n_layers):
             for part in ("attn", "mlp"):
@@ -146,7 +149,14 @@ class WeightEditor:
             self._embed.append(op)
         elif loc.kind in ("write", "resid"):
             self._check_width(op, self.hidden)
-            # the residual after block i is what its last writer added to: fold there (order > 0)
+            if loc.kind == "resid":
+                # the residual after block i is what its last writer added to: fold there (order > 0)
+                parts = layer_parts(self.source, loc.layer)
+                if parts.post_norm:
+                    raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
+                                           "LayerNorm's output, which no writer's bias can shift")
+                if parts.mlp_gain != 1.0 and op.c is not None:  # the block scales the writer's output
+                    op = _Op(op.r, op.c / parts.mlp_gain, op.order, op.why, op.seq)
             key = (loc.layer, "mlp" if loc.kind == "resid" else loc.part)
             self._out.setdefault(key, []).append(op)
         else:
@@ -196,6 +206,8 @@ class WeightEditor:
                     ow = None
                 oflag = None if ow is None else self._bias_flag(ow, other)
                 if ow is not None and (ow.bias is not None or oflag is not None):
+                    gains = layer_parts(self.source, i)
+                    b = b * getattr(gains, f"{part}_gain") / getattr(gains, f"{other}_gain")  # in the partner's units
                     shift[opath] = shift[opath] + b if opath in shift else b
                     drop.add(path)
                     units.setdefault(opath, ((i, other), [], []))

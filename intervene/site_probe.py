@@ -1,0 +1,227 @@
+"""The probe forward passes behind :mod:`intervene.site_discovery`: hooks that record, hold and perturb.
+
+A probe is ``BATCH x SEQ`` low token ids run through the model in eval mode under ``no_grad``. Pass 1
+(:func:`record`) keeps, per block, its input and output and every descendant's input and output that
+has the residual's shape, plus the token embedding's output. Pass 2 (:func:`perturb`) replaces every
+block's input by the one pass 1 saw (so each block sees only its own perturbation), adds noise to
+chosen module outputs and records others. Activations are kept as float64 ``[BATCH, SEQ, hidden]``
+copies (modules that flatten tokens to ``[BATCH*SEQ, hidden]`` are viewed back).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+BATCH, SEQ = 2, 6  # batch > 1 catches code that drops the batch axis
+
+
+def first_tensor(x: Any) -> torch.Tensor | None:
+    """``x`` if a tensor, else the first element of a tuple/list if that is one (block outputs vary)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]
+    return None
+
+
+def as_resid(t: torch.Tensor | None, h: int) -> torch.Tensor | None:
+    """A float64 copy of ``t`` as ``[BATCH, seq, h]`` if it has the residual's shape, else ``None``.
+
+    ``seq`` is usually ``SEQ``; some models prepend tokens of their own (CPM-Ant's prompt).
+    """
+    if t is None or t.ndim not in (2, 3) or t.shape[-1] != h or t.numel() % (BATCH * h) or t.shape[0] not in (BATCH, t.numel() // h):
+        return None
+    return t.detach().reshape(BATCH, -1, h).to(torch.float64, copy=True)  # copy: blocks add in place
+
+
+def module_input(args: tuple, kwargs: dict, h: int) -> torch.Tensor | None:
+    """A module's main input: the first positional argument, ``hidden_states=``, or a hidden-wide tensor kwarg."""
+    t = first_tensor(args[0]) if args else kwargs.get("hidden_states")
+    if t is None:
+        t = next((v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.shape[-1:] == (h,)), None)
+    return t
+
+
+def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (new, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else \
+        next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape == new.shape)
+    return args, {**kwargs, key: new}
+
+
+@dataclass
+class Record:
+    """What pass 1 saw. Keys of ``out`` / ``inp`` / ``order`` are ``"{block}/{path in block}"``."""
+
+    block_in: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_out: dict[int, torch.Tensor] = field(default_factory=dict)
+    raw_in: dict[int, torch.Tensor] = field(default_factory=dict)  # block inputs as the model passed them
+    calls: dict[int, int] = field(default_factory=dict)
+    out: dict[str, torch.Tensor] = field(default_factory=dict)
+    inp: dict[str, torch.Tensor] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)  # when each module's forward finished
+    embed_out: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other embeddings' outputs (positions)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the probe, restoring each module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, f in flags:
+            m.training = f
+
+
+def probe_ids(model: nn.Module) -> torch.Tensor:
+    """``[BATCH, SEQ]`` token ids below 200: special (image, pad) tokens sit at the top of most vocabularies."""
+    emb = model.get_input_embeddings()
+    vocab = int(emb.weight.shape[0]) if isinstance(getattr(emb, "weight", None), torch.Tensor) else 100
+    hi = max(4, min(vocab, 200))
+    ids = (torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) * 7 + 3) % (hi - 3) + 3
+    return ids.to(emb.weight.device)
+
+
+def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> None:
+    """One probe forward pass with ``(module, "pre"|"post", fn)`` hooks, all removed afterwards.
+
+    Pre-hooks go first (``prepend``) so they see a module's input before anyone else's pre-hook edits it.
+    """
+    handles = []
+    try:
+        for mod, kind, fn in hooks:
+            handles.append(mod.register_forward_pre_hook(fn, with_kwargs=True, prepend=True) if kind == "pre"
+                           else mod.register_forward_hook(fn))
+        kw: dict[str, Any] = {"input_ids": probe_ids(model)}
+        params = inspect.signature(model.forward).parameters
+        if "use_cache" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            kw["use_cache"] = False
+        with torch.no_grad(), _eval_mode(model):
+            model(**kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def count_calls(model: nn.Module, modules: list[nn.Module]) -> list[int]:
+    """How many times each of ``modules`` runs in one probe pass."""
+    counts = [0] * len(modules)
+
+    def counter(k: int):
+        def fn(_m: nn.Module, _a: tuple, _kw: dict) -> None:
+            counts[k] += 1
+        return fn
+
+    run(model, [(m, "pre", counter(k)) for k, m in enumerate(modules)])
+    return counts
+
+
+def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapping[str, nn.Module],
+           h: int) -> Record:
+    """Pass 1: see :class:`Record`."""
+    rec = Record()
+    tick = itertools.count()
+
+    def block_pre(i: int):
+        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            rec.calls[i] = rec.calls.get(i, 0) + 1
+            t = module_input(args, kwargs, h)
+            if t is not None and i not in rec.raw_in:
+                rec.raw_in[i] = t.detach().clone()
+                if (r := as_resid(t, h)) is not None:
+                    rec.block_in[i] = r
+        return fn
+
+    def block_post(i: int):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
+            if i not in rec.block_out and (r := as_resid(first_tensor(out), h)) is not None:
+                rec.block_out[i] = r
+        return fn
+
+    def sub_pre(key: str):
+        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+                rec.inp[key] = r
+        return fn
+
+    def sub_post(key: str):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
+            if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
+                rec.out[key], rec.order[key] = r, next(tick)
+        return fn
+
+    def extra_post(key: str):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
+            t = first_tensor(out)
+            if t is not None and t.shape[-1] == h:
+                rec.extra.setdefault(key, t.detach().to(torch.float64, copy=True))
+        return fn
+
+    def embed_post(_m: nn.Module, _a: tuple, out: Any) -> None:
+        rec.embed_out = as_resid(first_tensor(out), h)
+
+    hooks: list = [(emb, "post", embed_post)]
+    hooks += [(mod, "post", extra_post(name)) for name, mod in extras.items()]
+    for i, block in enumerate(blocks):
+        hooks += [(block, "pre", block_pre(i)), (block, "post", block_post(i))]
+        for rel, mod in block.named_modules():
+            if rel:
+                hooks += [(mod, "pre", sub_pre(f"{i}/{rel}")), (mod, "post", sub_post(f"{i}/{rel}"))]
+    run(model, hooks)
+    return rec
+
+
+def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping[nn.Module, torch.Tensor],
+            watch: Mapping[str, nn.Module], h: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Pass 2: hold every block's input at ``rec.raw_in``, add ``noise[m]`` to module ``m``'s output.
+
+    Returns the outputs of ``watch`` (``{name: module}``) and what block 0 was given before being held.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    given0: list[torch.Tensor] = []
+
+    def hold(i: int):
+        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if i == 0 and not given0 and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+                given0.append(r)
+            return _replace_input(args, kwargs, rec.raw_in[i])
+        return fn
+
+    def bump(delta: torch.Tensor):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> Any:
+            t = first_tensor(out)
+            if t is None or t.numel() != delta.numel():
+                return None
+            new = t + delta.reshape(t.shape).to(t.dtype)
+            return new if isinstance(out, torch.Tensor) else type(out)((new, *out[1:]))
+        return fn
+
+    def grab(name: str):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
+            if name not in seen and (r := as_resid(first_tensor(out), h)) is not None:
+                seen[name] = r
+        return fn
+
+    hooks: list = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
+    hooks += [(m, "post", bump(d)) for m, d in noise.items()]
+    hooks += [(m, "post", grab(n)) for n, m in watch.items()]
+    run(model, hooks)
+    return seen, (given0[0] if given0 else None)
+
+
+def tol(*ts: torch.Tensor | None, dtype: torch.dtype) -> float:
+    """Rounding allowance for sums of these activations computed in ``dtype``."""
+    scale = max((float(t.abs().max()) for t in ts if t is not None and t.numel()), default=1.0)
+    return 16 * torch.finfo(dtype).eps * max(scale, 1e-6)
