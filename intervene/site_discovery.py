@@ -17,8 +17,9 @@ taken from names alone: candidates come from the module tree, and probe forward 
 3. **Heads**: the attention projection's input, ``in_features = n_heads * head_dim``, with ``n_heads``
    from the attention module or the (per-layer) config, used only when it divides exactly.
 4. **Wiring**: a second pass holds every block's input fixed and perturbs attention's output; the
-   MLP's output moving means sequential, staying put means parallel. The same pass perturbs the token
-   embedding: how block 0's input follows gives ``embed_gain`` (``None`` through a norm).
+   MLP's output moving means sequential, staying put means parallel. A third perturbs the token
+   embedding: how block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the
+   logits move too, i.e. the embedding feeds more than block 0).
 
 What cannot be resolved is recorded per block with the reason (``LayerParts.missing``), which
 :mod:`intervene.sites` raises as ``SiteError`` for the sites that need it; a block list that fails the
@@ -70,9 +71,10 @@ class Discovered:
     """A model's structure as found and checked by :func:`discover`.
 
     ``layers``: path of the block list on the model; ``embed``: path of the token embedding.
-    ``embed_gain``: how much block 0's input moves per unit change of the embedding output (``None``:
-    not linearly). ``pos_embed``: a learned position embedding added before block 0, if any;
-    ``embed_offset``: something else (unidentified) is added there.
+    ``embed_gain``: how much block 0's input moves per unit change of a token's embedding row (the
+    embedding's own scale times any multiplier after it; ``None``: not linearly, e.g. through a norm,
+    or the embedding also feeds something besides block 0). ``pos_embed``: a learned position
+    embedding added before block 0, if any; ``embed_offset``: something else (unidentified) is.
     """
 
     layers: str
@@ -321,8 +323,8 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple
 
 # ---- 4. wiring ----------------------------------------------------------------------------------
 def _wiring(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, found: list[dict[str, Any]],
-            emb: nn.Module, h: int, dtype: torch.dtype) -> tuple[list[bool | None], tuple | None]:
-    """Per block, is the MLP parallel to attention? And (block 0's input change, embedding change)."""
+            h: int, dtype: torch.dtype) -> list[bool | None]:
+    """Per block, is the MLP parallel to attention (``None``: no writers, or no clear answer)?"""
     g = torch.Generator().manual_seed(0)
     noise: dict[nn.Module, torch.Tensor] = {}
     watch: dict[str, nn.Module] = {}
@@ -332,12 +334,7 @@ def _wiring(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, found: l
             scale = float(a.abs().max()) + float(rec.block_in[i].abs().max())
             noise[block.get_submodule(found[i]["attn"])] = torch.randn(a.shape, generator=g, dtype=torch.float64) * scale
             watch[str(i)] = block.get_submodule(found[i]["mlp"])
-    e_delta = None
-    if rec.embed_out is not None:
-        e_delta = torch.randn(rec.embed_out.shape, generator=g, dtype=torch.float64) * (
-            float(rec.embed_out.abs().max()) + 1e-3)
-        noise[emb] = e_delta
-    seen, given0 = probe.perturb(model, blocks, rec, noise, watch, h)
+    seen, _, _ = probe.perturb(model, blocks, rec, noise, watch, h)
     parallel: list[bool | None] = []
     for i in range(len(blocks)):
         if str(i) not in seen:
@@ -346,31 +343,62 @@ def _wiring(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, found: l
         m0 = rec.out[f"{i}/{found[i]['mlp']}"]
         moved, t = float((seen[str(i)] - m0).abs().max()), probe.tol(m0, seen[str(i)], dtype=dtype)
         parallel.append(True if moved <= t else False if moved > 100 * t else None)
-    if e_delta is None or given0 is None or 0 not in rec.block_in:
-        return parallel, None
-    return parallel, (given0 - rec.block_in[0], e_delta)
+    return parallel
 
 
-def _embed_facts(rec: probe.Record, moved: tuple | None, dtype: torch.dtype) -> tuple[float | None, str | None, bool]:
-    """(gain of block 0's input per unit of embedding output, position-embedding path, unexplained offset)."""
-    if moved is None or rec.embed_out is None or moved[0].shape != moved[1].shape:
-        return None, None, True
-    d_in, d_emb = moved
-    gain = float((d_in * d_emb).sum() / (d_emb * d_emb).sum())
-    if abs(gain) < 1e-6 or float((d_in - gain * d_emb).abs().max()) > 4 * probe.tol(d_in, gain * d_emb, dtype=dtype):
-        return None, None, True  # not linear: a norm (or more) between the embedding and block 0
-    gain = 1.0 if abs(gain - 1.0) < 1e-5 else gain
+def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, emb: nn.Module,
+                h: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(block 0's input change, embedding output change) with every block's input held, or why the
+    embedding cannot be edited as block 0's input: it also feeds something else (Gemma-4's per-layer
+    inputs are computed from it), which the logits moving betrays."""
+    if rec.embed_out is None or 0 not in rec.block_in:
+        return "the embedding output or block 0's input is not one [batch, seq, hidden] tensor"
+    g = torch.Generator().manual_seed(1)
+    e_delta = torch.randn(rec.embed_out.shape, generator=g, dtype=torch.float64) * (
+        float(rec.embed_out.abs().max()) + 1e-3)
+    _, given0, same = probe.perturb(model, blocks, rec, {emb: e_delta}, {}, h)
+    if not same:
+        return "the embedding output reaches more than block 0's input (the logits move with block 0's input held)"
+    if given0 is None:
+        return "block 0's input is not one [batch, seq, hidden] tensor"
+    return given0 - rec.block_in[0], e_delta
+
+
+def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """``s`` with ``target = s * base`` to rounding, else ``None`` (exactly 1.0 when that fits)."""
+    if target.shape != base.shape or not bool(base.abs().max() > 0):
+        return None
+    s = float((target * base).sum() / (base * base).sum())
+    s = 1.0 if abs(s - 1.0) < 1e-5 else s
+    if abs(s) < 1e-6 or float((target - s * base).abs().max()) > 4 * probe.tol(target, s * base, dtype=dtype):
+        return None
+    return s
+
+
+def _embed_facts(model: nn.Module, emb: nn.Module, rec: probe.Record, moved: tuple | str,
+                 dtype: torch.dtype) -> tuple[float | None, str | None, bool]:
+    """(gain from an embedding row to block 0's input, position-embedding path, unexplained offset).
+
+    Two factors, both checked to be exact scalars: the embedding module's own (Gemma's sqrt(hidden);
+    a normed embedding has none) and what happens between it and block 0 (Granite's multiplier).
+    """
+    rows = emb.weight.detach()[probe.probe_ids(model)].to(torch.float64)
+    inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
+    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype)
+    if inner is None or outer is None:
+        return None, None, True  # not linear: a norm (or more) between the rows and block 0
+    gain = outer
     offset = rec.block_in[0] - gain * rec.embed_out
     t = 4 * probe.tol(rec.block_in[0], rec.embed_out, dtype=dtype)
     if float(offset.abs().max()) <= t:
-        return gain, None, False
+        return inner * gain, None, False
     for name, out in rec.extra.items():
         try:
             if float((offset - out.expand_as(offset)).abs().max()) <= t:
-                return gain, name, False
+                return inner * gain, name, False
         except RuntimeError:  # not broadcastable to [batch, seq, hidden]
             continue
-    return gain, None, True
+    return inner * gain, None, True
 
 
 # ---- putting it together -------------------------------------------------------------------------
@@ -408,7 +436,8 @@ def _discover(model: nn.Module) -> Discovered:
         found.append(f)
         missing.append(m)
     try:
-        parallel, moved = _wiring(model, blocks, rec, found, emb, h, dtype)
+        parallel = _wiring(model, blocks, rec, found, h, dtype)
+        moved = _embed_pass(model, blocks, rec, emb, h)
     except Exception as e:
         raise UnsupportedModelError(f"{name}: the self-check's second pass (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
@@ -425,7 +454,7 @@ def _discover(model: nn.Module) -> Discovered:
         gains = f.get("gains", (1.0, 1.0))
         parts.append(LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads,
                                 parallel[i], gains[0], gains[1], f.get("post_norm", False), m))
-    gain, pos, offset = _embed_facts(rec, moved, dtype)
+    gain, pos, offset = _embed_facts(model, emb, rec, moved, dtype)
     return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
 
 

@@ -71,6 +71,7 @@ class Record:
     order: dict[str, int] = field(default_factory=dict)  # when each module's forward finished
     embed_out: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other embeddings' outputs (positions)
+    logits: torch.Tensor | None = None
 
 
 @contextmanager
@@ -94,8 +95,9 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
     return ids.to(emb.weight.device)
 
 
-def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> None:
-    """One probe forward pass with ``(module, "pre"|"post", fn)`` hooks, all removed afterwards.
+def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> torch.Tensor | None:
+    """One probe forward pass with ``(module, "pre"|"post", fn)`` hooks, all removed afterwards; returns
+    the model's logits (its output's ``logits``, else its first tensor).
 
     Pre-hooks go first (``prepend``) so they see a module's input before anyone else's pre-hook edits it.
     """
@@ -109,7 +111,9 @@ def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> None:
         if "use_cache" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
             kw["use_cache"] = False
         with torch.no_grad(), _eval_mode(model):
-            model(**kw)
+            out = model(**kw)
+        logits = getattr(out, "logits", None)
+        return (logits if isinstance(logits, torch.Tensor) else first_tensor(out)).detach().clone()
     finally:
         for h in handles:
             h.remove()
@@ -179,15 +183,16 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
         for rel, mod in block.named_modules():
             if rel:
                 hooks += [(mod, "pre", sub_pre(f"{i}/{rel}")), (mod, "post", sub_post(f"{i}/{rel}"))]
-    run(model, hooks)
+    rec.logits = run(model, hooks)
     return rec
 
 
 def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping[nn.Module, torch.Tensor],
-            watch: Mapping[str, nn.Module], h: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+            watch: Mapping[str, nn.Module], h: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, bool]:
     """Pass 2: hold every block's input at ``rec.raw_in``, add ``noise[m]`` to module ``m``'s output.
 
-    Returns the outputs of ``watch`` (``{name: module}``) and what block 0 was given before being held.
+    Returns the outputs of ``watch`` (``{name: module}``), what block 0 was given before being held,
+    and whether the logits came out bit-identical to pass 1's.
     """
     seen: dict[str, torch.Tensor] = {}
     given0: list[torch.Tensor] = []
@@ -217,8 +222,9 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
     hooks: list = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
     hooks += [(m, "post", bump(d)) for m, d in noise.items()]
     hooks += [(m, "post", grab(n)) for n, m in watch.items()]
-    run(model, hooks)
-    return seen, (given0[0] if given0 else None)
+    logits = run(model, hooks)
+    same = rec.logits is not None and logits is not None and torch.equal(logits, rec.logits)
+    return seen, (given0[0] if given0 else None), same
 
 
 def tol(*ts: torch.Tensor | None, dtype: torch.dtype) -> float:

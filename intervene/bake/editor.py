@@ -336,8 +336,9 @@ class WeightEditor:
             return
         emb = self.model.get_input_embeddings()
         scale = getattr(emb, "embed_scale", 1.0)
-        # the module's own row scale (Gemma's sqrt(hidden)) times any multiplier applied after it
-        scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale) * self.layout.embed_gain
+        scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+        if self.layout.embed_gain is not None:  # measured: the row scale times any multiplier after it
+            scale = self.layout.embed_gain
         e = emb.weight.detach().to(torch.float64)
         pos_mod = self.model.get_submodule(self.layout.pos_embed) if self.layout.pos_embed else None
         pos = pos_mod.weight.detach().to(torch.float64) if pos_mod is not None else None

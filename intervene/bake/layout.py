@@ -64,8 +64,9 @@ class Layout:
             together with the token embedding when the embedding output is projected.
         embed_refusal: why the embedding output cannot be edited (a norm after it, a projection).
         refusal: a config-dependent reason the family cannot be baked at all.
-        embed_gain: how much block 0's input moves per unit of embedding output (a multiplier the
-            model applies outside the embedding module, e.g. Granite's ``embedding_multiplier``).
+        embed_gain: how much block 0's input moves per unit change of an embedding row, measured by
+            discovery (the module's own scale times e.g. Granite's ``embedding_multiplier``); ``None``
+            (table layouts): the embedding module's ``embed_scale`` attribute, else 1.
         embed_offset: why the embedding cannot be *projected*: something unidentified is added to it
             before block 0 (adding a constant still bakes).
     """
@@ -75,7 +76,7 @@ class Layout:
     pos_embed: str | None = None
     embed_refusal: str | Callable[[nn.Module], str | None] | None = None
     refusal: Callable[[nn.Module], str | None] | None = None
-    embed_gain: float = 1.0
+    embed_gain: float | None = None
     embed_offset: str | None = None
 
     def is_parallel(self, config: object) -> bool:
@@ -152,14 +153,14 @@ def _derive(model: nn.Module) -> Layout:
     parallel = bool(found.parts) and all(p.parallel is True for p in found.parts)
     embed_why = None
     if found.embed_gain is None:
-        embed_why = ("the embedding output reaches block 0 through a non-linear map (a norm, say), so no edit "
-                     "of the embedding rows reproduces an edit of block 0's input")
+        embed_why = ("the embedding rows reach block 0 through a non-linear map (a norm, say) or also feed "
+                     "something besides block 0, so no edit of the rows reproduces an edit of block 0's input")
     offset_why = None
     if found.embed_offset and found.embed_gain is not None:
         offset_why = ("something besides the token embedding (and no position embedding module intervene could "
                       "identify) is added before block 0, so projecting the embedding rows would miss it")
     return Layout(parallel=parallel, bias_flags=_bias_flags(model), pos_embed=found.pos_embed,
-                  embed_refusal=embed_why, embed_gain=found.embed_gain or 1.0, embed_offset=offset_why)
+                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why)
 
 
 def _bias_flags(model: nn.Module) -> dict[str, str]:
