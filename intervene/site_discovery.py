@@ -16,10 +16,11 @@ taken from names alone: candidates come from the module tree, and probe forward 
    post-norm) gets a *projection*: the Linear whose output it reads.
 3. **Heads**: the attention projection's input, ``in_features = n_heads * head_dim``, with ``n_heads``
    from the attention module or the (per-layer) config, used only when it divides exactly.
-4. **Wiring**: a second pass holds every block's input fixed and perturbs attention's output; the
-   MLP's output moving means sequential, staying put means parallel. A third perturbs the token
-   embedding: how block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the
-   logits move too, i.e. the embedding feeds more than block 0).
+4. **Wiring** (:func:`intervene.site_probe.parallel_mlps`, :func:`~intervene.site_probe.embedding_path`):
+   a second pass holds every block's input fixed and perturbs attention's output; the MLP's output
+   moving means sequential, staying put means parallel. A third perturbs the token embedding: how
+   block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the logits move
+   too, i.e. the embedding feeds more than block 0).
 
 What cannot be resolved is recorded per block with the reason (``LayerParts.missing``), which
 :mod:`intervene.sites` raises as ``SiteError`` for the sites that need it; a block list that fails the
@@ -321,86 +322,6 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple
                   f"head_dim {hd_mod} (from the attention module and config)")
 
 
-# ---- 4. wiring ----------------------------------------------------------------------------------
-def _wiring(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, found: list[dict[str, Any]],
-            h: int, dtype: torch.dtype) -> list[bool | None]:
-    """Per block, is the MLP parallel to attention (``None``: no writers, or no clear answer)?"""
-    g = torch.Generator().manual_seed(0)
-    noise: dict[nn.Module, torch.Tensor] = {}
-    watch: dict[str, nn.Module] = {}
-    for i, block in enumerate(blocks):
-        if "attn" in found[i] and i in rec.block_in:
-            a = rec.out[f"{i}/{found[i]['attn']}"]
-            scale = float(a.abs().max()) + float(rec.block_in[i].abs().max())
-            noise[block.get_submodule(found[i]["attn"])] = torch.randn(a.shape, generator=g, dtype=torch.float64) * scale
-            watch[str(i)] = block.get_submodule(found[i]["mlp"])
-    seen, _, _ = probe.perturb(model, blocks, rec, noise, watch, h)
-    parallel: list[bool | None] = []
-    for i in range(len(blocks)):
-        if str(i) not in seen:
-            parallel.append(None)
-            continue
-        m0 = rec.out[f"{i}/{found[i]['mlp']}"]
-        moved, t = float((seen[str(i)] - m0).abs().max()), probe.tol(m0, seen[str(i)], dtype=dtype)
-        parallel.append(True if moved <= t else False if moved > 100 * t else None)
-    return parallel
-
-
-def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: probe.Record, emb: nn.Module,
-                h: int) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """(block 0's input change, embedding output change) with every block's input held, or why the
-    embedding cannot be edited as block 0's input: it also feeds something else (Gemma-4's per-layer
-    inputs are computed from it), which the logits moving betrays."""
-    if rec.embed_out is None or 0 not in rec.block_in:
-        return "the embedding output or block 0's input is not one [batch, seq, hidden] tensor"
-    g = torch.Generator().manual_seed(1)
-    e_delta = torch.randn(rec.embed_out.shape, generator=g, dtype=torch.float64) * (
-        float(rec.embed_out.abs().max()) + 1e-3)
-    _, given0, same = probe.perturb(model, blocks, rec, {emb: e_delta}, {}, h)
-    if not same:
-        return "the embedding output reaches more than block 0's input (the logits move with block 0's input held)"
-    if given0 is None:
-        return "block 0's input is not one [batch, seq, hidden] tensor"
-    return given0 - rec.block_in[0], e_delta
-
-
-def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float | None:
-    """``s`` with ``target = s * base`` to rounding, else ``None`` (exactly 1.0 when that fits)."""
-    if target.shape != base.shape or not bool(base.abs().max() > 0):
-        return None
-    s = float((target * base).sum() / (base * base).sum())
-    s = 1.0 if abs(s - 1.0) < 1e-5 else s
-    if abs(s) < 1e-6 or float((target - s * base).abs().max()) > 4 * probe.tol(target, s * base, dtype=dtype):
-        return None
-    return s
-
-
-def _embed_facts(model: nn.Module, emb: nn.Module, rec: probe.Record, moved: tuple | str,
-                 dtype: torch.dtype) -> tuple[float | None, str | None, bool]:
-    """(gain from an embedding row to block 0's input, position-embedding path, unexplained offset).
-
-    Two factors, both checked to be exact scalars: the embedding module's own (Gemma's sqrt(hidden);
-    a normed embedding has none) and what happens between it and block 0 (Granite's multiplier).
-    """
-    rows = emb.weight.detach()[probe.probe_ids(model)].to(torch.float64)
-    inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
-    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype)
-    if inner is None or outer is None:
-        return None, None, True  # not linear: a norm (or more) between the rows and block 0
-    gain = outer
-    offset = rec.block_in[0] - gain * rec.embed_out
-    t = 4 * probe.tol(rec.block_in[0], rec.embed_out, dtype=dtype)
-    if float(offset.abs().max()) <= t:
-        return inner * gain, None, False
-    for name, out in rec.extra.items():
-        try:
-            if float((offset - out.expand_as(offset)).abs().max()) <= t:
-                return inner * gain, name, False
-        except RuntimeError:  # not broadcastable to [batch, seq, hidden]
-            continue
-    return inner * gain, None, True
-
-
 # ---- putting it together -------------------------------------------------------------------------
 def _discover(model: nn.Module) -> Discovered:
     name = type(model).__name__
@@ -413,12 +334,22 @@ def _discover(model: nn.Module) -> Discovered:
                                     "forward pass, so load the weights first")
     h = int(w.shape[1])
     names = {id(m): n for n, m in model.named_modules()}
+    analysed: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
+
+    def on_block(i: int, rec: probe.Record) -> None:
+        # analyse block i as soon as it has run, then keep only what the later passes need
+        analysed[i] = f, _ = _writers(rec, i, blocks[i], rec.raw_in[i].dtype if i in rec.raw_in else torch.float32)
+        keep = {f"{i}/{f[k]}" for k in ("attn", "mlp") if k in f}
+        for store in (rec.out, rec.inp):
+            for k in [k for k in store if k.startswith(f"{i}/") and k not in keep]:
+                del store[k]
+
     try:
         path, blocks = _pick_blocks(model)
         inside = {id(m) for b in blocks for m in b.modules()}
         extras = {names[id(m)]: m for m in model.modules()
                   if isinstance(m, nn.Embedding) and m is not emb and id(m) not in inside and id(m) in names}
-        rec = probe.record(model, blocks, emb, extras, h)
+        rec = probe.record(model, blocks, emb, extras, h, on_block)
     except UnsupportedModelError:
         raise
     except Exception as e:
@@ -427,17 +358,18 @@ def _discover(model: nn.Module) -> Discovered:
     dtype = next(iter(rec.raw_in.values())).dtype if rec.raw_in else torch.float32
     why_out = _check_chain(name, path, rec, len(blocks), dtype)
     found, missing = [], []
-    for i, block in enumerate(blocks):
-        if i in why_out:
+    for i in range(len(blocks)):
+        if i in why_out or i not in analysed:
+            why = why_out.get(i, f"block {i} did not finish during the forward pass")
             found.append({})
-            missing.append(dict.fromkeys(("block", "attn", "mlp", "heads"), why_out[i]))
+            missing.append(dict.fromkeys(("block", "attn", "mlp", "heads"), why))
             continue
-        f, m = _writers(rec, i, block, dtype)
-        found.append(f)
-        missing.append(m)
+        found.append(analysed[i][0])
+        missing.append(analysed[i][1])
     try:
-        parallel = _wiring(model, blocks, rec, found, h, dtype)
-        moved = _embed_pass(model, blocks, rec, emb, h)
+        writers = [(f["attn"], f["mlp"]) if "attn" in f else None for f in found]
+        parallel = probe.parallel_mlps(model, blocks, rec, writers, h, dtype)
+        gain, pos, offset = probe.embedding_path(model, blocks, rec, emb, h, dtype)
     except Exception as e:
         raise UnsupportedModelError(f"{name}: the self-check's second pass (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
@@ -454,7 +386,6 @@ def _discover(model: nn.Module) -> Discovered:
         gains = f.get("gains", (1.0, 1.0))
         parts.append(LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads,
                                 parallel[i], gains[0], gains[1], f.get("post_norm", False), m))
-    gain, pos, offset = _embed_facts(model, emb, rec, moved, dtype)
     return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
 
 

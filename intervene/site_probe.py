@@ -2,17 +2,18 @@
 
 A probe is ``BATCH x SEQ`` low token ids run through the model in eval mode under ``no_grad``. Pass 1
 (:func:`record`) keeps, per block, its input and output and every descendant's input and output that
-has the residual's shape, plus the token embedding's output. Pass 2 (:func:`perturb`) replaces every
-block's input by the one pass 1 saw (so each block sees only its own perturbation), adds noise to
-chosen module outputs and records others. Activations are kept as float64 ``[BATCH, SEQ, hidden]``
-copies (modules that flatten tokens to ``[BATCH*SEQ, hidden]`` are viewed back).
+has the residual's shape, plus the token embedding's output and the logits. Later passes
+(:func:`perturb`) replace every block's input by the one pass 1 saw (so each block sees only its own
+perturbation), add noise to chosen module outputs and record others: :func:`parallel_mlps` and
+:func:`embedding_path` turn them into wiring facts. Activations are kept as float64
+``[BATCH, seq, hidden]`` copies (modules that flatten tokens to ``[BATCH*seq, hidden]`` are viewed back).
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,11 +133,13 @@ def count_calls(model: nn.Module, modules: list[nn.Module]) -> list[int]:
     return counts
 
 
-def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapping[str, nn.Module],
-           h: int) -> Record:
-    """Pass 1: see :class:`Record`."""
+def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapping[str, nn.Module], h: int,
+           on_block: Callable[[int, Record], None] | None = None) -> Record:
+    """Pass 1: see :class:`Record`. ``on_block(i, rec)`` runs once block ``i`` has finished (the first time),
+    and may drop that block's entries from ``out`` / ``inp``: memory then stays one block's worth."""
     rec = Record()
     tick = itertools.count()
+    done: set[int] = set()
 
     def block_pre(i: int):
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -150,8 +153,13 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
 
     def block_post(i: int):
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
-            if i not in rec.block_out and (r := as_resid(first_tensor(out), h)) is not None:
+            if i in rec.block_out or i in done:
+                return
+            if (r := as_resid(first_tensor(out), h)) is not None:
                 rec.block_out[i] = r
+            done.add(i)
+            if on_block is not None:
+                on_block(i, rec)
         return fn
 
     def sub_pre(key: str):
@@ -231,3 +239,88 @@ def tol(*ts: torch.Tensor | None, dtype: torch.dtype) -> float:
     """Rounding allowance for sums of these activations computed in ``dtype``."""
     scale = max((float(t.abs().max()) for t in ts if t is not None and t.numel()), default=1.0)
     return 16 * torch.finfo(dtype).eps * max(scale, 1e-6)
+
+
+# ---- what the perturbation passes measure -------------------------------------------------------
+def parallel_mlps(model: nn.Module, blocks: nn.ModuleList, rec: Record, writers: list[tuple[str, str] | None],
+                  h: int, dtype: torch.dtype) -> list[bool | None]:
+    """Per block with ``(attn, mlp)`` writers: does the MLP read the block input rather than input +
+    attention? Pass 2 perturbs attention's output with every block's input held: a parallel MLP's
+    output stays put (``None``: no writers, or no clear answer)."""
+    g = torch.Generator().manual_seed(0)
+    noise: dict[nn.Module, torch.Tensor] = {}
+    watch: dict[str, nn.Module] = {}
+    for i, block in enumerate(blocks):
+        if writers[i] is not None and i in rec.block_in:
+            a = rec.out[f"{i}/{writers[i][0]}"]
+            scale = float(a.abs().max()) + float(rec.block_in[i].abs().max())
+            noise[block.get_submodule(writers[i][0])] = torch.randn(a.shape, generator=g, dtype=torch.float64) * scale
+            watch[str(i)] = block.get_submodule(writers[i][1])
+    seen, _, _ = perturb(model, blocks, rec, noise, watch, h)
+    parallel: list[bool | None] = []
+    for i in range(len(blocks)):
+        if str(i) not in seen:
+            parallel.append(None)
+            continue
+        m0 = rec.out[f"{i}/{writers[i][1]}"]
+        moved, t = float((seen[str(i)] - m0).abs().max()), tol(m0, seen[str(i)], dtype=dtype)
+        parallel.append(True if moved <= t else False if moved > 100 * t else None)
+    return parallel
+
+
+def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Module,
+                h: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(block 0's input change, embedding output change) with every block's input held, or why the
+    embedding cannot be edited as block 0's input: it also feeds something else (Gemma-4's per-layer
+    inputs are computed from it), which the logits moving betrays."""
+    if rec.embed_out is None or 0 not in rec.block_in:
+        return "the embedding output or block 0's input is not one [batch, seq, hidden] tensor"
+    g = torch.Generator().manual_seed(1)
+    e_delta = torch.randn(rec.embed_out.shape, generator=g, dtype=torch.float64) * (
+        float(rec.embed_out.abs().max()) + 1e-3)
+    _, given0, same = perturb(model, blocks, rec, {emb: e_delta}, {}, h)
+    if not same:
+        return "the embedding output reaches more than block 0's input (the logits move with block 0's input held)"
+    if given0 is None:
+        return "block 0's input is not one [batch, seq, hidden] tensor"
+    return given0 - rec.block_in[0], e_delta
+
+
+def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """``s`` with ``target = s * base`` to rounding, else ``None`` (exactly 1.0 when that fits)."""
+    if target.shape != base.shape or not bool(base.abs().max() > 0):
+        return None
+    s = float((target * base).sum() / (base * base).sum())
+    s = 1.0 if abs(s - 1.0) < 1e-5 else s
+    if abs(s) < 1e-6 or float((target - s * base).abs().max()) > 4 * tol(target, s * base, dtype=dtype):
+        return None
+    return s
+
+
+def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Module, h: int,
+                   dtype: torch.dtype) -> tuple[float | None, str | None, bool]:
+    """(gain from an embedding row to block 0's input, position-embedding path, unexplained offset).
+
+    Two factors, both checked to be exact scalars: the embedding module's own (Gemma's sqrt(hidden);
+    a normed embedding has none) and what happens between it and block 0 (Granite's multiplier),
+    measured by pass 3 (:func:`_embed_pass`). Positions: a learned embedding outside the blocks whose
+    output is what block 0 gets besides the token rows.
+    """
+    moved = _embed_pass(model, blocks, rec, emb, h)
+    rows = emb.weight.detach()[probe_ids(model)].to(torch.float64)
+    inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
+    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype)
+    if inner is None or outer is None:
+        return None, None, True  # not linear: a norm (or more) between the rows and block 0
+    gain = outer
+    offset = rec.block_in[0] - gain * rec.embed_out
+    t = 4 * tol(rec.block_in[0], rec.embed_out, dtype=dtype)
+    if float(offset.abs().max()) <= t:
+        return inner * gain, None, False
+    for name, out in rec.extra.items():
+        try:
+            if float((offset - out.expand_as(offset)).abs().max()) <= t:
+                return inner * gain, name, False
+        except RuntimeError:  # not broadcastable to [batch, seq, hidden]
+            continue
+    return inner * gain, None, True
