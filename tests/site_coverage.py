@@ -223,6 +223,18 @@ def summary(results: list[Result]) -> tuple[int, int]:
     return sum(r.status == "exact" for r in scope), len(scope)
 
 
+_CAUSES = (
+    ("one residual writer per block (state-space / mixer-only layers), so no attention + MLP pair",
+     ("writes one thing",)),
+    ("the residual itself is scaled or gated, or more than two branches write it", ("no two submodule outputs",)),
+    ("several residual streams (hyper-connections, AltUp) or a sequence-first layout", ("several residual streams",)),
+    ("a looped block stack", ("looped",)),
+    ("the candidate block list is not one residual stream (XLM keeps attention and FFN layers in separate lists)",
+     ("is not one residual stream",)),
+    ("no Linear attention output projection, or no head count", ("is not a Linear layer", "n_heads x head_dim")),
+)
+
+
 def render(results: list[Result], seconds: float) -> str:
     exact, total = summary(results)
     lines = [
@@ -236,12 +248,22 @@ def render(results: list[Result], seconds: float) -> str:
         "*Exact* means `layers.1`, `layers.1:input`, `layers.1.attn`, `layers.1.mlp` and `layers.1.heads` "
         "all resolve, steering each equals a hand-written PyTorch hook on the same module bit for bit and "
         "changes the logits, block 0's output is transformers' own `hidden_states` entry, block 1's output "
-        "minus its input is exactly attn + mlp, and the heads view has the config's head count.",
+        "minus its input is attn + mlp (each times a constant where the family has residual multipliers; "
+        "or, post-LN, added before each of the block's two norms), and the heads view has the config's "
+        "head count.",
         "",
         f"**Coverage: {exact} / {total} decoder-only types that build resolve exactly "
         f"({100 * exact / max(total, 1):.1f}%).** Run time {seconds:.0f} s.",
         "",
+        "Refusals by cause (a type counts once, under its first unresolved site):",
+        "",
     ]
+    refused = [r for r in results if r.status == "refused"]
+    for cause, keys in _CAUSES:
+        hits = [r.model_type for r in refused if any(k in r.reason for k in keys)]
+        if hits:
+            lines.append(f"* {cause}: {len(hits)} ({', '.join(hits)})")
+    lines.append("")
     for status, title in (("refused", "Refused (a clear error names what could not be resolved)"),
                           ("wrong", "Resolved but failing a check"),
                           ("out of scope", "Out of scope (not decoder-only)"),
