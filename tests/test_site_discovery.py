@@ -11,6 +11,7 @@ import torch
 import transformers as T
 
 import intervene as iv
+from intervene.bake import bake_with_report
 from intervene.site_discovery import discover
 from intervene.sites import FAMILIES, layer_parts, resolve_site, site_names
 from tests.coverage_build import IDS, build
@@ -165,6 +166,7 @@ def _vec(model: torch.nn.Module, site: str, seed: int) -> torch.Tensor:
     ("smollm3", ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"]),  # GQA, mlp_bias flag
     ("olmo3", ["layers.1.heads", "layers.0:input"]),  # post-norm: ITI bakes into o_proj via attention_bias
     ("gemma2", ["layers.1.heads", "layers.0:input"]),  # table family, layout from discovery; sqrt(hidden) embed
+    ("gemma3", ["layers.1.heads", "layers.0:input"]),  # multimodal wrapper: text_config.attention_bias
     ("olmoe", ["layers.0.attn", "layers.1.heads"]),  # MoE: attention side only
     ("minicpm3", ["layers.1", "layers.1.heads", "layers.0:input"]),  # residual multipliers and scale_emb
 ])
@@ -218,3 +220,11 @@ def test_probe_leaves_the_model_as_it_was() -> None:
     assert model.training and all(m.training for m in model.modules())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nested_bias_flag_is_set_on_the_text_config() -> None:
+    model = build("gemma3")
+    steer = iv.Steering({"layers.1.heads": _vec(model, "layers.1.heads", 0)})
+    baked, report = bake_with_report(iv.Intervenable(model, steer, attach=False))
+    assert report.config_flags == {"text_config.attention_bias": True}
+    assert baked.config.text_config.attention_bias is True and model.config.text_config.attention_bias is False

@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene.bake.layout import Layout, Loc, Part, layout_of, proj_paths, skeleton, writer_paths
+from intervene.bake.layout import (
+    Layout,
+    Loc,
+    Part,
+    get_flag,
+    layout_of,
+    proj_paths,
+    set_flag,
+    skeleton,
+    writer_paths,
+)
 from intervene.errors import NotBakeableError
 from intervene.sites import hidden_size, layer_parts, num_layers
 
@@ -294,7 +304,7 @@ class WeightEditor:
 
     def _bias_flag(self, w: _Writer, part: Part) -> str | None:
         flag = self.layout.bias_flags.get(part)
-        return flag if flag is not None and w.can_hold_bias and hasattr(self.model.config, flag) else None
+        return flag if flag is not None and w.can_hold_bias and get_flag(self.model.config, flag) is not None else None
 
     def _no_bias_message(self, w: _Writer, part: Part, why: str) -> str:
         cfg = type(self.model.config).__name__
@@ -311,10 +321,10 @@ class WeightEditor:
 
     def _enable_flag(self, flag: str, why: str) -> None:
         cfg = self.model.config
-        if getattr(cfg, flag, None) is True:
+        if get_flag(cfg, flag) is True:
             raise NotBakeableError(f"{why}: {type(cfg).__name__}.{flag} is already True but the writer has no bias")
         new_cfg = copy.deepcopy(cfg)
-        setattr(new_cfg, flag, True)
+        set_flag(new_cfg, flag, True)
         have = dict(self.model.named_parameters(remove_duplicate=False))
         want = dict(skeleton(self.model, new_cfg).named_parameters(remove_duplicate=False))
         added, lost = set(want) - set(have), set(have) - set(want)
@@ -327,7 +337,7 @@ class WeightEditor:
             ref = mod.weight
             mod.bias = nn.Parameter(torch.zeros(want[name].shape, dtype=ref.dtype, device=ref.device),
                                     requires_grad=ref.requires_grad)
-        setattr(cfg, flag, True)
+        set_flag(cfg, flag, True)
         self.report.config_flags[flag] = True
         self.report.created += sorted(added)
 

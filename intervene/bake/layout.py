@@ -179,9 +179,15 @@ def _bias_flags(model: nn.Module) -> dict[str, str]:
             if proj is not None and f"{bpath}.{proj}.bias" not in have:
                 need[part].append(f"{bpath}.{proj}.bias")
     flags: dict[str, str] = {}
-    for flag in sorted(k for k, v in cfg.to_dict().items() if v is False and "bias" in k):
+    # top-level flags, and those of the text config inside a multimodal one ("text_config.attention_bias")
+    cands = [k for k, v in cfg.to_dict().items() if v is False and "bias" in k]
+    for sub in getattr(cfg, "sub_configs", None) or {}:
+        sub_cfg = getattr(cfg, sub, None)
+        if hasattr(sub_cfg, "to_dict"):
+            cands += [f"{sub}.{k}" for k, v in sub_cfg.to_dict().items() if v is False and "bias" in k]
+    for flag in sorted(cands):
         new_cfg = copy.deepcopy(cfg)
-        setattr(new_cfg, flag, True)
+        set_flag(new_cfg, flag, True)
         try:
             want = {n for n, _ in skeleton(model, new_cfg).named_parameters(remove_duplicate=False)}
         except Exception:  # noqa: BLE001 - a flag the model cannot be built with is no use
@@ -193,6 +199,23 @@ def _bias_flags(model: nn.Module) -> dict[str, str]:
             if part not in flags and names and all(n in added for n in names):
                 flags[part] = flag
     return flags
+
+
+def get_flag(config: Any, flag: str) -> Any:
+    """``config.<flag>`` where ``flag`` may name a sub-config's attribute (``text_config.attention_bias``);
+    ``None`` when absent."""
+    *subs, name = flag.split(".")
+    for sub in subs:
+        config = getattr(config, sub, None)
+    return getattr(config, name, None)
+
+
+def set_flag(config: Any, flag: str, value: Any) -> None:
+    """Set ``config.<flag>`` (see :func:`get_flag`)."""
+    *subs, name = flag.split(".")
+    for sub in subs:
+        config = getattr(config, sub)
+    setattr(config, name, value)
 
 
 def skeleton(model: nn.Module, config: Any) -> nn.Module:
