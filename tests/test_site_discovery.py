@@ -228,3 +228,22 @@ def test_nested_bias_flag_is_set_on_the_text_config() -> None:
     baked, report = bake_with_report(iv.Intervenable(model, steer, attach=False))
     assert report.config_flags == {"text_config.attention_bias": True}
     assert baked.config.text_config.attention_bias is True and model.config.text_config.attention_bias is False
+
+
+def test_table_family_with_residual_multipliers_bakes_with_measured_gains(tmp_path) -> None:
+    """Granite is in the site table (o_proj / down_proj) but scales both branches and the embeddings;
+    its bake layout comes from discovery, so the measured gains are used."""
+    cfg = T.GraniteConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, residual_multiplier=0.25,
+                          embedding_multiplier=3.0, attention_multiplier=0.5)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert layer_parts(model, 1).mlp_gain == 1.0  # the table knows nothing of the multiplier
+    assert discover(model).parts[1].mlp_gain == pytest.approx(0.25, rel=1e-6)
+    sites = ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"]
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    delta, effect = _bake_delta(model, steer, tmp_path)
+    assert effect > 1e-2 and delta < 1e-4

@@ -33,7 +33,7 @@ from intervene.bake.layout import (
     writer_paths,
 )
 from intervene.errors import NotBakeableError
-from intervene.sites import hidden_size, layer_parts, num_layers
+from intervene.sites import hidden_size, num_layers
 
 _seq = itertools.count()
 
@@ -141,7 +141,7 @@ class WeightEditor:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
         output and the output of every attention and MLP writer of every block."""
         r = direction.detach().to(torch.float64).reshape(-1)
-        if any(layer_parts(self.source, i).post_norm for i in range(self.n_layers)):
+        if any(self.layout.arithmetic(self.source, i).post_norm for i in range(self.n_layers)):
             raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
                                    "projection of the writers keeps it orthogonal to r")
         self._push(Loc("embed"), _Op(r, None, 9, why))
@@ -161,7 +161,7 @@ class WeightEditor:
             self._check_width(op, self.hidden)
             if loc.kind == "resid":
                 # the residual after block i is what its last writer added to: fold there (order > 0)
-                parts = layer_parts(self.source, loc.layer)
+                parts = self.layout.arithmetic(self.source, loc.layer)
                 if parts.post_norm:
                     raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
                                            "LayerNorm's output, which no writer's bias can shift")
@@ -216,7 +216,7 @@ class WeightEditor:
                     ow = None
                 oflag = None if ow is None else self._bias_flag(ow, other)
                 if ow is not None and (ow.bias is not None or oflag is not None):
-                    gains = layer_parts(self.source, i)
+                    gains = self.layout.arithmetic(self.source, i)
                     b = b * getattr(gains, f"{part}_gain") / getattr(gains, f"{other}_gain")  # in the partner's units
                     shift[opath] = shift[opath] + b if opath in shift else b
                     drop.add(path)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from intervene.errors import NotBakeableError, UnsupportedModelError
-from intervene.site_discovery import discover
+from intervene.site_discovery import LayerParts, discover
 from intervene.sites import Site, block_path, in_table, layer_parts, num_layers
 
 Part = Literal["attn", "mlp"]
@@ -78,6 +78,12 @@ class Layout:
     refusal: Callable[[nn.Module], str | None] | None = None
     embed_gain: float | None = None
     embed_offset: str | None = None
+    wiring: tuple[LayerParts, ...] | None = None
+
+    def arithmetic(self, model: nn.Module, layer: int) -> LayerParts:
+        """Block ``layer``'s residual arithmetic (gains, post-LN): as measured by discovery for derived
+        layouts (a table family such as Granite may scale its branches), else the table's plain sum."""
+        return self.wiring[layer] if self.wiring is not None else layer_parts(model, layer)
 
     def is_parallel(self, config: object) -> bool:
         return bool(self.parallel(config) if callable(self.parallel) else self.parallel)
@@ -160,7 +166,7 @@ def _derive(model: nn.Module) -> Layout:
         offset_why = ("something besides the token embedding (and no position embedding module intervene could "
                       "identify) is added before block 0, so projecting the embedding rows would miss it")
     return Layout(parallel=parallel, bias_flags=_bias_flags(model), pos_embed=found.pos_embed,
-                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why)
+                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts)
 
 
 def _bias_flags(model: nn.Module) -> dict[str, str]:
