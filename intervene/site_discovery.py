@@ -334,22 +334,12 @@ def _discover(model: nn.Module) -> Discovered:
                                     "forward pass, so load the weights first")
     h = int(w.shape[1])
     names = {id(m): n for n, m in model.named_modules()}
-    analysed: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
-
-    def on_block(i: int, rec: probe.Record) -> None:
-        # analyse block i as soon as it has run, then keep only what the later passes need
-        analysed[i] = f, _ = _writers(rec, i, blocks[i], rec.raw_in[i].dtype if i in rec.raw_in else torch.float32)
-        keep = {f"{i}/{f[k]}" for k in ("attn", "mlp") if k in f}
-        for store in (rec.out, rec.inp):
-            for k in [k for k in store if k.startswith(f"{i}/") and k not in keep]:
-                del store[k]
-
     try:
         path, blocks = _pick_blocks(model)
         inside = {id(m) for b in blocks for m in b.modules()}
         extras = {names[id(m)]: m for m in model.modules()
                   if isinstance(m, nn.Embedding) and m is not emb and id(m) not in inside and id(m) in names}
-        rec = probe.record(model, blocks, emb, extras, h, on_block)
+        rec = probe.record(model, blocks, emb, extras, h)
     except UnsupportedModelError:
         raise
     except Exception as e:
@@ -358,20 +348,19 @@ def _discover(model: nn.Module) -> Discovered:
     dtype = next(iter(rec.raw_in.values())).dtype if rec.raw_in else torch.float32
     why_out = _check_chain(name, path, rec, len(blocks), dtype)
     found, missing = [], []
-    for i in range(len(blocks)):
-        if i in why_out or i not in analysed:
-            why = why_out.get(i, f"block {i} did not finish during the forward pass")
-            found.append({})
-            missing.append(dict.fromkeys(("block", "attn", "mlp", "heads"), why))
-            continue
-        found.append(analysed[i][0])
-        missing.append(analysed[i][1])
+    for i, block in enumerate(blocks):
+        f, m = _analyse(rec, i, block, h, dtype) if i not in why_out else ({}, {})
+        if i in why_out or "block" in m:
+            why = why_out.get(i) or m["block"]
+            f, m = {}, dict.fromkeys(("block", "attn", "mlp", "heads"), why)
+        found.append(f)
+        missing.append(m)
     try:
         writers = [(f["attn"], f["mlp"]) if "attn" in f else None for f in found]
-        parallel = probe.parallel_mlps(model, blocks, rec, writers, h, dtype)
-        gain, pos, offset = probe.embedding_path(model, blocks, rec, emb, h, dtype)
+        parallel = probe.parallel_mlps(model, blocks, rec, writers, h)
+        gain, pos, offset = probe.embedding_path(model, blocks, rec, emb, h)
     except Exception as e:
-        raise UnsupportedModelError(f"{name}: the self-check's second pass (block inputs held fixed) failed "
+        raise UnsupportedModelError(f"{name}: the self-check's later passes (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
     parts = []
     for i, block in enumerate(blocks):
@@ -387,6 +376,24 @@ def _discover(model: nn.Module) -> Discovered:
         parts.append(LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads,
                                 parallel[i], gains[0], gains[1], f.get("post_norm", False), m))
     return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
+
+
+def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
+             dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, str]]:
+    """Block ``i``'s writers, from re-running it alone in float32 (checked against pass 1's output)."""
+    if i not in rec.args:
+        return {}, {"block": f"block {i} was not called with a [batch, seq, hidden] input"}
+    try:
+        again = probe.rerun(block, i, rec.args[i], h)
+    except Exception as e:  # noqa: BLE001 - a block that cannot run on its own is reported, not guessed at
+        why = f"block {i} cannot be re-run on its own for the self-check ({type(e).__name__}: {e})"
+        return {}, {"attn": why, "mlp": why}
+    a, b = again.block_out.get(i), rec.block_out.get(i)
+    if a is None or b is None or a.shape != b.shape or \
+            float((a - b).abs().max()) > 0.05 * float(b.abs().max()) + probe.tol(b, dtype=dtype):
+        why = f"block {i} run again on its own does not reproduce its output (it depends on state from the pass)"
+        return {}, {"attn": why, "mlp": why}
+    return _writers(again, i, block, torch.float32)
 
 
 def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.dtype) -> dict[int, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,11 +61,13 @@ def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple,
 
 @dataclass
 class Record:
-    """What pass 1 saw. Keys of ``out`` / ``inp`` / ``order`` are ``"{block}/{path in block}"``."""
+    """What a pass saw. Keys of ``out`` / ``inp`` / ``order`` are ``"{block}/{path in block}"`` (filled by
+    :func:`rerun`; pass 1 records blocks, embeddings and logits only)."""
 
     block_in: dict[int, torch.Tensor] = field(default_factory=dict)
     block_out: dict[int, torch.Tensor] = field(default_factory=dict)
     raw_in: dict[int, torch.Tensor] = field(default_factory=dict)  # block inputs as the model passed them
+    args: dict[int, tuple[tuple, dict]] = field(default_factory=dict)  # each block's call, to re-run it alone
     calls: dict[int, int] = field(default_factory=dict)
     out: dict[str, torch.Tensor] = field(default_factory=dict)
     inp: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -114,7 +116,9 @@ def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> torch.Tens
         with torch.no_grad(), _eval_mode(model):
             out = model(**kw)
         logits = getattr(out, "logits", None)
-        return (logits if isinstance(logits, torch.Tensor) else first_tensor(out)).detach().clone()
+        if not isinstance(logits, torch.Tensor):  # a bare base model: its last hidden state
+            logits = first_tensor(out.to_tuple() if hasattr(out, "to_tuple") else out)
+        return None if logits is None else logits.detach().clone()
     finally:
         for h in handles:
             h.remove()
@@ -133,13 +137,11 @@ def count_calls(model: nn.Module, modules: list[nn.Module]) -> list[int]:
     return counts
 
 
-def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapping[str, nn.Module], h: int,
-           on_block: Callable[[int, Record], None] | None = None) -> Record:
-    """Pass 1: see :class:`Record`. ``on_block(i, rec)`` runs once block ``i`` has finished (the first time),
-    and may drop that block's entries from ``out`` / ``inp``: memory then stays one block's worth."""
+def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapping[str, nn.Module],
+           h: int) -> Record:
+    """Pass 1, in the model's own dtype: each block's calls, input and output, and the arguments of
+    its first call (kept by reference, to re-run it); the embedding's output; the logits."""
     rec = Record()
-    tick = itertools.count()
-    done: set[int] = set()
 
     def block_pre(i: int):
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -147,31 +149,15 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
             t = module_input(args, kwargs, h)
             if t is not None and i not in rec.raw_in:
                 rec.raw_in[i] = t.detach().clone()
+                rec.args[i] = (args, dict(kwargs))
                 if (r := as_resid(t, h)) is not None:
                     rec.block_in[i] = r
         return fn
 
     def block_post(i: int):
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
-            if i in rec.block_out or i in done:
-                return
-            if (r := as_resid(first_tensor(out), h)) is not None:
+            if i not in rec.block_out and (r := as_resid(first_tensor(out), h)) is not None:
                 rec.block_out[i] = r
-            done.add(i)
-            if on_block is not None:
-                on_block(i, rec)
-        return fn
-
-    def sub_pre(key: str):
-        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
-                rec.inp[key] = r
-        return fn
-
-    def sub_post(key: str):
-        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
-            if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
-                rec.out[key], rec.order[key] = r, next(tick)
         return fn
 
     def extra_post(key: str):
@@ -188,10 +174,63 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     hooks += [(mod, "post", extra_post(name)) for name, mod in extras.items()]
     for i, block in enumerate(blocks):
         hooks += [(block, "pre", block_pre(i)), (block, "post", block_post(i))]
+    rec.logits = run(model, hooks)
+    return rec
+
+
+def _to32(x: Any) -> Any:
+    """``x`` with every floating tensor inside (tuples, lists, dicts) in float32."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _to32(v) for k, v in x.items()}
+    return x
+
+
+def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
+    """Block ``i`` run again on its own, in float32, with the arguments pass 1 gave it, recording
+    every descendant's residual-shaped input and output (and the order they finished in).
+
+    The residual arithmetic is checked on these float32 values: a bf16 sum cannot tell a writer from
+    rounding. The block's weights are viewed in float32 meanwhile (the original tensors are put back,
+    untouched); memory is one block's float32 copy.
+    """
+    rec = Record()
+    tick = itertools.count()
+
+    def sub_pre(key: str):
+        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+                rec.inp[key] = r
+        return fn
+
+    def sub_post(key: str):
+        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
+            if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
+                rec.out[key], rec.order[key] = r, next(tick)
+        return fn
+
+    handles = []
+    saved = [(t, t.data) for t in itertools.chain(block.parameters(), block.buffers()) if t.is_floating_point()]
+    try:
         for rel, mod in block.named_modules():
             if rel:
-                hooks += [(mod, "pre", sub_pre(f"{i}/{rel}")), (mod, "post", sub_post(f"{i}/{rel}"))]
-    rec.logits = run(model, hooks)
+                handles.append(mod.register_forward_pre_hook(sub_pre(f"{i}/{rel}"), with_kwargs=True, prepend=True))
+                handles.append(mod.register_forward_hook(sub_post(f"{i}/{rel}")))
+        for t, data in saved:
+            t.data = data.float()
+        args, kwargs = _to32(call[0]), _to32(call[1])
+        with torch.no_grad(), _eval_mode(block):
+            out = block(*args, **kwargs)
+        rec.block_in[i] = as_resid(module_input(args, kwargs, h), h)
+        rec.block_out[i] = as_resid(first_tensor(out), h)
+    finally:
+        for t, data in saved:
+            t.data = data
+        for handle in handles:
+            handle.remove()
     return rec
 
 
@@ -243,28 +282,31 @@ def tol(*ts: torch.Tensor | None, dtype: torch.dtype) -> float:
 
 # ---- what the perturbation passes measure -------------------------------------------------------
 def parallel_mlps(model: nn.Module, blocks: nn.ModuleList, rec: Record, writers: list[tuple[str, str] | None],
-                  h: int, dtype: torch.dtype) -> list[bool | None]:
+                  h: int) -> list[bool | None]:
     """Per block with ``(attn, mlp)`` writers: does the MLP read the block input rather than input +
-    attention? Pass 2 perturbs attention's output with every block's input held: a parallel MLP's
-    output stays put (``None``: no writers, or no clear answer)."""
+    attention? Two passes with every block's input held, one adding noise to attention's output: a
+    parallel MLP's output comes out bit-identical, a sequential one's moves (``None``: no writers, or
+    no clear answer)."""
     g = torch.Generator().manual_seed(0)
     noise: dict[nn.Module, torch.Tensor] = {}
     watch: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
         if writers[i] is not None and i in rec.block_in:
-            a = rec.out[f"{i}/{writers[i][0]}"]
-            scale = float(a.abs().max()) + float(rec.block_in[i].abs().max())
-            noise[block.get_submodule(writers[i][0])] = torch.randn(a.shape, generator=g, dtype=torch.float64) * scale
+            scale = float(rec.block_in[i].abs().max()) + 1e-3
+            noise[block.get_submodule(writers[i][0])] = torch.randn(rec.block_in[i].shape, generator=g,
+                                                                    dtype=torch.float64) * scale
             watch[str(i)] = block.get_submodule(writers[i][1])
+    if not watch:
+        return [None] * len(blocks)
+    base, _, _ = perturb(model, blocks, rec, {}, watch, h)
     seen, _, _ = perturb(model, blocks, rec, noise, watch, h)
     parallel: list[bool | None] = []
     for i in range(len(blocks)):
-        if str(i) not in seen:
+        if str(i) not in seen or str(i) not in base:
             parallel.append(None)
             continue
-        m0 = rec.out[f"{i}/{writers[i][1]}"]
-        moved, t = float((seen[str(i)] - m0).abs().max()), tol(m0, seen[str(i)], dtype=dtype)
-        parallel.append(True if moved <= t else False if moved > 100 * t else None)
+        moved = float((seen[str(i)] - base[str(i)]).abs().max())
+        parallel.append(True if moved == 0.0 else False if moved > 1e-3 * float(base[str(i)].abs().max()) else None)
     return parallel
 
 
@@ -286,19 +328,26 @@ def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Mo
     return given0 - rec.block_in[0], e_delta
 
 
-def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> float | None:
-    """``s`` with ``target = s * base`` to rounding, else ``None`` (exactly 1.0 when that fits)."""
+def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float | None:
+    """``s`` with ``target = s * base`` to within a few roundings in ``dtype`` of each element, else
+    ``None`` (exactly 1.0 when that fits). ``ref``: magnitudes the rounding happened at (default ``target``)."""
     if target.shape != base.shape or not bool(base.abs().max() > 0):
         return None
     s = float((target * base).sum() / (base * base).sum())
-    s = 1.0 if abs(s - 1.0) < 1e-5 else s
-    if abs(s) < 1e-6 or float((target - s * base).abs().max()) > 4 * tol(target, s * base, dtype=dtype):
+    s = 1.0 if abs(s - 1.0) < 1e-3 and bool(((target - base).abs() <= _ulps(target, base, ref, dtype)).all()) else s
+    if abs(s) < 1e-6 or not bool(((target - s * base).abs() <= _ulps(target, s * base, ref, dtype)).all()):
         return None
     return s
 
 
-def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Module, h: int,
-                   dtype: torch.dtype) -> tuple[float | None, str | None, bool]:
+def _ulps(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Per element: four roundings in ``dtype`` at the magnitudes involved."""
+    mag = a.abs() + b.abs() + (ref.abs() if ref is not None else 0)
+    return 4 * torch.finfo(dtype).eps * mag + 1e-30
+
+
+def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Module,
+                   h: int) -> tuple[float | None, str | None, bool]:
     """(gain from an embedding row to block 0's input, position-embedding path, unexplained offset).
 
     Two factors, both checked to be exact scalars: the embedding module's own (Gemma's sqrt(hidden);
@@ -307,20 +356,22 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     output is what block 0 gets besides the token rows.
     """
     moved = _embed_pass(model, blocks, rec, emb, h)
+    dtype = emb.weight.dtype
     rows = emb.weight.detach()[probe_ids(model)].to(torch.float64)
     inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
-    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype)
+    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=rec.block_in[0])
     if inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
-    gain = outer
-    offset = rec.block_in[0] - gain * rec.embed_out
-    t = 4 * tol(rec.block_in[0], rec.embed_out, dtype=dtype)
-    if float(offset.abs().max()) <= t:
-        return inner * gain, None, False
+    x0, e = rec.block_in[0], outer * rec.embed_out
+    t = _ulps(x0, e, None, dtype)
+    offset = x0 - e
+    if bool((offset.abs() <= t).all()):
+        return inner * outer, None, False
     for name, out in rec.extra.items():
         try:
-            if float((offset - out.expand_as(offset)).abs().max()) <= t:
-                return inner * gain, name, False
+            if bool(((offset - out.expand_as(offset)).abs() <= t + _ulps(out.expand_as(offset), out.expand_as(offset),
+                                                                           None, dtype)).all()):
+                return inner * outer, name, False
         except RuntimeError:  # not broadcastable to [batch, seq, hidden]
             continue
-    return inner * gain, None, True
+    return inner * outer, None, True

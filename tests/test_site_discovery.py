@@ -247,3 +247,42 @@ def test_table_family_with_residual_multipliers_bakes_with_measured_gains(tmp_pa
     steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
     delta, effect = _bake_delta(model, steer, tmp_path)
     assert effect > 1e-2 and delta < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_type", ["smollm3", "cohere", "olmo3", "minicpm3"])
+def test_half_precision_discovers_the_same_structure(model_type: str, dtype: torch.dtype) -> None:
+    """A bf16 sum cannot tell a writer from rounding, so each block is re-run alone in float32; the
+    model's own weights come back untouched (same tensors, same bits)."""
+    ref = discover(build(model_type))
+    model = build(model_type).to(dtype)
+    before = {n: (p.data_ptr(), p.clone()) for n, p in model.named_parameters()}
+    found = discover(model)
+    for a, b in zip(found.parts, ref.parts):
+        assert (a.attn, a.mlp, a.attn_proj, a.heads, a.parallel) == (b.attn, b.mlp, b.attn_proj, b.heads, b.parallel)
+        assert a.mlp_gain == pytest.approx(b.mlp_gain, rel=1e-4)
+    assert found.embed_gain == pytest.approx(ref.embed_gain, rel=1e-3)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+
+
+def test_bare_base_model_of_a_discovered_family() -> None:
+    base = build("cohere").model  # CohereModel: no LM head, output is the last hidden state
+    assert resolve_site(base, "layers.1.mlp").module_path == "layers.1.mlp.down_proj"
+    assert resolve_site(base, "layers.1.heads").heads == (4, 16)
+    assert layer_parts(base, 1).parallel is True
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "minicpm3", "gemma2"])
+def test_bake_through_discovery_in_bf16(model_type: str) -> None:
+    model = build(model_type).to(torch.bfloat16)
+    sites = {"cohere": ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"],
+             "minicpm3": ["layers.1", "layers.1.heads", "layers.0:input"],
+             "gemma2": ["layers.1.heads", "layers.0:input"]}[model_type]
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    ivm = iv.Intervenable(model, steer, attach=False)
+    baked = ivm.bake()
+    assert {p.dtype for p in baked.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        hooked, got, base = ivm(input_ids=IDS).logits, baked(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert float((got.float() - hooked.float()).abs().max()) < 0.1 * float((hooked.float() - base.float()).abs().max())
