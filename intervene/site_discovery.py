@@ -384,7 +384,8 @@ def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
     if i not in rec.args:
         return {}, {"block": f"block {i} was not called with a [batch, seq, hidden] input"}
     try:
-        again = probe.rerun(block, i, rec.args[i], h)
+        # the clone of its input taken before it ran: a block may have added into that tensor in place
+        again = probe.rerun(block, i, probe.replace_input(*rec.args[i], rec.raw_in[i]), h)
     except Exception as e:  # noqa: BLE001 - a block that cannot run on its own is reported, not guessed at
         why = f"block {i} cannot be re-run on its own for the self-check ({type(e).__name__}: {e})"
         return {}, {"attn": why, "mlp": why}

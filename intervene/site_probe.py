@@ -51,7 +51,8 @@ def module_input(args: tuple, kwargs: dict, h: int) -> torch.Tensor | None:
     return t
 
 
-def _replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with the module's main input (see :func:`module_input`) replaced by ``new``."""
     if args:
         return (new, *args[1:]), kwargs
     key = "hidden_states" if "hidden_states" in kwargs else \
@@ -248,7 +249,7 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if i == 0 and not given0 and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
                 given0.append(r)
-            return _replace_input(args, kwargs, rec.raw_in[i])
+            return replace_input(args, kwargs, rec.raw_in[i])
         return fn
 
     def bump(delta: torch.Tensor):
@@ -341,9 +342,9 @@ def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: t
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Per element: four roundings in ``dtype`` at the magnitudes involved."""
+    """Per element: a few roundings in ``dtype`` at the magnitudes involved."""
     mag = a.abs() + b.abs() + (ref.abs() if ref is not None else 0)
-    return 4 * torch.finfo(dtype).eps * mag + 1e-30
+    return 8 * torch.finfo(dtype).eps * mag + 1e-30
 
 
 def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Module,
@@ -359,7 +360,9 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     dtype = emb.weight.dtype
     rows = emb.weight.detach()[probe_ids(model)].to(torch.float64)
     inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
-    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=rec.block_in[0])
+    # roundings happened at the magnitudes of block 0's input and of the embedding (they may cancel)
+    ref = None if rec.embed_out is None else rec.block_in[0].abs() + rec.embed_out.abs()
+    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=ref)
     if inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
     x0, e = rec.block_in[0], outer * rec.embed_out

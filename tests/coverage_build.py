@@ -60,6 +60,8 @@ _FIXES: dict[str, dict[str, Any]] = {
     "recurrent_gemma": dict(block_types=["recurrent", "attention"]),
     "nemotron_h": dict(n_groups=1),
     "dots3_note_text": dict(head_dim=16),
+    "dots3_note": dict(text_config=dict(head_dim=16), vision_config=dict(adapter_in_dim=HIDDEN, adapter_out_dim=HIDDEN),
+                       audio_config=dict(adapter_input_size=HIDDEN, adapter_out_dim=HIDDEN)),
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 16], max_position_embeddings=256),
 }
 
@@ -162,7 +164,9 @@ def tiny_config(model_type: str) -> Any:
         base = cls()
     except Exception as e:  # noqa: BLE001 - any validator failure means: not buildable from defaults
         raise BuildError(f"default config does not validate: {type(e).__name__}: {_first_line(e)}") from None
-    kw = {**_shrunk_kwargs(base), **_FIXES.get(model_type, {})}
+    kw = _shrunk_kwargs(base)
+    for k, v in _FIXES.get(model_type, {}).items():  # a dict fixes a sub-config (merged into its shrink)
+        kw[k] = {**kw.get(k, {}), **v} if isinstance(v, dict) else v
     for k, v in (("head_dim", HEAD_DIM), ("num_key_value_heads", HEADS), ("num_experts_per_tok", 2)):
         if k in base.to_dict() and base.to_dict()[k] is None:
             kw.setdefault(k, v)  # left unset by the default config but required by the model
