@@ -1,6 +1,11 @@
-"""Architecture-neutral site names resolved to modules from a per-family table plus the config.
+"""Architecture-neutral site names resolved to modules: a per-family table, else automatic discovery.
 
-Names (DESIGN §3):
+Families in ``FAMILIES`` (or taught with :func:`register_family`) resolve from the table and the config.
+Any other decoder-only causal LM is resolved by :mod:`intervene.site_discovery`, which finds the block
+list, the residual writers and the attention output projection and checks them with a probe forward
+pass on first use; what it cannot resolve raises ``SiteError`` / ``UnsupportedModelError`` naming why.
+
+Names (docs/architecture.md):
 
 * ``layers.{i}`` — output of decoder block ``i`` (the residual stream after it);
   ``layers.{i}:input`` — its input.
@@ -18,10 +23,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
 from torch import nn
 
 from intervene.errors import SiteError, UnsupportedModelError
+from intervene.site_discovery import Discovered, LayerParts, discover, in_features
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ FAMILIES: dict[str, Family] = {
 
 
 def register_family(model_type: str, family: Family) -> None:
-    """Teach the site table a new ``config.model_type`` (or override a built-in one)."""
+    """Teach the site table a new ``config.model_type`` (or override a built-in one, or discovery)."""
     FAMILIES[model_type] = family
 
 
@@ -108,15 +113,57 @@ def config_value(config, *names: str, default=None):
     return default
 
 
+def in_table(model: nn.Module) -> bool:
+    """Whether ``model``'s family resolves from the site table (else: from discovery)."""
+    return getattr(getattr(model, "config", None), "model_type", None) in FAMILIES
+
+
+def structure(model: nn.Module) -> Family | Discovered:
+    """The table entry of ``model``'s family, else its discovered (and checked) structure.
+
+    Raises ``UnsupportedModelError`` naming what discovery could not resolve.
+    """
+    if in_table(model):
+        return FAMILIES[model.config.model_type]
+    try:
+        return discover(model)
+    except UnsupportedModelError as e:
+        mtype = getattr(getattr(model, "config", None), "model_type", None)
+        raise UnsupportedModelError(f"model_type {mtype!r} is not in intervene's site table and automatic discovery "
+                                    f"failed: {e}. Use raw module paths as sites, or teach the family with "
+                                    "intervene.register_family().") from None
+
+
 def family_of(model: nn.Module) -> Family:
-    """The site-table entry for ``model``; raises ``UnsupportedModelError`` for unknown families."""
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype not in FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type {mtype!r} is not in intervene's site table (known: {', '.join(sorted(FAMILIES))}). "
-            "Use raw module paths as sites, or teach it with intervene.register_family()."
-        )
-    return FAMILIES[mtype]
+    """The site-table entry for ``model``, or one built from its discovered structure when that is the
+    same in every block; raises ``UnsupportedModelError`` otherwise (use :func:`layer_parts`)."""
+    found = structure(model)
+    if isinstance(found, Family):
+        return found
+    first = found.parts[0]
+    key = (first.attn, first.mlp, first.attn_proj, first.mlp_proj)
+    if any((p.attn, p.mlp, p.attn_proj, p.mlp_proj) != key for p in found.parts) or None in key[:3]:
+        why = next((f"block {i}: {w}" for i, p in enumerate(found.parts) for w in p.missing.values()),
+                   "its blocks differ (a hybrid or dense/MoE mix)")
+        raise UnsupportedModelError(f"{type(model).__name__} has no single per-block layout ({why}); sites resolve "
+                                    "per block (intervene.sites.layer_parts), or teach one with register_family()")
+    return Family(found.layers, first.attn_proj, first.mlp_proj or first.mlp, found.embed or "",
+                  attn_writer=None if first.attn == first.attn_proj else first.attn,
+                  mlp_writer=None if first.mlp == (first.mlp_proj or first.mlp) else first.mlp,
+                  moe=first.mlp_proj is None)
+
+
+def layer_parts(model: nn.Module, layer: int) -> LayerParts:
+    """What block ``layer`` writes into the residual (paths relative to the block).
+
+    From the table: writers, projections, no heads (computed from the config on resolution) and no
+    wiring facts. From discovery: everything, with ``missing`` naming what did not resolve.
+    """
+    found = structure(model)
+    if isinstance(found, Family):
+        return LayerParts(found.attn_writer or found.attn_out, found.mlp_writer or found.mlp_out, found.attn_out,
+                          found.mlp_out)
+    return found.parts[layer]
 
 
 def _get(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
@@ -131,16 +178,12 @@ def _get(model: nn.Module, path: str) -> tuple[str, nn.Module] | None:
     return None
 
 
-def _in_features(module: nn.Module) -> int | None:
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and w.ndim == 2 and type(module).__name__ == "Conv1D":
-        return int(w.shape[0])  # GPT-2's Conv1D stores [in, out]
-    return None
+_in_features = in_features
 
 
 def num_layers(model: nn.Module) -> int:
+    if not in_table(model):
+        return len(structure(model).parts)
     return int(config_value(model.config, "num_hidden_layers", "n_layer", "num_layers"))
 
 
@@ -153,15 +196,18 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def block_path(model: nn.Module, layer: int) -> tuple[str, nn.Module]:
-    fam = family_of(model)
-    found = _get(model, f"{fam.layers}.{layer}")
-    if found is None:
-        raise SiteError(f"could not find block {layer} at {fam.layers!r} on {type(model).__name__}")
-    return found
+    found = structure(model)
+    if isinstance(found, Discovered):
+        path = f"{found.layers}.{layer}"
+        return path, model.get_submodule(path)
+    hit = _get(model, f"{found.layers}.{layer}")
+    if hit is None:
+        raise SiteError(f"could not find block {layer} at {found.layers!r} on {type(model).__name__}")
+    return hit
 
 
 def head_shape(model: nn.Module, o_proj: nn.Module) -> tuple[int, int]:
-    """``(n_heads, head_dim)`` of the input of an attention output projection."""
+    """``(n_heads, head_dim)`` of the input of an attention output projection (from the config)."""
     n = num_heads(model)
     width = _in_features(o_proj)
     if width is None or width % n:
@@ -173,22 +219,23 @@ def _resolve_canonical(model: nn.Module, name: str, m: re.Match) -> Site:
     layer = int(m.group(1))
     if layer >= num_layers(model):
         raise SiteError(_unknown_message(model, name))
+    parts = layer_parts(model, layer)
+    part = m.group(3) or "block"
+    if part in parts.missing:
+        raise SiteError(f"site {name!r} does not resolve on {type(model).__name__}: {parts.missing[part]}. Use a "
+                        "raw module path instead, or teach the structure with intervene.register_family()")
     bpath, block = block_path(model, layer)
-    fam = family_of(model)
-    part = m.group(3)
     hidden = hidden_size(model)
-    if part is None:
+    if part == "block":
         side = "input" if m.group(2) == ":input" else "output"
         return Site(name, bpath, block, side, layer, None, hidden)
-    if part == "heads":
-        sub = fam.attn_out
-        mod = block.get_submodule(sub)
-        return Site(name, f"{bpath}.{sub}", mod, "input", layer, head_shape(model, mod), None)
-    sub = (fam.attn_writer or fam.attn_out) if part == "attn" else (fam.mlp_writer or fam.mlp_out)
+    sub = {"attn": parts.attn, "mlp": parts.mlp, "heads": parts.attn_proj}[part]
     try:
         mod = block.get_submodule(sub)
     except AttributeError as e:
         raise SiteError(f"{type(model).__name__} block {layer} has no {sub!r} for site {name!r}") from e
+    if part == "heads":
+        return Site(name, f"{bpath}.{sub}", mod, "input", layer, parts.heads or head_shape(model, mod), None)
     return Site(name, f"{bpath}.{sub}", mod, "output", layer, None, hidden)
 
 
@@ -216,10 +263,12 @@ def resolve_site(model: nn.Module, name: str) -> Site:
 
 
 def site_names(model: nn.Module) -> list[str]:
-    """Every canonical site name of ``model``, in layer order."""
+    """Every canonical site name of ``model`` that resolves, in layer order."""
     out = []
     for i in range(num_layers(model)):
-        out += [f"layers.{i}:input", f"layers.{i}", f"layers.{i}.attn", f"layers.{i}.mlp", f"layers.{i}.heads"]
+        miss = layer_parts(model, i).missing
+        names = [f"layers.{i}:input", f"layers.{i}", f"layers.{i}.attn", f"layers.{i}.mlp", f"layers.{i}.heads"]
+        out += [n for n, k in zip(names, ("block", "block", "attn", "mlp", "heads")) if k not in miss]
     return out
 
 
@@ -268,12 +317,11 @@ def resolve_sites(model: nn.Module, patterns: str | list[str]) -> list[Site]:
 def _unknown_message(model: nn.Module, name: str) -> str:
     try:
         n = num_layers(model)
-        family_of(model)
         r = f"{{0..{n - 1}}}"
         valid = (f"layers.{r}, layers.{r}:input, layers.{r}.attn, layers.{r}.mlp, layers.{r}.heads, "
                  "wildcards like layers.* or layers.*.heads")
-    except Exception:
-        valid = "(this family is not in the site table; only module paths work)"
+    except UnsupportedModelError as e:
+        valid = f"none: {e} (only module paths work)"
     example = next((n for n, _ in model.named_modules() if n), "")
     return (f"unknown site {name!r} for {type(model).__name__}. Valid names: {valid}; or a module path "
             f"such as {example!r} with an optional ':input'/':output'.")

@@ -85,22 +85,34 @@ def test_wildcard_without_match_is_an_error() -> None:
         iv.expand_sites(tiny_model("llama"), "layers.*.nothing")
 
 
-def test_unknown_family_and_register_family() -> None:
+def test_unknown_family_is_discovered_and_register_family_overrides() -> None:
     m = tiny_model("llama")
     cfg_type = m.config.model_type
     try:
-        m.config.model_type = "my_new_arch"
-        with pytest.raises(iv.UnsupportedModelError, match="register_family"):
-            resolve_site(m, "layers.0")
-        # raw paths still work on unknown families
-        assert resolve_site(m, "model.layers.0").module is m.model.layers[0]
-        iv.register_family("my_new_arch", iv.Family("model.layers", "self_attn.o_proj", "mlp.down_proj",
-                                                     "model.embed_tokens"))
+        m.config.model_type = "my_new_arch"  # not in the table: discovery finds the same modules
+        assert resolve_site(m, "layers.1.heads").module_path == "model.layers.1.self_attn.o_proj"
         assert resolve_site(m, "layers.1.heads").heads == (4, 8)
+        assert resolve_site(m, "layers.0.mlp").module_path == "model.layers.0.mlp.down_proj"
+        # raw paths still work
+        assert resolve_site(m, "model.layers.0").module is m.model.layers[0]
+        iv.register_family("my_new_arch", iv.Family("model.layers", "self_attn.o_proj", "mlp.up_proj",
+                                                     "model.embed_tokens"))
+        assert resolve_site(m, "layers.1.mlp").module_path == "model.layers.1.mlp.up_proj"  # the table wins
     finally:
         m.config.model_type = cfg_type
         from intervene.sites import FAMILIES as table
         table.pop("my_new_arch", None)
+
+
+def test_undiscoverable_structure_names_register_family() -> None:
+    cfg = tiny_model("llama").config.to_dict()
+    with torch.device("meta"):
+        m = type(tiny_model("llama"))(type(tiny_model("llama").config).from_dict(cfg))
+    m.config.model_type = "my_meta_arch"
+    with pytest.raises(iv.UnsupportedModelError, match="register_family") as e:
+        resolve_site(m, "layers.0")
+    assert "meta device" in str(e.value)
+    assert resolve_site(m, "model.layers.0").module is m.model.layers[0]  # raw paths need no structure
 
 
 def test_bare_base_model_resolves() -> None:

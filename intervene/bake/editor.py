@@ -21,7 +21,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene.bake.layout import Layout, Loc, Part, layout_of, writer_paths
+from intervene.bake.layout import (
+    Layout,
+    Loc,
+    Part,
+    get_flag,
+    layout_of,
+    proj_paths,
+    set_flag,
+    skeleton,
+    writer_paths,
+)
 from intervene.errors import NotBakeableError
 from intervene.sites import hidden_size, num_layers
 
@@ -64,6 +74,10 @@ class _Writer:
                 and experts.down_proj.ndim == 3 and experts.down_proj.shape[-2] == hidden \
                 and not any(hasattr(mod, a) for a in ("shared_expert", "shared_experts")):
             self.kind, self.param = "experts", experts.down_proj  # [experts, out, in]
+        elif "norm" in type(mod).__name__.lower() or all(p.ndim <= 1 for p in mod.parameters()):
+            raise NotBakeableError(f"{path} ({type(mod).__name__}) normalises the branch output before the residual "
+                                   "add (a post-norm), so no bias or projection of a weight reproduces an edit of "
+                                   "what it writes")
         else:
             raise NotBakeableError(f"{path} ({type(mod).__name__}) is not a Linear, Conv1D or plain MoE "
                                    "experts block, so edits of what it writes cannot be folded into it")
@@ -127,6 +141,9 @@ class WeightEditor:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
         output and the output of every attention and MLP writer of every block."""
         r = direction.detach().to(torch.float64).reshape(-1)
+        if any(self.layout.arithmetic(self.source, i).post_norm for i in range(self.n_layers)):
+            raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
+                                   "projection of the writers keeps it orthogonal to r")
         self._push(Loc("embed"), _Op(r, None, 9, why))
         for i in range(self.n_layers):
             for part in ("attn", "mlp"):
@@ -136,11 +153,20 @@ class WeightEditor:
         if loc.kind == "embed":
             if (why := self.layout.embed_problem(self.model)) is not None:
                 raise NotBakeableError(f"{op.why}: {why}")
+            if op.r is not None and self.layout.embed_offset is not None:
+                raise NotBakeableError(f"{op.why}: {self.layout.embed_offset}")
             self._check_width(op, self.hidden)
             self._embed.append(op)
         elif loc.kind in ("write", "resid"):
             self._check_width(op, self.hidden)
-            # the residual after block i is what its last writer added to: fold there (order > 0)
+            if loc.kind == "resid":
+                # the residual after block i is what its last writer added to: fold there (order > 0)
+                parts = self.layout.arithmetic(self.source, loc.layer)
+                if parts.post_norm:
+                    raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
+                                           "LayerNorm's output, which no writer's bias can shift")
+                if parts.mlp_gain != 1.0 and op.c is not None:  # the block scales the writer's output
+                    op = _Op(op.r, op.c / parts.mlp_gain, op.order, op.why, op.seq)
             key = (loc.layer, "mlp" if loc.kind == "resid" else loc.part)
             self._out.setdefault(key, []).append(op)
         else:
@@ -152,15 +178,28 @@ class WeightEditor:
                 raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
 
     # ---- folding -------------------------------------------------------------------------------
+    def _units(self) -> dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]]:
+        """``{module path: ((layer, part), input edits, output edits)}``: input edits fold into the
+        projection, output edits into the writer (one module unless the writer is a post-norm)."""
+        units: dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]] = {}
+        for key in sorted(set(self._out) | set(self._in)):
+            i, part = key
+            if self._out.get(key):
+                units.setdefault(writer_paths(self.source, i)[part], (key, [], []))[2].extend(self._out[key])
+            if self._in.get(key):
+                path = proj_paths(self.source, i)[part] or writer_paths(self.source, i)[part]
+                units.setdefault(path, (key, [], []))[1].extend(self._in[key])
+        return units
+
     def plan(self) -> None:
-        """Read-only pass over ``source``: decide which writer adds each constant and which config
+        """Read-only pass over ``source``: decide which module adds each constant and which config
         flags must create biases. Every refusal about biases is raised here, before any copy."""
-        keys = sorted(set(self._out) | set(self._in))
-        shift: dict[tuple[int, Part], torch.Tensor] = {}  # constants moved in from a parallel partner
-        drop: set[tuple[int, Part]] = set()  # writers whose constant moved out
+        units = self._units()
+        shift: dict[str, torch.Tensor] = {}  # constants moved in from a parallel partner
+        drop: set[str] = set()  # writers whose constant moved out
         flags: dict[str, str] = {}
-        for key in list(keys):
-            w, _, b, why = self._fold_writer(key)
+        for path, (key, ins, outs) in list(units.items()):
+            w, _, b, why = self._fold(self.source, path, ins, outs)
             if w.bias is not None or not bool(torch.count_nonzero(b)):
                 continue
             i, part = key
@@ -168,37 +207,41 @@ class WeightEditor:
                 flags.setdefault(flag, why)
                 continue
             other: Part = "attn" if part == "mlp" else "mlp"
-            if self.layout.is_parallel(self.source.config):
+            if self.layout.is_parallel(self.source.config) and path == writer_paths(self.source, i)[part]:
                 # both writers add to the same residual point: the partner may add the constant
-                okey = (i, other)
-                ow = _Writer(self.source, writer_paths(self.source, i)[other], self.hidden)
-                oflag = self._bias_flag(ow, other)
-                if ow.bias is not None or oflag is not None:
-                    shift[okey] = shift[okey] + b if okey in shift else b
-                    drop.add(key)
-                    if okey not in keys:
-                        keys.append(okey)
+                opath = writer_paths(self.source, i)[other]
+                try:
+                    ow = _Writer(self.source, opath, self.hidden)
+                except NotBakeableError:
+                    ow = None
+                oflag = None if ow is None else self._bias_flag(ow, other)
+                if ow is not None and (ow.bias is not None or oflag is not None):
+                    gains = self.layout.arithmetic(self.source, i)
+                    b = b * getattr(gains, f"{part}_gain") / getattr(gains, f"{other}_gain")  # in the partner's units
+                    shift[opath] = shift[opath] + b if opath in shift else b
+                    drop.add(path)
+                    units.setdefault(opath, ((i, other), [], []))
                     if ow.bias is None:
                         flags.setdefault(oflag, why)
                     continue
             raise NotBakeableError(self._no_bias_message(w, part, why))
-        self._plan = (keys, shift, drop, flags)
+        self._plan = (units, shift, drop, flags)
 
     def finish(self, target: nn.Module) -> BakeReport:
         """Fold every collected edit into ``target`` (a private copy of ``source``: same module
         paths), one tensor at a time; returns what changed."""
         if self._plan is None:
             self.plan()
-        keys, shift, drop, flags = self._plan
+        units, shift, drop, flags = self._plan
         self.model = target
         for flag, why in flags.items():
             self._enable_flag(flag, why)
-        for key in keys:
-            w, wt, b, _ = self._fold_writer(key)
-            if key in drop:
+        for path, (_, ins, outs) in units.items():
+            w, wt, b, _ = self._fold(target, path, ins, outs)
+            if path in drop:
                 b = torch.zeros_like(b)
-            if key in shift:
-                b = b + shift[key].to(b.device)
+            if path in shift:
+                b = b + shift[path].to(b.device)
             self._write(w.weight_name, w.param, w.stored(wt))
             if w.bias is not None:
                 self._write(f"{w.path}.bias", w.bias, b)
@@ -221,15 +264,15 @@ class WeightEditor:
             param.copy_(val)
         self.report.edited.append(name)
 
-    def _fold_writer(self, key: tuple[int, Part]) -> tuple[_Writer, torch.Tensor, torch.Tensor, str | None]:
-        """(writer, folded weight ``[..., out, in]``, folded bias ``[out]``, first edit adding a constant)."""
-        i, part = key
-        w = _Writer(self.model, writer_paths(self.model, i)[part], self.hidden)
+    def _fold(self, model: nn.Module, path: str, ins: list[_Op],
+              outs: list[_Op]) -> tuple[_Writer, torch.Tensor, torch.Tensor, str | None]:
+        """(module at ``path``, folded weight ``[..., out, in]``, folded bias ``[out]``, first edit adding a constant)."""
+        w = _Writer(model, path, self.hidden)
         wt = w.weight64()
         b = w.bias.detach().to(torch.float64) if w.bias is not None else torch.zeros(wt.shape[-2], dtype=torch.float64,
                                                                                    device=wt.device)
         first_const = None
-        for op in reversed(self._in.get(key, [])):  # input edits compose right to left
+        for op in reversed(ins):  # input edits compose right to left
             if w.kind == "experts":
                 raise NotBakeableError(f"{op.why}: the input of an MoE block is routed nonlinearly")
             r, c = self._dev(op.r, wt), self._dev(op.c, wt)
@@ -240,7 +283,7 @@ class WeightEditor:
             if r is not None:
                 self._check_width_in(op, r, wt)
                 wt = wt - (wt @ r)[..., None] * r
-        for op in sorted(self._out.get(key, []), key=lambda o: (o.order, o.seq)):
+        for op in sorted(outs, key=lambda o: (o.order, o.seq)):
             r, c = self._dev(op.r, wt), self._dev(op.c, wt)
             if r is not None:
                 wt = wt - r[:, None] * torch.einsum("o,...oi->...i", r, wt)[..., None, :]
@@ -261,7 +304,7 @@ class WeightEditor:
 
     def _bias_flag(self, w: _Writer, part: Part) -> str | None:
         flag = self.layout.bias_flags.get(part)
-        return flag if flag is not None and w.can_hold_bias and hasattr(self.model.config, flag) else None
+        return flag if flag is not None and w.can_hold_bias and get_flag(self.model.config, flag) is not None else None
 
     def _no_bias_message(self, w: _Writer, part: Part, why: str) -> str:
         cfg = type(self.model.config).__name__
@@ -278,12 +321,12 @@ class WeightEditor:
 
     def _enable_flag(self, flag: str, why: str) -> None:
         cfg = self.model.config
-        if getattr(cfg, flag, None) is True:
+        if get_flag(cfg, flag) is True:
             raise NotBakeableError(f"{why}: {type(cfg).__name__}.{flag} is already True but the writer has no bias")
         new_cfg = copy.deepcopy(cfg)
-        setattr(new_cfg, flag, True)
+        set_flag(new_cfg, flag, True)
         have = dict(self.model.named_parameters(remove_duplicate=False))
-        want = dict(_skeleton(self.model, new_cfg).named_parameters(remove_duplicate=False))
+        want = dict(skeleton(self.model, new_cfg).named_parameters(remove_duplicate=False))
         added, lost = set(want) - set(have), set(have) - set(want)
         bad = sorted(k for k in added if not k.endswith(".bias"))
         if lost or bad:
@@ -294,7 +337,7 @@ class WeightEditor:
             ref = mod.weight
             mod.bias = nn.Parameter(torch.zeros(want[name].shape, dtype=ref.dtype, device=ref.device),
                                     requires_grad=ref.requires_grad)
-        setattr(cfg, flag, True)
+        set_flag(cfg, flag, True)
         self.report.config_flags[flag] = True
         self.report.created += sorted(added)
 
@@ -304,6 +347,8 @@ class WeightEditor:
         emb = self.model.get_input_embeddings()
         scale = getattr(emb, "embed_scale", 1.0)
         scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+        if self.layout.embed_gain is not None:  # measured: the row scale times any multiplier after it
+            scale = self.layout.embed_gain
         e = emb.weight.detach().to(torch.float64)
         pos_mod = self.model.get_submodule(self.layout.pos_embed) if self.layout.pos_embed else None
         pos = pos_mod.weight.detach().to(torch.float64) if pos_mod is not None else None
@@ -333,15 +378,8 @@ class WeightEditor:
 
     def _verify_loadable(self) -> None:
         """The baked state dict must be exactly what vanilla from_pretrained expects for its config."""
-        want = set(_skeleton(self.model, self.model.config).state_dict())
+        want = set(skeleton(self.model, self.model.config).state_dict())
         have = set(self.model.state_dict())
         if want != have:
             raise NotBakeableError(f"the baked weights would not load with from_pretrained: missing "
                                    f"{sorted(want - have)[:3]}, unexpected {sorted(have - want)[:3]}")
-
-
-def _skeleton(model: nn.Module, config: Any) -> nn.Module:
-    """An empty (meta-device) model of ``type(model)`` built from ``config``: its parameter names
-    are what ``from_pretrained`` will look for."""
-    with torch.device("meta"):
-        return type(model)(copy.deepcopy(config))

@@ -6,20 +6,32 @@ only where we know the block's arithmetic: ``out = x + attn(...) + mlp(...)`` wi
 that vanilla ``from_pretrained`` will load. Families are listed only once checked against their
 ``transformers`` source (5.x) and the property tests; anything else is refused with a reason.
 
+Families without an entry in ``LAYOUTS`` get one derived from :mod:`intervene.site_discovery`,
+whose probe has already checked the arithmetic: the writers sum to ``out - in``, which MLPs read the
+block input (parallel), how block 0's input follows the embedding, and which config flag (a boolean
+``*bias*`` attribute) creates a projection's bias, found by building the model on the meta device
+with the flag set and comparing parameter names.
+
 Residual points used below: ``embed`` (what block 0 reads), and for block ``i`` its attention and
-MLP *writers* (the modules whose outputs are added to the residual) and ``post_i`` (its output).
+MLP *writers* (the modules whose outputs are added to the residual), their *projections* (the
+Linear producing what a post-norm writer normalises; the writer itself otherwise) and ``post_i``
+(its output).
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
-from intervene.errors import NotBakeableError
-from intervene.sites import Site, block_path, family_of, num_layers
+from intervene.errors import NotBakeableError, UnsupportedModelError
+from intervene.site_discovery import LayerParts, discover
+from intervene.sites import Site, block_path, in_table, layer_parts, num_layers
 
 Part = Literal["attn", "mlp"]
 
@@ -52,6 +64,11 @@ class Layout:
             together with the token embedding when the embedding output is projected.
         embed_refusal: why the embedding output cannot be edited (a norm after it, a projection).
         refusal: a config-dependent reason the family cannot be baked at all.
+        embed_gain: how much block 0's input moves per unit change of an embedding row, measured by
+            discovery (the module's own scale times e.g. Granite's ``embedding_multiplier``); ``None``
+            (table layouts): the embedding module's ``embed_scale`` attribute, else 1.
+        embed_offset: why the embedding cannot be *projected*: something unidentified is added to it
+            before block 0 (adding a constant still bakes).
     """
 
     parallel: bool | Callable[[object], bool] = False
@@ -59,6 +76,14 @@ class Layout:
     pos_embed: str | None = None
     embed_refusal: str | Callable[[nn.Module], str | None] | None = None
     refusal: Callable[[nn.Module], str | None] | None = None
+    embed_gain: float | None = None
+    embed_offset: str | None = None
+    wiring: tuple[LayerParts, ...] | None = None
+
+    def arithmetic(self, model: nn.Module, layer: int) -> LayerParts:
+        """Block ``layer``'s residual arithmetic (gains, post-LN): as measured by discovery for derived
+        layouts (a table family such as Granite may scale its branches), else the table's plain sum."""
+        return self.wiring[layer] if self.wiring is not None else layer_parts(model, layer)
 
     def is_parallel(self, config: object) -> bool:
         return bool(self.parallel(config) if callable(self.parallel) else self.parallel)
@@ -98,20 +123,112 @@ def register_layout(model_type: str, layout: Layout) -> None:
 
 
 def layout_of(model: nn.Module) -> Layout:
-    """The :class:`Layout` of ``model``; raises ``NotBakeableError`` for families not checked."""
+    """The :class:`Layout` of ``model``: its ``LAYOUTS`` entry, else one derived from discovery.
+
+    Raises ``NotBakeableError`` when the structure cannot be checked (with discovery's reason).
+    """
     mtype = getattr(model.config, "model_type", None)
     lay = LAYOUTS.get(mtype)
     if lay is None:
-        raise NotBakeableError(
-            f"baking is not verified for model_type {mtype!r} (verified: {', '.join(sorted(LAYOUTS))}); "
-            "intervene.bake.register_layout() teaches it one once its block arithmetic is checked")
-    fam = family_of(model)
-    if fam.attn_writer or fam.mlp_writer:
-        raise NotBakeableError(f"{mtype}: attention/MLP outputs pass through a norm before the residual "
-                               "(post-norms), which no bias or projection of the writer reproduces")
+        lay = _DERIVED.get(model)
+        if lay is None:
+            lay = _DERIVED[model] = _derive(model)
     if lay.refusal is not None and (why := lay.refusal(model)):
         raise NotBakeableError(why)
     return lay
+
+
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictionary()
+
+
+def _derive(model: nn.Module) -> Layout:
+    """A :class:`Layout` from the probe-checked structure (and, for table families, a check that the
+    table names the same writers the probe found)."""
+    mtype = getattr(model.config, "model_type", None)
+    try:
+        found = discover(model)
+    except UnsupportedModelError as e:
+        raise NotBakeableError(f"{mtype}: baking needs the block arithmetic checked, and automatic discovery "
+                               f"failed: {e}") from None
+    if in_table(model):
+        for i, p in enumerate(found.parts):
+            t = layer_parts(model, i)
+            if (p.attn, p.mlp, p.attn_proj) != (t.attn, t.mlp, t.attn_proj) and not p.missing:
+                raise NotBakeableError(f"{mtype}: the site table names block {i}'s writers {t.attn}, {t.mlp} but the "
+                                       f"probe found {p.attn}, {p.mlp}; fix the table (register_family)")
+    parallel = bool(found.parts) and all(p.parallel is True for p in found.parts)
+    embed_why = None
+    if found.embed_gain is None:
+        embed_why = ("the embedding rows reach block 0 through a non-linear map (a norm, say) or also feed "
+                     "something besides block 0, so no edit of the rows reproduces an edit of block 0's input")
+    offset_why = None
+    if found.embed_offset and found.embed_gain is not None:
+        offset_why = ("something besides the token embedding (and no position embedding module intervene could "
+                      "identify) is added before block 0, so projecting the embedding rows would miss it")
+    return Layout(parallel=parallel, bias_flags=_bias_flags(model), pos_embed=found.pos_embed,
+                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts)
+
+
+def _bias_flags(model: nn.Module) -> dict[str, str]:
+    """``{"attn"|"mlp": config flag}`` whose ``True`` creates every block's projection bias and only biases.
+
+    Candidates are the config's boolean attributes named ``*bias*`` that are ``False``; each is tried
+    on a meta-device skeleton (no memory), so the answer is what vanilla ``from_pretrained`` will build.
+    """
+    cfg = model.config
+    have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    need: dict[str, list[str]] = {"attn": [], "mlp": []}
+    for i in range(num_layers(model)):
+        bpath, _ = block_path(model, i)
+        p = layer_parts(model, i)
+        for part, proj in (("attn", p.attn_proj), ("mlp", p.mlp_proj)):
+            if proj is not None and f"{bpath}.{proj}.bias" not in have:
+                need[part].append(f"{bpath}.{proj}.bias")
+    flags: dict[str, str] = {}
+    # top-level flags, and those of the text config inside a multimodal one ("text_config.attention_bias")
+    cands = [k for k, v in cfg.to_dict().items() if v is False and "bias" in k]
+    for sub in getattr(cfg, "sub_configs", None) or {}:
+        sub_cfg = getattr(cfg, sub, None)
+        if hasattr(sub_cfg, "to_dict"):
+            cands += [f"{sub}.{k}" for k, v in sub_cfg.to_dict().items() if v is False and "bias" in k]
+    for flag in sorted(cands):
+        new_cfg = copy.deepcopy(cfg)
+        set_flag(new_cfg, flag, True)
+        try:
+            want = {n for n, _ in skeleton(model, new_cfg).named_parameters(remove_duplicate=False)}
+        except Exception:  # noqa: BLE001 - a flag the model cannot be built with is no use
+            continue
+        added = want - have
+        if have - want or any(not n.endswith(".bias") for n in added):
+            continue
+        for part, names in need.items():
+            if part not in flags and names and all(n in added for n in names):
+                flags[part] = flag
+    return flags
+
+
+def get_flag(config: Any, flag: str) -> Any:
+    """``config.<flag>`` where ``flag`` may name a sub-config's attribute (``text_config.attention_bias``);
+    ``None`` when absent."""
+    *subs, name = flag.split(".")
+    for sub in subs:
+        config = getattr(config, sub, None)
+    return getattr(config, name, None)
+
+
+def set_flag(config: Any, flag: str, value: Any) -> None:
+    """Set ``config.<flag>`` (see :func:`get_flag`)."""
+    *subs, name = flag.split(".")
+    for sub in subs:
+        config = getattr(config, sub)
+    setattr(config, name, value)
+
+
+def skeleton(model: nn.Module, config: Any) -> nn.Module:
+    """An empty (meta-device) model of ``type(model)`` built from ``config``: its parameter names
+    are what ``from_pretrained`` will look for."""
+    with torch.device("meta"):
+        return type(model)(copy.deepcopy(config))
 
 
 @dataclass(frozen=True)
@@ -132,10 +249,28 @@ class Loc:
 
 
 def writer_paths(model: nn.Module, layer: int) -> dict[Part, str]:
-    """Module paths (on ``model``) of block ``layer``'s attention and MLP writers."""
-    fam = family_of(model)
+    """Module paths (on ``model``) of block ``layer``'s attention and MLP writers: what they output is
+    added to the residual. Raises ``NotBakeableError`` where the structure did not resolve."""
+    return _paths(model, layer, proj=False, strict=True)
+
+
+def proj_paths(model: nn.Module, layer: int) -> dict[Part, str | None]:
+    """Module paths of block ``layer``'s projections: edits of their *input* fold into their weights
+    (the attention projection's input is the heads site). ``None`` where there is none (an MoE block)."""
+    return _paths(model, layer, proj=True, strict=False)
+
+
+def _paths(model: nn.Module, layer: int, proj: bool, strict: bool) -> dict:
     bpath, _ = block_path(model, layer)
-    return {"attn": f"{bpath}.{fam.attn_out}", "mlp": f"{bpath}.{fam.mlp_out}"}
+    p = layer_parts(model, layer)
+    out: dict = {}
+    for part in ("attn", "mlp"):
+        rel = getattr(p, f"{part}_proj") if proj else getattr(p, part)
+        if rel is None and strict:
+            raise NotBakeableError(f"block {layer} of {type(model).__name__}: its {part} writer did not resolve "
+                                   f"({p.missing.get(part, 'unknown')})")
+        out[part] = None if rel is None else f"{bpath}.{rel}"
+    return out
 
 
 def locate(model: nn.Module, site: Site) -> Loc:
@@ -151,9 +286,14 @@ def locate(model: nn.Module, site: Site) -> Loc:
             if site.side == "output":
                 return Loc("resid", i, order=1)
             return Loc("embed") if i == 0 else Loc("resid", i - 1, order=2)
-        for part, path in writer_paths(model, i).items():
-            if site.module is model.get_submodule(path):
-                return Loc("write" if site.side == "output" else "in", i, part)
+        if site.side == "output":
+            for part, path in _paths(model, i, proj=False, strict=False).items():
+                if path is not None and site.module is model.get_submodule(path):
+                    return Loc("write", i, part)
+        else:
+            for part, path in proj_paths(model, i).items():
+                if path is not None and site.module is model.get_submodule(path):
+                    return Loc("in", i, part)
     raise NotBakeableError(
         f"site {site.name!r} ({site.module_path}:{site.side}) is not a residual-stream point or the input/output "
         "of a module writing it; only layers.{i}, layers.{i}:input, layers.{i}.attn, layers.{i}.mlp and "

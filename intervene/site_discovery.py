@@ -1,0 +1,426 @@
+"""Find an unknown causal LM's blocks, residual writers and attention output projection, and check them.
+
+Used by :mod:`intervene.sites` for every ``config.model_type`` that is not in its table. Nothing is
+taken from names alone: candidates come from the module tree, and probe forward passes
+(:mod:`intervene.site_probe`) on a few tokens decide.
+
+1. **Blocks**: ``ModuleList`` s inside ``get_decoder()`` (else the whole model) whose elements are the
+   classes named in ``_no_split_modules``, ``GradientCheckpointingLayer`` subclasses, or as many as
+   ``num_hidden_layers``; the best-ranked one that runs on text. Checked: each block runs once, and
+   block ``i``'s output is block ``i+1``'s input.
+2. **Residual writers**: for block ``i``, the two submodules (attention first) whose outputs add up to
+   ``output - input`` — exactly, or each times a constant (Granite's ``residual_multiplier``; the gain
+   is recorded) — or, in a post-LN block, whose outputs are added before each of its two norms. Among
+   modules with the same output the last Linear-like one is named (``self_attn.o_proj`` rather than
+   ``self_attn``), else the outermost (a whole MoE block). A writer that is not Linear-like (a
+   post-norm) gets a *projection*: the Linear whose output it reads.
+3. **Heads**: the attention projection's input, ``in_features = n_heads * head_dim``, with ``n_heads``
+   from the attention module or the (per-layer) config, used only when it divides exactly.
+4. **Wiring** (:func:`intervene.site_probe.parallel_mlps`, :func:`~intervene.site_probe.embedding_path`):
+   a second pass holds every block's input fixed and perturbs attention's output; the MLP's output
+   moving means sequential, staying put means parallel. A third perturbs the token embedding: how
+   block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the logits move
+   too, i.e. the embedding feeds more than block 0).
+
+What cannot be resolved is recorded per block with the reason (``LayerParts.missing``), which
+:mod:`intervene.sites` raises as ``SiteError`` for the sites that need it; a block list that fails the
+checks raises ``UnsupportedModelError``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from intervene import site_probe as probe
+from intervene.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class LayerParts:
+    """What block ``i`` writes into the residual stream; paths are relative to the block.
+
+    ``attn`` / ``mlp``: modules whose outputs the block adds to the residual, ``out = in + attn_gain *
+    attn + mlp_gain * mlp`` (gains are 1 but in families with residual multipliers); with
+    ``post_norm`` the block is post-LN, ``out = N2(N1(in + attn) + mlp)``. ``attn_proj`` / ``mlp_proj``:
+    the Linear-like module producing that value before any post-norm (the writer itself when there is
+    none); ``attn_proj``'s input is the heads site. ``heads``: ``(n_heads, head_dim)`` of that input.
+    ``parallel``: the MLP reads the block input rather than input + attention (``None``: unknown).
+    ``missing``: ``{"block"|"attn"|"mlp"|"heads"|"attn_proj"|"mlp_proj": why it did not resolve}``.
+    """
+
+    attn: str | None = None
+    mlp: str | None = None
+    attn_proj: str | None = None
+    mlp_proj: str | None = None
+    heads: tuple[int, int] | None = None
+    parallel: bool | None = None
+    attn_gain: float = 1.0
+    mlp_gain: float = 1.0
+    post_norm: bool = False
+    missing: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Discovered:
+    """A model's structure as found and checked by :func:`discover`.
+
+    ``layers``: path of the block list on the model; ``embed``: path of the token embedding.
+    ``embed_gain``: how much block 0's input moves per unit change of a token's embedding row (the
+    embedding's own scale times any multiplier after it; ``None``: not linearly, e.g. through a norm,
+    or the embedding also feeds something besides block 0). ``pos_embed``: a learned position
+    embedding added before block 0, if any; ``embed_offset``: something else (unidentified) is.
+    """
+
+    layers: str
+    parts: tuple[LayerParts, ...]
+    embed: str | None = None
+    embed_gain: float | None = None
+    pos_embed: str | None = None
+    embed_offset: bool = False
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, Discovered] = weakref.WeakKeyDictionary()
+
+
+def discover(model: nn.Module) -> Discovered:
+    """The checked structure of ``model`` (found once per model object, then cached).
+
+    Raises ``UnsupportedModelError`` naming what could not be resolved.
+    """
+    found = _CACHE.get(model)
+    if found is None:
+        found = _CACHE[model] = _discover(model)
+    return found
+
+
+# ---- small helpers ------------------------------------------------------------------------------
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, GPT-2's ``Conv1D``, or anything with a 2-D weight and an ``in_features``."""
+    if isinstance(module, nn.Linear):
+        return True
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        return False
+    return type(module).__name__ == "Conv1D" or isinstance(getattr(module, "in_features", None), int)
+
+
+def in_features(module: nn.Module) -> int | None:
+    """Width of a Linear-like module's input (GPT-2's ``Conv1D`` stores its weight as ``[in, out]``)."""
+    if isinstance(getattr(module, "in_features", None), int):
+        return int(module.in_features)
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.ndim == 2 and type(module).__name__ == "Conv1D":
+        return int(w.shape[0])
+    return None
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    try:
+        return cfg.get_text_config(decoder=True)
+    except Exception:  # noqa: BLE001 - older configs, or several candidate sub-configs
+        return cfg
+
+
+def _cfg_int(obj: Any, names: tuple[str, ...]) -> int | None:
+    """First of ``names`` that ``obj`` holds as a plain int (per-layer config attributes raise on global access)."""
+    for n in names:
+        try:
+            v = getattr(obj, n, None)
+        except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
+            continue
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+# ---- 1. the block list --------------------------------------------------------------------------
+def block_candidates(model: nn.Module) -> list[nn.ModuleList]:
+    """``ModuleList`` s that may be the decoder blocks, best first (not yet checked)."""
+    try:
+        dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
+    except Exception:  # noqa: BLE001 - some wrappers raise instead of returning self
+        dec = model
+    no_split = set(getattr(model, "_no_split_modules", None) or ())
+    n_cfg = _cfg_int(_text_config(model), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer as Gc
+    except ImportError:  # older transformers
+        Gc = None  # noqa: N806
+    ranked: list[tuple[tuple, int, nn.ModuleList]] = []
+    # the decoder's subtree first (vision towers share the hints), then the rest of the model
+    roots = [dec, model] if isinstance(dec, nn.Module) and dec is not model else [model]
+    seen: set[int] = set()
+    for rank, root in enumerate(roots):
+        for mod in root.modules():
+            if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            hints = (all(type(b).__name__ in no_split for b in mod),
+                     Gc is not None and all(isinstance(b, Gc) for b in mod), len(mod) == n_cfg)
+            if any(hints):
+                ranked.append(((-rank, sum(hints), sum(p.numel() for p in mod.parameters())), len(ranked), mod))
+    return [m for *_, m in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True)]
+
+
+def _pick_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    names = {id(m): n for n, m in model.named_modules()}
+    cands = [c for c in block_candidates(model) if id(c) in names]
+    if not cands:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no decoder block list (a ModuleList of the classes in "
+            f"_no_split_modules, of GradientCheckpointingLayer, or of num_hidden_layers modules)")
+    if len(cands) > 1:  # e.g. a vision tower's layers: keep the first list that runs on text
+        ran = probe.count_calls(model, [c[0] for c in cands])
+        cands = [c for c, k in zip(cands, ran) if k > 0] or cands
+    return names[id(cands[0])], cands[0]
+
+
+# ---- 2. residual writers ------------------------------------------------------------------------
+@dataclass
+class _Group:
+    """Submodules of one block whose outputs are the same tensor values."""
+
+    value: torch.Tensor
+    members: list[str]
+    order: int
+
+
+def _groups(rec: probe.Record, i: int, block: nn.Module) -> list[_Group]:
+    groups: list[_Group] = []
+    rels = [r for r, _ in block.named_modules() if r and f"{i}/{r}" in rec.out]
+    for rel in sorted(rels, key=lambda r: rec.order[f"{i}/{r}"]):
+        v = rec.out[f"{i}/{rel}"]
+        g = next((g for g in groups if torch.equal(g.value, v)), None)
+        if g is None:
+            groups.append(_Group(v, [rel], rec.order[f"{i}/{rel}"]))
+        else:
+            g.members.append(rel)
+    return groups
+
+
+def _pick(g: _Group, block: nn.Module) -> str:
+    """The name for a group: its last Linear-like member, else its outermost (an MoE block, say)."""
+    lin = [r for r in g.members if is_linear(block.get_submodule(r))]
+    return lin[-1] if lin else min(g.members, key=lambda r: r.count("."))
+
+
+def _fit(target: torch.Tensor, a: torch.Tensor, m: torch.Tensor, tol: float) -> tuple[float, float] | None:
+    """Constants ``(α, β)`` with ``target = α a + β m`` to within ``tol``, else ``None`` (1.0 when exact)."""
+    if float((target - a - m).abs().max()) <= tol:
+        return 1.0, 1.0
+    basis = torch.stack([a.reshape(-1), m.reshape(-1)], 1)
+    coef = torch.linalg.lstsq(basis, target.reshape(-1, 1)).solution[:, 0]
+    if float((basis @ coef - target.reshape(-1)).abs().max()) > tol or bool((coef.abs() < 1e-3).any()):
+        return None
+    return float(coef[0]), float(coef[1])
+
+
+def _writers(rec: probe.Record, i: int, block: nn.Module, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, str]]:
+    """``({"attn", "mlp", "attn_proj", "mlp_proj", "gains", "post_norm"}, {part: why missing})`` for block ``i``."""
+    x, y = rec.block_in.get(i), rec.block_out.get(i)
+    if x is None or y is None:
+        why = f"block {i} does not take and return one [batch, seq, hidden] tensor"
+        return {}, {"attn": why, "mlp": why}
+    groups = [g for g in _groups(rec, i, block) if g.value.shape == x.shape]
+    tol = probe.tol(x, y, *(g.value for g in groups), dtype=dtype)
+    live = [g for g in groups if float(g.value.abs().max()) > 100 * tol]  # a writer must be visible
+    # the two writers live in different children of the block: two halves of one MoE are not attn + MLP
+    pairs = [(a, m) for a, m in itertools.combinations(live, 2) if _top(_pick(a, block)) != _top(_pick(m, block))]
+    fits = [(a, m, gains) for a, m in pairs if (gains := _fit(y - x, a.value, m.value, tol)) is not None]
+    post_norm = False
+    if not fits:
+        fits, post_norm = _post_ln(rec, i, block, x, y, groups, tol), True
+    if len(fits) != 1:
+        single = [g for g in live if float((y - x - g.value).abs().max()) <= tol]
+        why = (f"block {i} writes one thing into the residual ({_pick(single[0], block)}); attention and MLP "
+               "sites need two" if single else
+               f"block {i}: several pairs of submodules add up to its output minus its input" if fits else
+               f"block {i}: no two submodule outputs add up to its output minus its input (the residual itself "
+               "is scaled or gated, or more than two branches write it)")
+        return {}, {"attn": why, "mlp": why}
+    a, m, gains = fits[0]
+    found: dict[str, Any] = {"attn": _pick(a, block), "mlp": _pick(m, block), "gains": gains, "post_norm": post_norm}
+    missing: dict[str, str] = {}
+    for part in ("attn", "mlp"):
+        writer = block.get_submodule(found[part])
+        if is_linear(writer):
+            found[f"{part}_proj"] = found[part]
+            continue
+        win = rec.inp.get(f"{i}/{found[part]}")
+        src = next((g for g in groups if win is not None and torch.equal(g.value, win)), None)
+        lin = [r for r in (src.members if src else []) if is_linear(block.get_submodule(r))]
+        if lin:
+            found[f"{part}_proj"] = lin[-1]  # a post-norm (or short conv): the projection whose output it reads
+        else:
+            missing[f"{part}_proj"] = (f"{found[part]} ({type(writer).__name__}) is not a Linear layer and reads "
+                                       "no Linear layer's output")
+    return found, missing
+
+
+def _top(rel: str) -> str:
+    return rel.split(".", 1)[0]
+
+
+def _post_ln(rec: probe.Record, i: int, block: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: list[_Group],
+             tol: float) -> list[tuple[_Group, _Group, tuple[float, float]]]:
+    """Post-LN writer pairs: a norm ``N2`` outputs ``y`` and reads ``N1(x + a) + m``; ``N1`` reads ``x + a``."""
+    fits = []
+    for n2, n2_in in ((r, rec.inp.get(f"{i}/{r}")) for r, _ in block.named_modules() if r):
+        if n2_in is None or n2_in.shape != y.shape or not torch.equal(rec.out.get(f"{i}/{n2}", x[:0]), y):
+            continue
+        for g1 in groups:
+            m = next((g for g in groups if g is not g1 and float((n2_in - g1.value - g.value).abs().max()) <= tol),
+                     None)
+            n1_in = [rec.inp[k] for r in g1.members if (k := f"{i}/{r}") in rec.inp and rec.inp[k].shape == x.shape]
+            a = next((g for g in groups for u in n1_in if float((u - x - g.value).abs().max()) <= tol), None)
+            if m is not None and a is not None and a.order < m.order:
+                fits.append((a, m, (1.0, 1.0)))
+    return fits[:1] if fits and all(f[:2] == fits[0][:2] for f in fits) else fits
+
+
+# ---- 3. heads -----------------------------------------------------------------------------------
+_N_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_v_heads")
+_HEAD_DIM = ("head_dim", "v_head_dim", "head_v_dim", "head_size")
+
+
+def _layer_config(model: nn.Module, i: int) -> Any:
+    cfg = _text_config(model)
+    try:
+        per = getattr(cfg, "per_layer_config", None)
+        return per[i] if per is not None and len(per) > i else cfg
+    except Exception:  # noqa: BLE001
+        return cfg
+
+
+def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple[int, int] | None, str]:
+    """``(n_heads, head_dim)`` of ``proj``'s input (the attention module's own count wins over the config)."""
+    width = in_features(block.get_submodule(proj))
+    if width is None:
+        return None, f"{proj} has no in_features"
+    owners = [block.get_submodule(proj.rsplit(".", k)[0]) for k in range(1, proj.count(".") + 1)] + [block]
+    n_mod = next((n for m in owners if (n := _cfg_int(m, _N_HEADS)) is not None), None)
+    hd_mod = next((d for m in owners if (d := _cfg_int(m, _HEAD_DIM)) is not None), None)
+    lcfg = _layer_config(model, i)
+    per_layer = getattr(lcfg, "num_attention_heads_per_layer", None)
+    n_cfg = per_layer[i] if isinstance(per_layer, (list, tuple)) and len(per_layer) > i else \
+        _cfg_int(lcfg, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
+    if n_mod and width % n_mod == 0:
+        return (n_mod, width // n_mod), ""
+    if n_cfg and width % n_cfg == 0 and (hd_mod is None or width // n_cfg == hd_mod):
+        return (n_cfg, width // n_cfg), ""
+    if n_mod is None and n_cfg is None and hd_mod and width % hd_mod == 0:
+        return (width // hd_mod, hd_mod), ""
+    return None, (f"{proj} takes {width} inputs, which is not n_heads x head_dim for n_heads {n_mod or n_cfg} / "
+                  f"head_dim {hd_mod} (from the attention module and config)")
+
+
+# ---- putting it together -------------------------------------------------------------------------
+def _discover(model: nn.Module) -> Discovered:
+    name = type(model).__name__
+    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    w = getattr(emb, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        raise UnsupportedModelError(f"{name} has no input embedding to probe it through")
+    if any(p.is_meta for p in model.parameters()):
+        raise UnsupportedModelError(f"{name}'s weights are on the meta device; its structure is checked with a "
+                                    "forward pass, so load the weights first")
+    h = int(w.shape[1])
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        path, blocks = _pick_blocks(model)
+        inside = {id(m) for b in blocks for m in b.modules()}
+        extras = {names[id(m)]: m for m in model.modules()
+                  if isinstance(m, nn.Embedding) and m is not emb and id(m) not in inside and id(m) in names}
+        rec = probe.record(model, blocks, emb, extras, h)
+    except UnsupportedModelError:
+        raise
+    except Exception as e:
+        raise UnsupportedModelError(f"{name}: the self-check forward pass on {probe.BATCH}x{probe.SEQ} token ids "
+                                    f"failed ({type(e).__name__}: {e})") from e
+    dtype = next(iter(rec.raw_in.values())).dtype if rec.raw_in else torch.float32
+    why_out = _check_chain(name, path, rec, len(blocks), dtype)
+    found, missing = [], []
+    for i, block in enumerate(blocks):
+        f, m = _analyse(rec, i, block, h, dtype) if i not in why_out else ({}, {})
+        if i in why_out or "block" in m:
+            why = why_out.get(i) or m["block"]
+            f, m = {}, dict.fromkeys(("block", "attn", "mlp", "heads"), why)
+        found.append(f)
+        missing.append(m)
+    try:
+        writers = [(f["attn"], f["mlp"]) if "attn" in f else None for f in found]
+        parallel = probe.parallel_mlps(model, blocks, rec, writers, h)
+        gain, pos, offset = probe.embedding_path(model, blocks, rec, emb, h)
+    except Exception as e:
+        raise UnsupportedModelError(f"{name}: the self-check's later passes (block inputs held fixed) failed "
+                                    f"({type(e).__name__}: {e})") from e
+    parts = []
+    for i, block in enumerate(blocks):
+        f, m = found[i], missing[i]
+        heads = None
+        if "attn_proj" in f:
+            heads, why = _heads(model, block, i, f["attn_proj"])
+            if heads is None:
+                m["heads"] = why
+        else:
+            m.setdefault("heads", m.get("attn_proj") or m.get("attn") or "no attention output projection")
+        gains = f.get("gains", (1.0, 1.0))
+        parts.append(LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads,
+                                parallel[i], gains[0], gains[1], f.get("post_norm", False), m))
+    return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
+
+
+def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
+             dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, str]]:
+    """Block ``i``'s writers, from re-running it alone in float32 (checked against pass 1's output)."""
+    if i not in rec.args:
+        return {}, {"block": f"block {i} was not called with a [batch, seq, hidden] input"}
+    try:
+        # the clone of its input taken before it ran: a block may have added into that tensor in place
+        again = probe.rerun(block, i, probe.replace_input(*rec.args[i], rec.raw_in[i]), h)
+    except Exception as e:  # noqa: BLE001 - a block that cannot run on its own is reported, not guessed at
+        why = f"block {i} cannot be re-run on its own for the self-check ({type(e).__name__}: {e})"
+        return {}, {"attn": why, "mlp": why}
+    a, b = again.block_out.get(i), rec.block_out.get(i)
+    if a is None or b is None or a.shape != b.shape or \
+            float((a - b).abs().max()) > 0.05 * float(b.abs().max()) + probe.tol(b, dtype=dtype):
+        why = f"block {i} run again on its own does not reproduce its output (it depends on state from the pass)"
+        return {}, {"attn": why, "mlp": why}
+    return _writers(again, i, block, torch.float32)
+
+
+def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.dtype) -> dict[int, str]:
+    """``{block: why it is out}`` for blocks that did not run exactly once.
+
+    Raises ``UnsupportedModelError`` when block ``i``'s output is not block ``i+1``'s input.
+    """
+    out: dict[int, str] = {}
+    for i in range(n):
+        k = rec.calls.get(i, 0)
+        if k != 1:
+            out[i] = (f"block {i} did not run during a text-only forward pass" if k == 0 else
+                      f"block {i} runs {k} times per forward pass (a looped stack), so an edit there would apply "
+                      f"{k} times")
+    if len(out) == n:
+        raise UnsupportedModelError(f"{name}: no block of {path} ran exactly once during the self-check forward "
+                                    f"pass ({out[0]})")
+    for i in range(n - 1):
+        if i not in out and i + 1 not in out:
+            a, b = rec.block_out.get(i), rec.block_in.get(i + 1)
+            if a is None or b is None:
+                raise UnsupportedModelError(
+                    f"{name}: {path}.{i} does not pass one [batch, seq, hidden] tensor to {path}.{i + 1} (several "
+                    "residual streams, as with hyper-connections or AltUp, or a sequence-first layout)")
+            if a.shape != b.shape or float((a - b).abs().max()) > probe.tol(a, b, dtype=dtype):
+                raise UnsupportedModelError(
+                    f"{name}: {path}.{i}'s output is not {path}.{i + 1}'s input, so {path} is not one residual "
+                    "stream (something runs between blocks, or the blocks do not return the hidden state first)")
+    return out

@@ -1,0 +1,288 @@
+"""Automatic site discovery: hand-written expectations for families outside the table, the table
+families rediscovered, exact steering and baking through discovery, and refusals that name the cause.
+
+References are plain PyTorch hooks on module paths written out below, never intervene's own code.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import intervene as iv
+from intervene.bake import bake_with_report
+from intervene.site_discovery import discover
+from intervene.sites import FAMILIES, layer_parts, resolve_site, site_names
+from tests.coverage_build import IDS, build
+from tests.tiny_models import CONFIGS, tiny_model
+
+# model_type -> (block list, attn writer, mlp writer, attention output projection, heads, MLP parallel to attn)
+DISCOVERED = {
+    "smollm3": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "self_attn.o_proj", (4, 16), False),  # GQA 4/2
+    "cohere": ("model.layers", "self_attn.o_proj", "mlp.down_proj", "self_attn.o_proj", (4, 16), True),  # parallel
+    "codegen": ("transformer.h", "attn.out_proj", "mlp.fc_out", "attn.out_proj", (4, 16), True),  # GPT-J-like
+    "olmoe": ("model.layers", "self_attn.o_proj", "mlp", "self_attn.o_proj", (4, 16), False),  # MoE
+    "olmo3": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj", (4, 16),
+              False),  # post-norm
+    "persimmon": ("model.layers", "self_attn.dense", "mlp.dense_4h_to_h", "self_attn.dense", (4, 16), False),
+}
+# table families whose MLP reads the block input (GPT-NeoX's use_parallel_residual and Falcon's
+# parallel_attn default to True in transformers 5.x)
+PARALLEL = {"gptj", "gpt_neox", "falcon"}
+
+
+@pytest.mark.parametrize("model_type", sorted(DISCOVERED))
+def test_discovered_structure(model_type: str) -> None:
+    model = build(model_type)
+    assert model.config.model_type not in FAMILIES
+    layers, attn, mlp, proj, heads, parallel = DISCOVERED[model_type]
+    assert resolve_site(model, "layers.1").module_path == f"{layers}.1"
+    assert resolve_site(model, "layers.1.attn").module_path == f"{layers}.1.{attn}"
+    assert resolve_site(model, "layers.1.mlp").module_path == f"{layers}.1.{mlp}"
+    h = resolve_site(model, "layers.1.heads")
+    assert (h.module_path, h.side, h.heads) == (f"{layers}.1.{proj}", "input", heads)
+    assert layer_parts(model, 1).parallel is parallel
+    if model_type == "smollm3":
+        assert model.config.num_key_value_heads == 2 and model.config.num_attention_heads == 4
+
+
+def _family_of_tiny(name: str) -> str:
+    return CONFIGS[name][0].model_type
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_discovery_reproduces_the_table(name: str) -> None:
+    """Every table family, rediscovered by the probe, names the same modules and head view."""
+    model = tiny_model(name)
+    fam = FAMILIES[_family_of_tiny(name)]
+    found = discover(model)
+    assert found.layers == fam.layers
+    for i, p in enumerate(found.parts):
+        assert not {"block", "attn", "mlp", "heads"} & set(p.missing), p.missing
+        assert (p.attn, p.mlp, p.attn_proj) == (fam.attn_writer or fam.attn_out, fam.mlp_writer or fam.mlp_out,
+                                                  fam.attn_out)
+        assert p.heads == resolve_site(model, f"layers.{i}.heads").heads
+        assert p.parallel is (name in PARALLEL)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "olmo2"])
+def test_post_norm_table_families_rediscovered(model_type: str) -> None:
+    model = build(model_type)
+    p = discover(model).parts[1]
+    assert (p.attn, p.mlp, p.attn_proj, p.mlp_proj) == ("post_attention_layernorm", "post_feedforward_layernorm",
+                                                        "self_attn.o_proj", "mlp.down_proj")
+
+
+def _hooked(model: torch.nn.Module, path: str, side: str, vec: torch.Tensor) -> torch.Tensor:
+    mod = model.get_submodule(path)
+    if side == "output":
+        handle = mod.register_forward_hook(
+            lambda m, a, out: out + vec if isinstance(out, torch.Tensor) else (out[0] + vec, *out[1:]))
+    else:
+        def pre(m, args, kwargs):
+            if args:
+                return (args[0] + vec, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + vec}
+        handle = mod.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            return model(input_ids=IDS).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("model_type", sorted(DISCOVERED))
+def test_steering_through_discovery_is_exact(model_type: str) -> None:
+    model = build(model_type)
+    layers, attn, mlp, proj, heads, _ = DISCOVERED[model_type]
+    cases = {"layers.1": (f"{layers}.1", "output", 64), "layers.1:input": (f"{layers}.1", "input", 64),
+             "layers.1.attn": (f"{layers}.1.{attn}", "output", 64), "layers.1.mlp": (f"{layers}.1.{mlp}", "output", 64),
+             "layers.1.heads": (f"{layers}.1.{proj}", "input", heads[0] * heads[1])}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    for site, (path, side, width) in cases.items():
+        v = torch.randn(width, generator=g)
+        with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
+            got = ivm(input_ids=IDS).logits
+        want = _hooked(model, path, side, 1.5 * v)
+        assert torch.equal(got, want), f"{model_type} {site}"
+        assert not torch.equal(got, base), f"{model_type} {site}: no effect"
+
+
+@pytest.mark.parametrize("model_type", ["smollm3", "cohere", "olmo3"])
+def test_block_output_is_input_plus_writers(model_type: str) -> None:
+    """Independent of the resolver: out - in == attn + mlp at the hand-written paths (pre-norm and
+    parallel), or == post-norms' outputs (post-norm)."""
+    model = build(model_type)
+    layers, attn, mlp, *_ = DISCOVERED[model_type]
+    got: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, first_input: bool = False):
+        def fn(m, args, *rest):
+            t = (rest[0].get("hidden_states", args[0] if args else None)) if first_input else rest[0]
+            got.setdefault(key, t.clone())
+        return fn
+
+    block = model.get_submodule(f"{layers}.1")
+    hs = [block.register_forward_pre_hook(keep("in", True), with_kwargs=True),
+          block.register_forward_hook(keep("out")),
+          block.get_submodule(attn).register_forward_hook(keep("a")),
+          block.get_submodule(mlp).register_forward_hook(keep("m"))]
+    with torch.no_grad():
+        model(input_ids=IDS)
+    for h in hs:
+        h.remove()
+    assert torch.allclose(got["out"], got["in"] + got["a"] + got["m"], atol=1e-5)
+
+
+def test_residual_multipliers_are_recorded_gains() -> None:
+    model = build("minicpm3")  # out = x + (1.4 / sqrt(2)) * (attn + mlp); embeddings times scale_emb = 12
+    p = layer_parts(model, 1)
+    assert p.attn_gain == pytest.approx(1.4 / 2 ** 0.5, rel=1e-6) and p.mlp_gain == pytest.approx(1.4 / 2 ** 0.5,
+                                                                                                rel=1e-6)
+    assert discover(model).embed_gain == pytest.approx(12.0, rel=1e-6)
+
+
+def _bake_delta(model: torch.nn.Module, steer: iv.Steering, tmp_path) -> tuple[float, float]:
+    ivm = iv.Intervenable(model, steer, attach=False)
+    with torch.no_grad():
+        hooked = ivm(input_ids=IDS).logits
+        base = model(input_ids=IDS).logits
+        ivm.bake().save_pretrained(tmp_path)
+        baked = T.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()(input_ids=IDS).logits
+    return float((baked - hooked).abs().max()), float((hooked - base).abs().max())
+
+
+def _vec(model: torch.nn.Module, site: str, seed: int) -> torch.Tensor:
+    s = resolve_site(model, site)
+    return torch.randn(s.heads[0] * s.heads[1] if s.heads else s.width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("model_type", "sites"), [
+    ("cohere", ["layers.1", "layers.0.attn", "layers.1.mlp", "layers.1.heads", "layers.0:input"]),  # parallel
+    ("codegen", ["layers.1", "layers.1.heads", "layers.0:input"]),  # parallel, biases only on the MLP
+    ("smollm3", ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"]),  # GQA, mlp_bias flag
+    ("olmo3", ["layers.1.heads", "layers.0:input"]),  # post-norm: ITI bakes into o_proj via attention_bias
+    ("gemma2", ["layers.1.heads", "layers.0:input"]),  # table family, layout from discovery; sqrt(hidden) embed
+    ("gemma3", ["layers.1.heads", "layers.0:input"]),  # multimodal wrapper: text_config.attention_bias
+    ("olmoe", ["layers.0.attn", "layers.1.heads"]),  # MoE: attention side only
+    ("minicpm3", ["layers.1", "layers.1.heads", "layers.0:input"]),  # residual multipliers and scale_emb
+])
+def test_bake_through_discovery_is_exact(model_type: str, sites: list[str], tmp_path) -> None:
+    model = build(model_type)
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    delta, effect = _bake_delta(model, steer, tmp_path)
+    assert effect > 1e-2 and delta < 1e-4, f"{model_type}: baked differs from hooked by {delta:.2e}"
+
+
+@pytest.mark.parametrize(("model_type", "site", "why"), [
+    ("olmo3", "layers.1", "post-norm"),
+    ("olmo3", "layers.0.attn", "post-norm"),
+    ("olmoe", "layers.1.mlp", "OlmoeConfig has no flag"),
+    ("stablelm", "layers.1.heads", "StableLmConfig has no flag"),
+    ("openai-gpt", "layers.1", "post-LN"),
+])
+def test_bake_refusals_name_the_reason(model_type: str, site: str, why: str) -> None:
+    model = build(model_type)
+    with pytest.raises(iv.NotBakeableError, match=why):
+        iv.Intervenable(model, iv.Steering({site: _vec(model, site, 0)}), attach=False).bake()
+
+
+@pytest.mark.parametrize(("model_type", "site", "why"), [
+    ("mamba", "layers.1.attn", "writes one thing into the residual"),
+    ("jetmoe", "layers.1.heads", "is not a Linear layer"),
+    ("doge", "layers.1.mlp", "no two submodule outputs add up"),
+])
+def test_unresolved_parts_raise_site_error_naming_why(model_type: str, site: str, why: str) -> None:
+    model = build(model_type)
+    resolve_site(model, "layers.1")  # the block itself still resolves
+    with pytest.raises(iv.SiteError, match=why):
+        resolve_site(model, site)
+    assert site not in site_names(model) and "layers.1" in site_names(model)
+
+
+@pytest.mark.parametrize(("model_type", "why"), [
+    ("hy_v4", "several residual streams"),  # hyper-connections
+    ("hrm_text", "looped stack"),
+])
+def test_unsupported_structures_raise_naming_why(model_type: str, why: str) -> None:
+    with pytest.raises(iv.UnsupportedModelError, match=why):
+        resolve_site(build(model_type), "layers.0")
+
+
+def test_probe_leaves_the_model_as_it_was() -> None:
+    model = build("cohere").train()  # dropout on: the probe must switch it off and back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    discover(model)
+    assert model.training and all(m.training for m in model.modules())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_nested_bias_flag_is_set_on_the_text_config() -> None:
+    model = build("gemma3")
+    steer = iv.Steering({"layers.1.heads": _vec(model, "layers.1.heads", 0)})
+    baked, report = bake_with_report(iv.Intervenable(model, steer, attach=False))
+    assert report.config_flags == {"text_config.attention_bias": True}
+    assert baked.config.text_config.attention_bias is True and model.config.text_config.attention_bias is False
+
+
+def test_table_family_with_residual_multipliers_bakes_with_measured_gains(tmp_path) -> None:
+    """Granite is in the site table (o_proj / down_proj) but scales both branches and the embeddings;
+    its bake layout comes from discovery, so the measured gains are used."""
+    cfg = T.GraniteConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, residual_multiplier=0.25,
+                          embedding_multiplier=3.0, attention_multiplier=0.5)
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    assert layer_parts(model, 1).mlp_gain == 1.0  # the table knows nothing of the multiplier
+    assert discover(model).parts[1].mlp_gain == pytest.approx(0.25, rel=1e-6)
+    sites = ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"]
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    delta, effect = _bake_delta(model, steer, tmp_path)
+    assert effect > 1e-2 and delta < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_type", ["smollm3", "cohere", "olmo3", "minicpm3"])
+def test_half_precision_discovers_the_same_structure(model_type: str, dtype: torch.dtype) -> None:
+    """A bf16 sum cannot tell a writer from rounding, so each block is re-run alone in float32; the
+    model's own weights come back untouched (same tensors, same bits)."""
+    ref = discover(build(model_type))
+    model = build(model_type).to(dtype)
+    before = {n: (p.data_ptr(), p.clone()) for n, p in model.named_parameters()}
+    found = discover(model)
+    for a, b in zip(found.parts, ref.parts):
+        assert (a.attn, a.mlp, a.attn_proj, a.heads, a.parallel) == (b.attn, b.mlp, b.attn_proj, b.heads, b.parallel)
+        assert a.mlp_gain == pytest.approx(b.mlp_gain, rel=1e-4)
+    assert found.embed_gain == pytest.approx(ref.embed_gain, rel=1e-3)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]) for n, p in model.named_parameters())
+
+
+def test_bare_base_model_of_a_discovered_family() -> None:
+    base = build("cohere").model  # CohereModel: no LM head, output is the last hidden state
+    assert resolve_site(base, "layers.1.mlp").module_path == "layers.1.mlp.down_proj"
+    assert resolve_site(base, "layers.1.heads").heads == (4, 16)
+    assert layer_parts(base, 1).parallel is True
+
+
+@pytest.mark.parametrize("model_type", ["cohere", "minicpm3", "gemma2"])
+def test_bake_through_discovery_in_bf16(model_type: str) -> None:
+    model = build(model_type).to(torch.bfloat16)
+    sites = {"cohere": ["layers.1", "layers.0.attn", "layers.1.heads", "layers.0:input"],
+             "minicpm3": ["layers.1", "layers.1.heads", "layers.0:input"],
+             "gemma2": ["layers.1.heads", "layers.0:input"]}[model_type]
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    ivm = iv.Intervenable(model, steer, attach=False)
+    baked = ivm.bake()
+    assert {p.dtype for p in baked.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        hooked, got, base = ivm(input_ids=IDS).logits, baked(input_ids=IDS).logits, model(input_ids=IDS).logits
+    assert float((got.float() - hooked.float()).abs().max()) < 0.1 * float((hooked.float() - base.float()).abs().max())
