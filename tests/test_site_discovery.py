@@ -225,7 +225,7 @@ def test_probe_leaves_the_model_as_it_was() -> None:
 def test_nested_bias_flag_is_set_on_the_text_config() -> None:
     model = build("gemma3")
     steer = iv.Steering({"layers.1.heads": _vec(model, "layers.1.heads", 0)})
-    baked, report = bake_with_report(iv.Intervenable(model, steer, attach=False))
+    baked, report = bake_with_report(model, [steer])
     assert report.config_flags == {"text_config.attention_bias": True}
     assert baked.config.text_config.attention_bias is True and model.config.text_config.attention_bias is False
 

@@ -34,12 +34,12 @@ FAMILIES = ("llama_gqa", "gpt2", "mixtral", "gemma2")
 BUILTIN = sorted(t for t, cls in iv.registered_types().items() if cls.__module__.startswith("intervene."))
 
 # What bake() does for each type on each family: "exact", or a fragment of the refusal's reason.
-NO_O_PROJ_BIAS = "has no flag to create one"  # Mixtral's config cannot add the o_proj bias a heads edit needs
-UNVERIFIED = "baking is not verified for model_type 'gemma2'"
+NO_O_PROJ_BIAS = "has no bias"  # Mixtral's config cannot add the o_proj bias a heads edit needs
+POST_NORM = "post-norm"  # Gemma-2 normalises each branch's output before the residual add
 EXPECTED_BAKE: dict[str, dict[str, str]] = {
-    "steering": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": UNVERIFIED},
-    "directional_ablation": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": "exact", "gemma2": UNVERIFIED},
-    "iti": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": UNVERIFIED},
+    "steering": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": POST_NORM},
+    "directional_ablation": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": "exact", "gemma2": POST_NORM},
+    "iti": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": "exact"},
     "remedi": dict.fromkeys(FAMILIES, "depend on the input"),
     "sae_clamp": dict.fromkeys(FAMILIES, "computed from each activation"),
     "patch": dict.fromkeys(FAMILIES, "replaces activations"),

@@ -10,7 +10,7 @@ comes from one clean forward, one corrupted forward and one backward (noising: l
 clean run, with the roles swapped). The gradient is taken with respect to a zero tensor added to
 each site's activation — the exact tensor downstream modules consume — with ``torch.autograd.grad``,
 so no gradient is ever stored on the model's parameters. The result has the same rows, columns and
-normalisation as :func:`~intervene.methods.patching.sweep.sweep`, so the two can be compared cell by
+normalisation as :func:`~intervene.methods.patching.sweeps.sweep`, so the two can be compared cell by
 cell; it is an estimate, worst for large sites (the residual stream) and saturated attention.
 """
 
@@ -28,7 +28,7 @@ from intervene.hooks import HookSet, add_input_hook, add_output_hook
 from intervene.intervenable import Intervenable
 from intervene.methods.patching.metrics import Metric, PatchingResult
 from intervene.methods.patching.record import Inputs, model_of, record, site_view, with_position_ids
-from intervene.methods.patching.sweep import (
+from intervene.methods.patching.sweeps import (
     PositionsArg,
     _tokens,
     cells_of,
@@ -103,7 +103,7 @@ def attribution_patching(model: nn.Module | Intervenable, clean: Sequence[str] |
                          corrupted: Sequence[str] | Inputs, metric: Metric, sites: str | Sequence[str] = "layers.*",
                          positions: PositionsArg = "each", *, tokenizer: Any = None, direction: str = "denoise",
                          heads: str = "each", batch_size: int = 32, progress: bool = True) -> PatchingResult:
-    """Estimate every cell of :func:`~intervene.methods.patching.sweep.sweep` from 2 forwards + 1 backward.
+    """Estimate every cell of :func:`~intervene.methods.patching.sweeps.sweep` from 2 forwards + 1 backward.
 
     Arguments as for ``sweep``. ``result.raw`` holds the estimated patched metric ``M_base + Î`` and
     ``result.scores`` its normalisation, so ``scores`` compare directly with a real sweep's.

@@ -122,7 +122,7 @@ def _trace(args: argparse.Namespace) -> int:
 def _patch(args: argparse.Namespace) -> int:
     from intervene.methods.patching.attribution import attribution_patching
     from intervene.methods.patching.metrics import logit_diff
-    from intervene.methods.patching.sweep import sweep
+    from intervene.methods.patching.sweeps import sweep
 
     model, tok = load_model_args(args)
     cfg = config_from_args(SweepConfig, args)
@@ -149,7 +149,7 @@ def _patch(args: argparse.Namespace) -> int:
         top = ", ".join(f"{r}@{p} {s:+.2f}" for r, p, s in res.top(3))
         lines.append(f"{res.method}: top cells {top}")
     if len(results) == 2:
-        from intervene.methods.patching.agreement import agreement
+        from intervene.methods.patching.compare import agreement
 
         agree = agreement(results["attribution"], results["sweep"])
         (out / "agreement.json").write_text(json.dumps(agree, indent=2) + "\n")

@@ -38,7 +38,7 @@ class SweepConfig:
     batch_size: int = hparam(64, "rows (cell x pair) per forward")
 
     def position_spec(self) -> str | list[int]:
-        """``positions`` as :func:`~intervene.methods.patching.sweep.sweep` takes it."""
+        """``positions`` as :func:`~intervene.methods.patching.sweeps.sweep` takes it."""
         if self.positions in ("each", "all"):
             return self.positions
         try:
