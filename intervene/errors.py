@@ -70,6 +70,10 @@ class LatentCacheError(InterveneError, ValueError):
     """A latent cache is missing, corrupt, or was written with different settings."""
 
 
+class CheckpointError(InterveneError, ValueError):
+    """A training checkpoint is incomplete, corrupt, or was written for another run (config, tensors, data)."""
+
+
 # ---- data and services --------------------------------------------------------------------------
 class DatasetUnavailableError(InterveneError, OSError):
     """A dataset cannot be loaded (missing file, not cached while offline, ``datasets`` not installed)."""
