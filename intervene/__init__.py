@@ -4,7 +4,9 @@ The public API, re-exported from where each name lives (docs/architecture.md map
 
 * the core — :class:`Intervenable`, :class:`Intervention`, sites, positions, the registry, errors;
 * methods, one package each under ``intervene.methods`` — :class:`Steering`,
-  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`;
+  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`, :class:`DAS`,
+  :class:`BoundlessDAS`, :class:`LoReFT`, :class:`DiReFT`;
+* training interventions with parameters through a frozen model (:class:`Trainer`, :class:`TrainConfig`);
 * activations (:func:`collect`), probes (``intervene.probes``), SAEs (``intervene.features``),
   baking (``Intervenable.bake``, :mod:`intervene.bake`) and publishing (:func:`bake_and_push`), the demo
   model (:func:`demo_model`).
@@ -30,8 +32,10 @@ from intervene.features.sae import SAE
 from intervene.features.sae_io import load_sae
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
+from intervene.methods.das import DAS, BoundlessDAS, DASConfig
 from intervene.methods.iti import ITI, ITIConfig
 from intervene.methods.patching import Noise, Patch, interchange
+from intervene.methods.reft import DiReFT, LoReFT, ReFTConfig
 from intervene.methods.remedi import Remedi, RemediConfig
 from intervene.methods.sae_clamp import LatentClamp, steering_from_sae
 from intervene.methods.steering import DirectionalAblation, Steering
@@ -47,10 +51,12 @@ from intervene.sites import (
     resolve_sites,
     site_names,
 )
+from intervene.training import TrainConfig, Trainer, TrainResult
 from intervene.version import __version__
 
 __all__ = [
-    "ITI", "SAE", "Activations", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
+    "DAS", "ITI", "SAE", "Activations", "BoundlessDAS", "DASConfig", "DiReFT", "DiffFormatError", "DiffNotFoundError",
+    "DirectionalAblation", "Family", "LoReFT", "ReFTConfig", "TrainConfig", "TrainResult", "Trainer",
     "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
     "LatentClamp", "MethodSpec", "Noise", "NotBakeableError", "Patch", "Positions", "PositionsError", "Remedi", "RemediConfig",
     "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",

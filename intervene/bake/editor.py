@@ -1,9 +1,11 @@
 """The weight editor: collects affine edits at residual locations, then folds them into weights.
 
 Every edit a baker can express is an affine map of an activation: ``y -> P y + c`` with ``P``
-either the identity or ``I - r rᵀ`` (``r`` a unit vector). Edits of a writer's *output* fold as
-``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
-reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
+the identity, ``I - r rᵀ`` (``r`` a unit vector) or any square matrix ``M`` (:meth:`WeightEditor.affine`,
+e.g. a LoReFT). Edits of a writer's *output* fold as ``W <- P W, b <- P b + c``; edits of its *input* fold
+as ``W <- W P, b <- b + W c``, applied in reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
+A matrix is refused on the residual stream and the embeddings (the skip connections carry ``y`` past
+every weight).
 
 Recording and :meth:`WeightEditor.plan` only read the source model, so every refusal comes before
 any copy. :meth:`WeightEditor.finish` then writes into the copy one tensor at a time: each new
@@ -45,6 +47,7 @@ class _Op:
     order: int
     why: str
     seq: int = field(default_factory=lambda: next(_seq))
+    m: torch.Tensor | None = None  # or a general square matrix: y -> m y + c
 
 
 @dataclass
@@ -137,6 +140,19 @@ class WeightEditor:
                                    "edit (see DirectionalAblation's residual-stream bake)")
         self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
 
+    def affine(self, loc: Loc, matrix: torch.Tensor, vector: torch.Tensor | None, why: str) -> None:
+        """``h <- M h (+ c)`` at a writer's input or output (``M`` square, column convention)."""
+        if loc.kind in ("resid", "embed"):
+            raise NotBakeableError(f"{why}: a matrix edit of the residual stream is not a local weight edit (the "
+                                   "skip connections carry the activation past every weight)")
+        m = matrix.detach().to(torch.float64)
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise NotBakeableError(f"{why}: an affine edit needs a square matrix, got {tuple(m.shape)}")
+        c = None if vector is None else vector.detach().to(torch.float64).reshape(-1)
+        if c is not None and c.numel() != m.shape[0]:
+            raise NotBakeableError(f"{why}: a {tuple(m.shape)} matrix with a vector of {c.numel()} elements")
+        self._push(loc, _Op(None, c, loc.order, why, m=m))
+
     def project_residual(self, direction: torch.Tensor, why: str) -> None:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
         output and the output of every attention and MLP writer of every block."""
@@ -173,6 +189,8 @@ class WeightEditor:
             self._in.setdefault((loc.layer, loc.part), []).append(op)
 
     def _check_width(self, op: _Op, width: int) -> None:
+        if op.m is not None and tuple(op.m.shape) != (width, width):
+            raise NotBakeableError(f"{op.why}: a {tuple(op.m.shape)} matrix at a point of width {width}")
         for t in (op.r, op.c):
             if t is not None and t.numel() != width:
                 raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
@@ -275,7 +293,7 @@ class WeightEditor:
         for op in reversed(ins):  # input edits compose right to left
             if w.kind == "experts":
                 raise NotBakeableError(f"{op.why}: the input of an MoE block is routed nonlinearly")
-            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
+            r, c, m = self._dev(op.r, wt), self._dev(op.c, wt), self._dev(op.m, wt)
             if c is not None:
                 self._check_width_in(op, c, wt)
                 b = b + wt @ c
@@ -283,11 +301,18 @@ class WeightEditor:
             if r is not None:
                 self._check_width_in(op, r, wt)
                 wt = wt - (wt @ r)[..., None] * r
+            if m is not None:
+                if tuple(m.shape) != (wt.shape[-1], wt.shape[-1]):
+                    raise NotBakeableError(f"{op.why}: a {tuple(m.shape)} matrix at an input of width {wt.shape[-1]}")
+                wt = wt @ m
         for op in sorted(outs, key=lambda o: (o.order, o.seq)):
-            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
+            r, c, m = self._dev(op.r, wt), self._dev(op.c, wt), self._dev(op.m, wt)
             if r is not None:
                 wt = wt - r[:, None] * torch.einsum("o,...oi->...i", r, wt)[..., None, :]
                 b = b - r * (r @ b)
+            if m is not None:
+                wt = m @ wt
+                b = m @ b
             if c is not None:
                 b = b + c
                 first_const = first_const or op.why
