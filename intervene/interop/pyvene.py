@@ -1,6 +1,7 @@
 """Read and write pyvene intervention directories (``config.json`` + ``intkey_*.bin``).
 
-Only the kinds with an exact intervene equivalent cross over: constant-source
+A trained DAS exports as pyvene's ``RotatedSpaceIntervention`` (:func:`export_pyvene`). Only the kinds with an
+exact intervene equivalent import: constant-source
 ``AdditionIntervention`` / ``SubtractionIntervention`` (-> :class:`Steering`) and
 ``ZeroIntervention`` over the first ``k`` dimensions (-> one :class:`DirectionalAblation` per
 coordinate axis, which together zero exactly those coordinates). pyvene stores positions at call
@@ -187,47 +188,84 @@ def import_pyvene(dir_or_repo: str | Path, model: nn.Module, positions: Position
     return ivm.attach() if attach else ivm
 
 
-def export_pyvene(ivm: Intervenable, directory: str | Path) -> Path:
-    """Write ``ivm``'s steering interventions as a pyvene directory that
-    ``pyvene.IntervenableModel.load(directory, model)`` reads (constant-source
-    ``AdditionIntervention`` at module-path components, applied where pyvene applies them without
-    ``unit_locations``: every position).
+_ADDITION = "<class 'pyvene.models.interventions.AdditionIntervention'>"
+_ROTATED = "<class 'pyvene.models.interventions.RotatedSpaceIntervention'>"
 
-    Raises ``InterventionError`` for anything else (ablations, positions other than ``"all"``).
+
+def _das_entry(model: nn.Module, iv: Intervention, site: Site) -> tuple[dict[str, Any], dict[str, torch.Tensor], int]:
+    """pyvene's ``RotatedSpaceIntervention`` for a trained DAS: its rotation set as the trivialization's ``base``
+    with the parameter at ``-I`` (where the matrix exponential is exactly ``I``), so pyvene computes our ``W``
+    bit for bit; the component must be one of pyvene's abstract ones for this family."""
+    width = int(iv.width)  # type: ignore[attr-defined]
+    comp = next((c for c, pattern in COMPONENTS.items() if site.layer is not None
+                 and pattern.format(site.layer) == site.name), None)
+    if comp is None:
+        raise InterventionError(f"{iv.name}: pyvene's DAS takes abstract components ({sorted(COMPONENTS)}); site "
+                                f"{site.name!r} has none")
+    try:
+        from pyvene.models.intervenable_modelcard import type_to_module_mapping
+    except ImportError:  # pyvene is not installed: write the directory anyway
+        type_to_module_mapping = None
+    if type_to_module_mapping is not None and type(model) not in type_to_module_mapping:
+        raise InterventionError(f"{iv.name}: pyvene 0.1.8 maps no components for {type(model).__name__}")
+    rep = dict.fromkeys(_FIELDS)
+    rep.update(layer=site.layer, component=comp, unit="pos", max_number_of_units=1)
+    w = iv.weight().detach().float().cpu().contiguous()  # type: ignore[attr-defined]
+    state = {"embed_dim": torch.tensor(width), "interchange_dim": torch.tensor(int(iv.k)),  # type: ignore[attr-defined]
+             "rotate_layer.parametrizations.weight.original": -torch.eye(width),
+             "rotate_layer.parametrizations.weight.0.base": w}
+    return rep, state, int(iv.k)  # type: ignore[attr-defined]
+
+
+def export_pyvene(ivm: Intervenable, directory: str | Path) -> Path:
+    """Write ``ivm``'s interventions as a pyvene directory that ``pyvene.IntervenableModel.load(directory, model)``
+    reads.
+
+    * steering → constant-source ``AdditionIntervention`` at module-path components, applied where pyvene applies
+      them without ``unit_locations``: every position (export positions ``"all"``);
+    * a trained :class:`~intervene.methods.das.DAS` → ``RotatedSpaceIntervention`` (same rotation, ``k`` as its
+      interchange dimension) at pyvene's abstract component for the site (``block_output`` for ``layers.{i}``
+      ...); pyvene then takes the source run and ``unit_locations`` at call time, as our
+      ``das.interchange(...)`` does. Boundless DAS does not export (pyvene's mask has another edge at 0).
+
+    Raises ``InterventionError`` for anything else.
     """
     import transformers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     resolved = ivm.resolve()
-    reps: list[list[Any]] = []
-    tensors: list[tuple[dict[str, Any], torch.Tensor, int]] = []
+    entries: list[tuple[dict[str, Any], dict[str, torch.Tensor], int, str, bool]] = []
     for iv in ivm.interventions:
+        if iv.type_name == "das":
+            for site in resolved[iv.name].values():
+                rep, state, dim = _das_entry(ivm.model, iv, site)
+                entries.append((rep, state, dim, _ROTATED, False))
+            continue
         if iv.type_name != "steering":
-            raise InterventionError(f"{iv.name} ({iv.type_name}) has no pyvene equivalent; only steering exports")
+            raise InterventionError(f"{iv.name} ({iv.type_name}) has no pyvene equivalent; steering and DAS export")
         if iv.positions.kind != "all":
             raise InterventionError(f"{iv.name}: pyvene takes positions at call time (unit_locations); export "
                                     "positions='all' and pass unit_locations to pyvene yourself")
         for concrete, site in resolved[iv.name].items():
             vec = iv._vec(concrete, torch.empty(0, dtype=torch.float32)).reshape(-1).clone()  # noqa: SLF001
-            comp = f"{site.module_path}.{site.side}"
             rep = dict.fromkeys(_FIELDS)
-            rep.update(layer=0, component=comp, unit="pos", max_number_of_units=1)
-            reps.append([rep[f] for f in _FIELDS])
-            tensors.append((rep, vec, vec.numel()))
+            rep.update(layer=0, component=f"{site.module_path}.{site.side}", unit="pos", max_number_of_units=1)
+            state = {"embed_dim": torch.tensor(vec.numel()), "interchange_dim": torch.tensor(vec.numel()),
+                     "source_representation": vec}
+            entries.append((rep, state, vec.numel(), _ADDITION, True))
     seen: dict[str, int] = {}
     keys = []
-    for rep, vec, width in tensors:
+    for rep, state, _, _, _ in entries:
         key = _key(rep, seen)
         keys.append(key)
-        state = {"embed_dim": torch.tensor(width), "interchange_dim": torch.tensor(width), "source_representation": vec}
-        torch.save(state, directory / f"intkey_{key}.bin")
+        torch.save(state, directory / f"intkey_{key}.bin")  # pyvene's format: a tensor-only state dict
     config = {
-        "intervention_constant_sources": [True] * len(reps),
-        "intervention_dimensions": [w for _, _, w in tensors],
-        "intervention_types": ["<class 'pyvene.models.interventions.AdditionIntervention'>"] * len(reps),
+        "intervention_constant_sources": [e[4] for e in entries],
+        "intervention_dimensions": [e[2] for e in entries],
+        "intervention_types": [e[3] for e in entries],
         "mode": "parallel",
-        "representations": reps,
+        "representations": [[e[0][f] for f in _FIELDS] for e in entries],
         "sorted_keys": keys,
         "transformers_version": transformers.__version__,
     }

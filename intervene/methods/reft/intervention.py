@@ -158,7 +158,8 @@ class LoReFT(_ReFT):
         self.rotation = Orthonormal(self.width, self.rank, init=rotation,
                                     generator=torch.Generator().manual_seed(int(seed)))
         self.rotation.eval()
-        self.source = nn.Linear(self.width, self.rank)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG alone
+            self.source = nn.Linear(self.width, self.rank)
         with torch.no_grad():
             self.source.weight.copy_(self.rotation().T if weight is None else weight)
             self.source.bias.copy_(torch.zeros(self.rank) if bias is None else bias)
