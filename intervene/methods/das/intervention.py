@@ -76,10 +76,11 @@ class DAS(Intervention):
         self.config: dict[str, Any] = {}
 
     @classmethod
-    def create(cls, model: nn.Module | Intervenable, site: str, k: int, **kwargs: Any) -> DAS:
-        """A DAS sized for ``site`` on ``model`` (keyword arguments as for the constructor)."""
+    def create(cls, model: nn.Module | Intervenable, site: str, *args: Any, **kwargs: Any) -> Any:
+        """One sized for ``site`` on ``model``: ``DAS.create(model, "layers.0", k)`` (other arguments as for the
+        constructor, after the width)."""
         model = model.model if isinstance(model, Intervenable) else model
-        return cls(site, site_width(resolve_site(model, site)), k, **kwargs)
+        return cls(site, site_width(resolve_site(model, site)), *args, **kwargs)
 
     # ---- the subspace --------------------------------------------------------------------------
     def weight(self) -> torch.Tensor:
