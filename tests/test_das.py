@@ -244,3 +244,17 @@ def test_cli_fit_and_eval(tmp_path) -> None:
     assert main(["das", "eval", "demo", str(out), "quirky:addition", "--n-eval", "10",
                  "--out", str(tmp_path / "e.json")]) == 0
     assert json.loads((tmp_path / "e.json").read_text())["n"] == 20
+
+
+@pytest.mark.parametrize("family,site", [("llama", "layers.1"), ("gpt2", "layers.0.heads"), ("opt", "layers.0.mlp")])
+def test_source_patch_equals_the_patching_packages_interchange_patch(family: str, site: str) -> None:
+    """DAS records its source with a forward that stops after the site; the Patch is the patching package's."""
+    from intervene.methods.das.sources import source_patch
+    from intervene.methods.patching import interchange_patch
+
+    model = tiny_model(family)
+    base, source = padded([6, 4, 5], seed=10), padded([3, 7, 5], seed=11)
+    want = interchange_patch(model, base, source, site, [-1, 1], [-2, 0])
+    got = source_patch(model, base, source, resolve_site(model, site), [-1, 1], [-2, 0])
+    assert got.positions == want.positions and got.per_example
+    assert torch.equal(got.values[site], want.values[site])

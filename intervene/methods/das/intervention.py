@@ -12,7 +12,8 @@ at the positions where the base takes the source's values (``s`` is the source r
 2023). Our mask has one soft edge at ``β·n`` (pyvene's also has one at 0, which caps ``m_0`` at ½). With
 ``W = I`` and ``k = n``, ``h' = s`` exactly: the full interchange.
 
-The source is per-call state, recorded by the patching package (:func:`intervene.methods.patching.interchange_patch`)::
+The source is per-call state: the per-example :class:`~intervene.methods.patching.Patch` the patching package's
+``interchange_patch`` builds, recorded by a source forward that stops after the site (``sources.py``)::
 
     with das.interchange(ivm, base, source, positions=[-1]):
         logits = ivm(**base).logits
@@ -35,7 +36,8 @@ from intervene.hparams import make_config
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
 from intervene.methods.das.config import DASConfig
-from intervene.methods.patching import Patch, interchange_patch
+from intervene.methods.das.sources import source_patch
+from intervene.methods.patching import Patch
 from intervene.positions import CallContext, Positions, PositionsSpec
 from intervene.sites import Site, resolve_site
 from intervene.training import Orthonormal
@@ -147,8 +149,9 @@ class DAS(Intervention):
             if self.positions.kind != "indices":
                 raise InterventionError(f"{self.name}: pass positions=...; its own are {self.positions.to_json()!r}")
             positions = list(self.positions.indices)
-        patch = interchange_patch(model, base, source, self.site, positions, source_positions, name=f"{self.name}-src")
         sites = self._bound or {self.site: resolve_site(model, self.site)}
+        patch = source_patch(model, base, source, sites[self.site], positions, source_positions,
+                             name=f"{self.name}-src")
         with self.interchanging(patch, sites):
             yield self
 
