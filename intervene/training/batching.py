@@ -67,7 +67,8 @@ def pad_batch(examples: Sequence[Mapping[str, Any]], pad_id: int, side: str = "l
 def input_device(model: nn.Module) -> torch.device:
     """Where the model reads its inputs (the input embeddings' device; offloaded weights live on ``meta``)."""
     try:
-        emb = model.get_input_embeddings()
+        hf: Any = model  # a PreTrainedModel (typed as nn.Module here)
+        emb = hf.get_input_embeddings()
         dev = emb.weight.device
         if dev.type != "meta":
             return dev

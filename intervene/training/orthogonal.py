@@ -18,6 +18,8 @@ Parameters are float32 (the parametrization rejects bf16); interventions cast ac
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrizations
@@ -61,7 +63,7 @@ class Orthonormal(nn.Module):
         holder.weight = nn.Parameter(torch.eye(self.n, self.k))
         with torch.random.fork_rng(devices=[]):  # registering calls right_inverse, which may draw from the RNG
             parametrizations.orthogonal(holder, "weight")
-        self.holder = holder
+        self.holder: Any = holder  # its weight is reached through torch's parametrization (dynamic attributes)
         self._cache: torch.Tensor | None = None
         self.set_(init if init is not None else random_orthonormal(self.n, self.k, generator))
 
@@ -70,7 +72,7 @@ class Orthonormal(nn.Module):
         """Make the matrix exactly ``q`` (``[n, k]``): ``base`` = ``q`` completed, the parameter at ``φ = I``."""
         if tuple(q.shape) != (self.n, self.k):
             raise InterventionError(f"expected an [{self.n}, {self.k}] matrix, got {tuple(q.shape)}")
-        p = self.holder.parametrizations.weight
+        p: Any = self.holder.parametrizations.weight
         dev = p.original.device
         q = q.detach().to(device=dev, dtype=torch.float32)
         p.original.copy_(-torch.eye(self.n, self.k, device=dev))  # φ(−I) = I for both maps (see module doc)

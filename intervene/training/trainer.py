@@ -46,6 +46,7 @@ from intervene.intervention import Intervention
 from intervene.training.batching import model_inputs
 from intervene.training.checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from intervene.training.config import TrainConfig, train_config
+from intervene.training.losses import logits_of
 
 Forward = Callable[[Intervenable, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -176,7 +177,7 @@ class Trainer:
         if getattr(self.loss, "needs_reference", False):
             with torch.no_grad(), self.ivm.disabled():
                 ref = self.forward(self.ivm, batch)
-            batch = {**batch, "reference_logits": getattr(ref, "logits", ref).detach()}
+            batch = {**batch, "reference_logits": logits_of(ref).detach()}
         return self.loss(out, batch)
 
     @torch.no_grad()

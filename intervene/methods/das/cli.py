@@ -94,7 +94,7 @@ def _fit(args: argparse.Namespace) -> int:
     das = DAS.fit(model, tok, train, args.site, cfg, positions=args.positions, progress=not args.no_progress)
     control = DAS.create(model, args.site, das.k, positions=args.positions, seed=cfg.seed + 1, name="control")
     held = iia(das, model, tok, test, positions=args.positions)
-    result = {"history": das.history_, "k": das.k, "held_out": held,
+    result: dict[str, Any] = {"history": das.history_, "k": das.k, "held_out": held,
               "random_rotation": iia(control, model, tok, test, positions=args.positions)}
     out = Path(args.out)
     ivm = Intervenable(model, [das], attach=False)

@@ -62,6 +62,8 @@ class DAS(Intervention):
         rotation: a starting ``[width, width]`` orthogonal matrix (default: random, seeded by ``seed``).
     """
 
+    history_: list[dict[str, float]]  # set by fit: one entry per evaluation
+
     def __init__(self, site: str, width: int, k: int, positions: PositionsSpec = (-1,),
                  rotation: torch.Tensor | None = None, seed: int = 0, name: str | None = None) -> None:
         if not isinstance(site, str) or "*" in site:
@@ -181,7 +183,7 @@ class DAS(Intervention):
         cfg = make_config(DASConfig, config, **hyperparameters)
         if cls is BoundlessDAS and not cfg.boundless:
             cfg = make_config(DASConfig, cfg, boundless=True)
-        pos = list(positions) if isinstance(positions, tuple) else positions
+        pos: Any = list(positions) if isinstance(positions, tuple) else positions
         das: DAS
         if cfg.boundless:
             das = BoundlessDAS.create(model, site, positions=pos, boundary=cfg.boundary_init,
@@ -244,6 +246,9 @@ class DAS(Intervention):
 
 class BoundaryMask(nn.Module):
     """Boundless DAS's soft mask over rotated dimensions: a learned boundary ``β`` and a temperature ``τ``."""
+
+    temperature: torch.Tensor
+    index: torch.Tensor
 
     def __init__(self, width: int, boundary: float = 0.5, temperature: float = 50.0) -> None:
         super().__init__()

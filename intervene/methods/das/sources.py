@@ -31,10 +31,11 @@ class _Stop(Exception):
 def own_positions(positions: PositionList, mask: torch.Tensor, what: str) -> list[list[int]]:
     """Per row, non-negative own-token indices, bounds-checked against each row's real tokens."""
     lengths = mask.long().sum(-1).tolist()
+    rows: list[list[int]]
     if positions and all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
-        rows = [list(positions)] * len(lengths)  # type: ignore[list-item]
+        rows = [[int(p) for p in positions]] * len(lengths)  # type: ignore[arg-type]
     else:
-        rows = [list(r) for r in positions]  # type: ignore[arg-type]
+        rows = [[int(p) for p in r] for r in positions]  # type: ignore[union-attr]
         if len(rows) != len(lengths):
             raise PositionsError(f"{what}: {len(rows)} lists of positions for {len(lengths)} rows")
     out = []

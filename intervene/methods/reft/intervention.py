@@ -43,7 +43,7 @@ def site_width(site: Site) -> int:
 class _ReFT(Intervention):
     """What LoReFT and DiReFT share: one site, a rank, the masked edit ``h + delta(h)``, persistence."""
 
-    tensor_names: tuple[str, ...] = ()
+    history_: list[dict[str, float]]  # set by fit: one entry per evaluation
 
     def __init__(self, site: str, width: int, rank: int, positions: PositionsSpec = "last",
                  name: str | None = None) -> None:
