@@ -234,8 +234,14 @@ def test_cli_fit_and_eval(tmp_path) -> None:
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("the demo model has not been built")
     out = tmp_path / "das"
-    assert main(["das", "fit", "demo", "quirky:addition", "--site", "layers.0", "--k", "1", "--epochs", "1",
-                 "--n-train", "40", "--n-eval", "20", "--out", str(out), "--no-progress"]) == 0
+    args = ["das", "fit", "demo", "quirky:addition", "--site", "layers.0", "--k", "1", "--epochs", "1",
+            "--n-train", "40", "--n-eval", "20", "--out", str(out), "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(args) == 0
+    assert (tmp_path / "ck" / "latest.json").is_file()
+    first = (out / "intervene_weights.safetensors").read_bytes()
+    assert main([*args, "--resume"]) == 0  # the run is complete: resuming reloads its end state
+    assert (out / "intervene_weights.safetensors").read_bytes() == first
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["k"] == 1 and {"iia", "no_intervention"} <= set(metrics["held_out"])
     assert "iia" in metrics["random_rotation"]

@@ -50,6 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     add_config_arguments(p, DASConfig)
     _data_args(p)
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=guard(_fit))
 
@@ -91,7 +93,8 @@ def _fit(args: argparse.Namespace) -> int:
     cfg = config_from_args(DASConfig, args)
     train = load_pairs(args.data, "train", args.n_train, cfg.seed, args.test_fraction)
     test = load_pairs(args.data, "test", args.n_eval, cfg.seed, args.test_fraction)
-    das = DAS.fit(model, tok, train, args.site, cfg, positions=args.positions, progress=not args.no_progress)
+    das = DAS.fit(model, tok, train, args.site, cfg, positions=args.positions, progress=not args.no_progress,
+                  checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     control = DAS.create(model, args.site, das.k, positions=args.positions, seed=cfg.seed + 1, name="control")
     held = iia(das, model, tok, test, positions=args.positions)
     result: dict[str, Any] = {"history": das.history_, "k": das.k, "held_out": held,

@@ -144,8 +144,9 @@ class DAS(Intervention):
     def interchange(self, target: nn.Module | Intervenable, base: Mapping[str, torch.Tensor],
                     source: Mapping[str, torch.Tensor], positions: Sequence[int] | Sequence[Sequence[int]] | None = None,
                     source_positions: Sequence[int] | Sequence[Sequence[int]] | None = None) -> Iterator[DAS]:
-        """Record ``source`` (tokenizer output, the plain model: no edits) at this site, then interchange into the
-        next calls on ``base``'s rows; ``positions`` default to this DAS's own (e.g. ``[-1]``)."""
+        """Record ``source`` (tokenizer output) at this site, then interchange into the next calls on ``base``'s rows;
+        ``positions`` default to this DAS's own (e.g. ``[-1]``). The source runs through the model as it is (edits
+        attached before this DAS apply to it, as in ``interchange_patch``; this DAS itself has no source then)."""
         model = target.model if isinstance(target, Intervenable) else target
         if positions is None:
             if self.positions.kind != "indices":

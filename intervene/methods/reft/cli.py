@@ -48,6 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     add_config_arguments(p, ReFTConfig)
     _data_args(p)
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=guard(_fit))
 
@@ -107,7 +109,7 @@ def _fit(args: argparse.Namespace) -> int:
     cfg = config_from_args(ReFTConfig, args)
     cls = LoReFT if cfg.variant == "loreft" else DiReFT
     reft = cls.fit(model, tok, training_rows(args.data, args.n_train, args.character, cfg.seed), args.site, cfg,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     result: dict[str, Any] = {"history": reft.history_}
     if args.data.startswith("quirky:"):
         result["held_out"] = quirky_report(model, tok, reft, args.data.split(":", 1)[1], args.n_eval,
