@@ -112,6 +112,15 @@ def test_any_intervention_with_parameters_trains() -> None:
     assert result.n_train == 24 and result.n_val == 8 and result.steps == 3 * 6
     assert x.shift.weight.abs().sum() > 0
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    # an Intervenable given to the trainer keeps its attachment state (and its other interventions' edits)
+    steer = iv.Steering({"layers.1": torch.ones(HIDDEN)}, scale=0.5)
+    ivm = iv.Intervenable(model, [steer, LearnedShift()])
+    Trainer(ivm, [ivm["shift"]], last_token_cross_entropy, TrainConfig(epochs=1, batch_size=8), collate=collate,
+            progress=False).fit(examples(16, seed=2))
+    assert ivm.attached
+    ivm.detach()
+    with pytest.raises(InterventionError, match="not in the Intervenable"):
+        Trainer(ivm, [LearnedShift()], last_token_cross_entropy)
 
 
 def test_grad_accumulation_equals_one_big_batch() -> None:

@@ -180,13 +180,25 @@ class Trainer:
             batch = {**batch, "reference_logits": logits_of(ref).detach()}
         return self.loss(out, batch)
 
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[None]:
+        """The hooks attached for a block; an Intervenable that was attached before stays attached."""
+        was = self.ivm.attached
+        self.ivm.attach()
+        try:
+            yield
+        finally:
+            if not was:
+                self.ivm.detach()
+
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Any]) -> float:
-        """Mean loss over ``examples`` (batches of ``batch_size``, weighted by size); needs the hooks attached."""
+        """Mean loss over ``examples`` (batches of ``batch_size``, weighted by size)."""
         total, bs = 0.0, self.cfg.batch_size
-        for s in range(0, len(examples), bs):
-            chunk = list(examples[s:s + bs])
-            total += float(self._run(self.collate(chunk))) * len(chunk)
+        with self._attached():
+            for s in range(0, len(examples), bs):
+                chunk = list(examples[s:s + bs])
+                total += float(self._run(self.collate(chunk))) * len(chunk)
         return total / max(1, len(examples))
 
     def _state(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -240,7 +252,7 @@ class Trainer:
         resumed = bool(resume and checkpoint_dir is not None and has_checkpoint(checkpoint_dir))
         loop = self._resume(checkpoint_dir, scheduler, gen, len(train), len(val)) if resumed else LoopState()
         seen = 0
-        with frozen(self.model), self.ivm, self._training_mode():
+        with frozen(self.model), self._attached(), self._training_mode():
             if not resumed and cfg.eval_at_start:
                 self._record(loop, train, val, None)
                 loop.stopped = False  # the start never counts against patience
