@@ -140,17 +140,12 @@ class WeightEditor:
         self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
 
     def erase(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, mean: torch.Tensor | None, why: str) -> None:
-        """``h <- h - L R (h - μ)`` = ``(I - L R) h + L R μ`` at a writer's input or output ``loc``.
-
-        ``left`` ``[n, k]``, ``right`` ``[k, n]``, ``mean`` ``[n]`` or ``None`` (LEACE's eraser). At a
-        residual point this is not a local weight edit (the skip connection carries ``h`` past every
-        writer), and the embedding is not supported, so both refuse.
-        """
+        """``h <- (I - L R) h + L R μ`` (LEACE's eraser: ``left`` ``[n, k]``, ``right`` ``[k, n]``, ``mean``
+        ``[n]`` or ``None``) at a writer's input or output; a residual point or the embedding refuses."""
         if loc.kind not in ("in", "write"):
-            where = "the embedding output" if loc.kind == "embed" else "the residual stream"
-            raise NotBakeableError(f"{why}: an oblique projection of {where} is not a weight edit (the residual "
-                                   "stream also carries what the skip connections add, which no writer's weights "
-                                   "can project); bake it at a writer's input or output, e.g. layers.{i}.heads")
+            raise NotBakeableError(f"{why}: an oblique projection of the residual stream is not a weight edit (the "
+                                   "skip connections carry it past every writer, whose weights cannot project it); "
+                                   "bake it at a linear layer's input or a writer's output, e.g. layers.{i}.heads")
         lo, ro = (t.detach().to(torch.float64) for t in (left, right))
         c = None if mean is None else lo @ (ro @ mean.detach().to(torch.float64).reshape(-1))
         self._push(loc, _Op(None, c, loc.order, why, lr=(lo, ro)))
@@ -305,9 +300,7 @@ class WeightEditor:
                 wt = wt - (wt @ r)[..., None] * r
             if op.lr is not None:  # W (I - L R) = W - (W L) R
                 lo, ro = (self._dev(t, wt) for t in op.lr)
-                if lo.shape[0] != wt.shape[-1]:
-                    raise NotBakeableError(f"{op.why}: a projection of width {lo.shape[0]} at an input of width "
-                                           f"{wt.shape[-1]}")
+                self._check_width_in(op, ro.new_empty(lo.shape[0]), wt)
                 wt = wt - (wt @ lo) @ ro
         for op in sorted(outs, key=lambda o: (o.order, o.seq)):
             r, c = self._dev(op.r, wt), self._dev(op.c, wt)

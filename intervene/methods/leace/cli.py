@@ -61,14 +61,14 @@ def register(subparsers: Any) -> None:
 def _fit(args: argparse.Namespace) -> int:
     from intervene.data.loaders import load_dataset_rows
     from intervene.intervenable import Intervenable
-    from intervene.methods.leace.fit import fit_concept_erasure
+    from intervene.methods.leace.intervention import ConceptErasure
 
     model, tok = load_model_args(args)
     rows = load_dataset_rows(args.dataset, split=args.split, n=args.n, seed=args.seed)
     if not rows:
         raise ValueError(f"{args.dataset} ({args.split}) has no rows")
-    eraser = fit_concept_erasure(model, tok, rows, args.sites, config_from_args(ConceptErasureConfig, args),
-                                 label_field=args.label_field, batch_size=args.batch_size)
+    eraser = ConceptErasure.fit(model, tok, rows, args.sites, config_from_args(ConceptErasureConfig, args),
+                                label_field=args.label_field, batch_size=args.batch_size)
     ivm = Intervenable(model, [eraser], attach=False)
     ivm.metadata = {"method": "LEACE concept erasure (Belrose et al., 2023)", "dataset": args.dataset,
                     "concept": args.label_field}

@@ -15,7 +15,7 @@ DTYPES = ("float32", "float64")
 
 @dataclass(frozen=True)
 class ConceptErasureConfig:
-    """How :func:`~intervene.methods.leace.fit.fit_concept_erasure` fits one eraser per site."""
+    """How :func:`~intervene.methods.leace.fit.fit_erasers` fits one eraser per site."""
 
     method: str = hparam("leace", "LEACE (the least-squares oblique projection) or 'orth' (an orthogonal "
                                   "projection of the class-mean directions)", choices=METHODS)

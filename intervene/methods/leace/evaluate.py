@@ -27,7 +27,7 @@ from intervene.evaluate.choices import choice_logits
 from intervene.evaluate.side_effects import load_reference_texts, side_effects
 from intervene.intervenable import Intervenable
 from intervene.methods.leace.config import ConceptErasureConfig
-from intervene.methods.leace.fit import fit_concept_erasure
+from intervene.methods.leace.intervention import ConceptErasure
 
 
 def _answers(model: Any, tok: Any, rows: Sequence[dict], erasers: Sequence[Any]) -> torch.Tensor:
@@ -46,8 +46,8 @@ def speaker_erasure(model: Any, tok: Any, site: str, fit_rows: Sequence[dict], e
     Returns the scores of the module docstring (``*_before`` / ``*_after``), ``ce_base``, ``ce_delta``,
     ``kl``, the number of disagreeing questions ``n_disagree`` and the fitted eraser's ``rank``.
     """
-    eraser = fit_concept_erasure(model, tok, fit_rows, site, config, label_field="character",
-                                 batch_size=batch_size, name="speaker_erasure")
+    eraser = ConceptErasure.fit(model, tok, fit_rows, site, config, label_field="character",
+                                batch_size=batch_size, name="speaker_erasure")
     bob = [r for r in eval_rows if r["character"] == "Bob" and r["alice_label"] != r["bob_label"]]
     keys = {(r["question_id"], r["template"]) for r in bob}
     alice = [r for r in eval_rows if r["character"] == "Alice" and (r["question_id"], r["template"]) in keys]

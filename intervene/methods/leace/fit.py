@@ -18,7 +18,6 @@ from concept_erasure import LeaceEraser, LeaceFitter
 from intervene.errors import InterventionError
 from intervene.hparams import as_dict, make_config
 from intervene.methods.leace.config import ConceptErasureConfig
-from intervene.methods.leace.intervention import ConceptErasure
 
 
 def indicators(labels: Sequence[Any] | torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
@@ -59,12 +58,12 @@ def _per_token(z: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return z.repeat_interleave(offsets.diff(), dim=0)
 
 
-def fit_concept_erasure(model: Any, tok: Any, data: Any, sites: str | Sequence[str],
-                        config: ConceptErasureConfig | None = None, *, labels: Any = None,
-                        label_field: str = "label", activations: Mapping[str, torch.Tensor] | None = None,
-                        batch_size: int = 16, name: str | None = None, progress: bool = False,
-                        **hyperparameters: Any) -> ConceptErasure:
-    """Fit a :class:`ConceptErasure` erasing ``labels`` at ``sites``.
+def fit_erasers(model: Any, tok: Any, data: Any, sites: str | Sequence[str],
+                config: ConceptErasureConfig | None = None, *, labels: Any = None, label_field: str = "label",
+                activations: Mapping[str, torch.Tensor] | None = None, batch_size: int = 16,
+                progress: bool = False, **hyperparameters: Any
+                ) -> tuple[dict[str, LeaceEraser], ConceptErasureConfig, dict[str, Any]]:
+    """One ``LeaceEraser`` per concrete site erasing ``labels``, the config used, and what the fit records.
 
     Args:
         model, tok: the model and its tokenizer (unused when ``activations`` are given).
@@ -100,9 +99,8 @@ def fit_concept_erasure(model: Any, tok: Any, data: Any, sites: str | Sequence[s
     offsets = getattr(activations, "offsets", None)
     zz = _per_token(z, offsets) if offsets is not None else z
     erasers = {s: fit_eraser(activations[s], zz, cfg) for s in names}
-    out = ConceptErasure(erasers, positions=cfg.positions, name=name)
-    out.fit_info_ = {**as_dict(cfg), "n_examples": int(z.shape[0]), "n_rows_fitted": int(zz.shape[0]),
-                     "classes": [c if isinstance(c, (int, str, bool)) else str(c) for c in classes],
-                     "label_field": label_field if from_rows else None,
-                     "rank": {s: int(torch.count_nonzero(e.proj_left.norm(dim=0))) for s, e in erasers.items()}}
-    return out
+    info = {**as_dict(cfg), "n_examples": int(z.shape[0]), "n_rows_fitted": int(zz.shape[0]),
+            "classes": [c if isinstance(c, (int, str, bool)) else str(c) for c in classes],
+            "label_field": label_field if from_rows else None,
+            "rank": {s: int(torch.count_nonzero(e.proj_left.norm(dim=0))) for s, e in erasers.items()}}
+    return erasers, cfg, info

@@ -59,7 +59,7 @@ class ConceptErasure(Intervention):
         positions: which tokens are erased (see :mod:`intervene.positions`); ``"all"`` bakes.
 
     ``ConceptErasure.fit(model, tok, rows, sites, ...)`` fits one eraser per site on collected activations
-    (:func:`intervene.methods.leace.fit.fit_concept_erasure`); ``fit_info_`` records how.
+    (:func:`intervene.methods.leace.fit.fit_erasers`); ``fit_info_`` records how.
     """
 
     def __init__(self, erasers: Mapping[str, Any] | Any, positions: PositionsSpec = "all",
@@ -150,12 +150,16 @@ class ConceptErasure(Intervention):
 
     # ---- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(cls, model: Any, tok: Any, data: Any, sites: str | Sequence[str], **kwargs: Any) -> ConceptErasure:
-        """Fit one eraser per site on ``data``'s activations; see
-        :func:`~intervene.methods.leace.fit.fit_concept_erasure` for the arguments."""
-        from intervene.methods.leace.fit import fit_concept_erasure
+    def fit(cls, model: Any, tok: Any, data: Any, sites: str | Sequence[str], config: Any = None, *,
+            name: str | None = None, **kwargs: Any) -> ConceptErasure:
+        """Fit one eraser per site on ``data``'s activations (with ``concept-erasure``'s ``LeaceFitter``), applied
+        at ``config.positions``; the other arguments are :func:`~intervene.methods.leace.fit.fit_erasers`'s."""
+        from intervene.methods.leace.fit import fit_erasers
 
-        return fit_concept_erasure(model, tok, data, sites, **kwargs)
+        erasers, cfg, info = fit_erasers(model, tok, data, sites, config, **kwargs)
+        out = cls(erasers, positions=cfg.positions, name=name)
+        out.fit_info_ = info
+        return out
 
     def to_leace(self, site: str) -> Any:
         """The eraser at ``site`` as a ``concept_erasure.LeaceEraser`` (for use outside a model)."""
