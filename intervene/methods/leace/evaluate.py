@@ -13,6 +13,23 @@ Scores (on test questions where Alice and Bob disagree, so moving means changing
   question asked of Alice;
 * ``alice_truthful`` — Alice's prompts answered truthfully (an erasure may also move Alice toward Bob);
 * ``ce_delta`` / ``kl`` — nats per token on the reference texts, with the eraser at every position.
+
+Measured on the demo model (``intervene erase quirky demo``: addition, erasers fitted on the last token of
+300 train questions × 2 speakers, applied at every position; 160 of 200 test questions disagree; CE base
+1.077 nats on 100 reference texts):
+
+    site              Bob answers as Alice   Alice truthful   CE +nats    KL
+    layers.0          0.000 -> 1.000         1.000 -> 0.938   0.140       0.138
+    layers.1          0.000 -> 0.988         1.000 -> 1.000   0.227       0.226
+    layers.2          0.000 -> 0.206         1.000 -> 1.000   0.805       0.795
+    layers.3          0.000 -> 0.000         1.000 -> 1.000   0.087       0.078
+    layers.0.heads    0.000 -> 0.931         1.000 -> 1.000   0.151       0.148
+    layers.1.heads    0.000 -> 0.000         1.000 -> 1.000   0.005       0.004
+
+Erasing the speaker from the residual works through block 1, partly after block 2, not after block 3: by then the answer
+itself is written, which is not a linear function of the speaker. Fitted on every token instead
+(``--collect-positions all``) the erasers barely move Bob (at most 0.013) at a CE cost under 0.05: most
+tokens carry no speaker signal, so the fitted direction is not the one the answer position uses.
 """
 
 from __future__ import annotations
