@@ -26,8 +26,8 @@ Measured on the demo model (``intervene erase quirky demo``: addition, erasers f
     layers.0.heads    0.000 -> 0.931         1.000 -> 1.000   0.151       0.148
     layers.1.heads    0.000 -> 0.000         1.000 -> 1.000   0.005       0.004
 
-Erasing the speaker from the residual works through block 1, partly after block 2, not after block 3: by then the answer
-itself is written, which is not a linear function of the speaker. Fitted on every token instead
+Erasing the speaker from the residual works through block 1, partly after block 2, not after block 3:
+by then the answer itself is written, which is not a linear function of the speaker. Fitted on every token instead
 (``--collect-positions all``) the erasers barely move Bob (at most 0.013) at a CE cost under 0.05: most
 tokens carry no speaker signal, so the fitted direction is not the one the answer position uses.
 """
