@@ -4,7 +4,7 @@ The public API, re-exported from where each name lives (docs/architecture.md map
 
 * the core — :class:`Intervenable`, :class:`Intervention`, sites, positions, the registry, errors;
 * methods, one package each under ``intervene.methods`` — :class:`Steering`,
-  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`;
+  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`, :class:`ConceptErasure`;
 * activations (:func:`collect`), probes (``intervene.probes``), SAEs (``intervene.features``),
   baking (``Intervenable.bake``, :mod:`intervene.bake`) and publishing (:func:`bake_and_push`), the demo
   model (:func:`demo_model`).
@@ -31,6 +31,7 @@ from intervene.features.sae_io import load_sae
 from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
 from intervene.methods.iti import ITI, ITIConfig
+from intervene.methods.leace import ConceptErasure, ConceptErasureConfig
 from intervene.methods.patching import Noise, Patch, interchange
 from intervene.methods.remedi import Remedi, RemediConfig
 from intervene.methods.sae_clamp import LatentClamp, steering_from_sae
@@ -50,7 +51,7 @@ from intervene.sites import (
 from intervene.version import __version__
 
 __all__ = [
-    "ITI", "SAE", "Activations", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
+    "ITI", "SAE", "Activations", "ConceptErasure", "ConceptErasureConfig", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
     "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
     "LatentClamp", "MethodSpec", "Noise", "NotBakeableError", "Patch", "Positions", "PositionsError", "Remedi", "RemediConfig",
     "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",

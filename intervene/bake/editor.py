@@ -1,8 +1,9 @@
 """The weight editor: collects affine edits at residual locations, then folds them into weights.
 
 Every edit a baker can express is an affine map of an activation: ``y -> P y + c`` with ``P``
-either the identity or ``I - r rᵀ`` (``r`` a unit vector). Edits of a writer's *output* fold as
-``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
+the identity, ``I - r rᵀ`` (``r`` a unit vector) or, at a writer's input or output only, ``I - L R``
+(a low-rank oblique projection, LEACE's: ``L`` ``[n, k]``, ``R`` ``[k, n]``). Edits of a writer's
+*output* fold as ``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
 reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
 
 Recording and :meth:`WeightEditor.plan` only read the source model, so every refusal comes before
@@ -45,6 +46,7 @@ class _Op:
     order: int
     why: str
     seq: int = field(default_factory=lambda: next(_seq))
+    lr: tuple[torch.Tensor, torch.Tensor] | None = None  # (L, R): project with I - L R first (instead of r)
 
 
 @dataclass
@@ -137,6 +139,17 @@ class WeightEditor:
                                    "edit (see DirectionalAblation's residual-stream bake)")
         self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
 
+    def erase(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, mean: torch.Tensor | None, why: str) -> None:
+        """``h <- (I - L R) h + L R μ`` (LEACE's eraser: ``left`` ``[n, k]``, ``right`` ``[k, n]``, ``mean``
+        ``[n]`` or ``None``) at a writer's input or output; a residual point or the embedding refuses."""
+        if loc.kind not in ("in", "write"):
+            raise NotBakeableError(f"{why}: an oblique projection of the residual stream is not a weight edit (the "
+                                   "skip connections carry it past every writer, whose weights cannot project it); "
+                                   "bake it at a linear layer's input or a writer's output, e.g. layers.{i}.heads")
+        lo, ro = (t.detach().to(torch.float64) for t in (left, right))
+        c = None if mean is None else lo @ (ro @ mean.detach().to(torch.float64).reshape(-1))
+        self._push(loc, _Op(None, c, loc.order, why, lr=(lo, ro)))
+
     def project_residual(self, direction: torch.Tensor, why: str) -> None:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
         output and the output of every attention and MLP writer of every block."""
@@ -176,6 +189,8 @@ class WeightEditor:
         for t in (op.r, op.c):
             if t is not None and t.numel() != width:
                 raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
+        if op.lr is not None and (op.lr[0].shape[0] != width or op.lr[1].shape[-1] != width):
+            raise NotBakeableError(f"{op.why}: a projection of width {op.lr[0].shape[0]} at a point of width {width}")
 
     # ---- folding -------------------------------------------------------------------------------
     def _units(self) -> dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]]:
@@ -283,11 +298,19 @@ class WeightEditor:
             if r is not None:
                 self._check_width_in(op, r, wt)
                 wt = wt - (wt @ r)[..., None] * r
+            if op.lr is not None:  # W (I - L R) = W - (W L) R
+                lo, ro = (self._dev(t, wt) for t in op.lr)
+                self._check_width_in(op, ro.new_empty(lo.shape[0]), wt)
+                wt = wt - (wt @ lo) @ ro
         for op in sorted(outs, key=lambda o: (o.order, o.seq)):
             r, c = self._dev(op.r, wt), self._dev(op.c, wt)
             if r is not None:
                 wt = wt - r[:, None] * torch.einsum("o,...oi->...i", r, wt)[..., None, :]
                 b = b - r * (r @ b)
+            if op.lr is not None:  # (I - L R) W, (I - L R) b
+                lo, ro = (self._dev(t, wt) for t in op.lr)
+                wt = wt - torch.einsum("ok,...ki->...oi", lo, torch.einsum("ko,...oi->...ki", ro, wt))
+                b = b - lo @ (ro @ b)
             if c is not None:
                 b = b + c
                 first_const = first_const or op.why

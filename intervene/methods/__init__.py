@@ -5,6 +5,7 @@ call per type it defines (docs/architecture.md, "Adding a method").
 """
 
 import intervene.methods.iti
+import intervene.methods.leace
 import intervene.methods.patching
 import intervene.methods.remedi
 import intervene.methods.sae_clamp

@@ -44,6 +44,7 @@ EXPECTED_BAKE: dict[str, dict[str, str]] = {
     "sae_clamp": dict.fromkeys(FAMILIES, "computed from each activation"),
     "patch": dict.fromkeys(FAMILIES, "replaces activations"),
     "noise": dict.fromkeys(FAMILIES, "drawn per token"),
+    "concept_erasure": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": "exact"},
 }
 
 
