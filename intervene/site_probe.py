@@ -21,7 +21,36 @@ from typing import Any
 import torch
 from torch import nn
 
+from intervene.errors import UnsupportedModelError
+
 BATCH, SEQ = 2, 6  # batch > 1 catches code that drops the batch axis
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` (a ``transformers`` model's token embedding); ``None`` when the
+    model has no such method or it returns no module."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb if isinstance(emb, nn.Module) else None
+
+
+def weight_of(module: nn.Module | None) -> torch.Tensor | None:
+    """``module.weight`` when it is a tensor, else ``None`` (``nn.Module.__getattr__`` types every attribute
+    as ``Tensor | Module``; this checks which)."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def embedding_weight(model: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """The token embedding module and its ``[vocab, hidden]`` weight, which every probe goes through.
+
+    Raises ``UnsupportedModelError`` when the model has none.
+    """
+    emb = input_embeddings(model)
+    w = weight_of(emb)
+    if emb is None or w is None or w.ndim != 2:
+        raise UnsupportedModelError(f"{type(model).__name__} has no input embedding to probe it through")
+    return emb, w
 
 
 def first_tensor(x: Any) -> torch.Tensor | None:
@@ -92,11 +121,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
     """``[BATCH, SEQ]`` token ids below 200: special (image, pad) tokens sit at the top of most vocabularies."""
-    emb = model.get_input_embeddings()
-    vocab = int(emb.weight.shape[0]) if isinstance(getattr(emb, "weight", None), torch.Tensor) else 100
-    hi = max(4, min(vocab, 200))
+    _, w = embedding_weight(model)
+    hi = max(4, min(int(w.shape[0]), 200))
     ids = (torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) * 7 + 3) % (hi - 3) + 3
-    return ids.to(emb.weight.device)
+    return ids.to(w.device)
 
 
 def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> torch.Tensor | None:
@@ -225,8 +253,11 @@ def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
         args, kwargs = _to32(call[0]), _to32(call[1])
         with torch.no_grad(), _eval_mode(block):
             out = block(*args, **kwargs)
-        rec.block_in[i] = as_resid(module_input(args, kwargs, h), h)
-        rec.block_out[i] = as_resid(first_tensor(out), h)
+        # absent (read back as None by .get) when not one [batch, seq, hidden] tensor
+        if (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+            rec.block_in[i] = r
+        if (r := as_resid(first_tensor(out), h)) is not None:
+            rec.block_out[i] = r
     finally:
         for t, data in saved:
             t.data = data
@@ -292,11 +323,12 @@ def parallel_mlps(model: nn.Module, blocks: nn.ModuleList, rec: Record, writers:
     noise: dict[nn.Module, torch.Tensor] = {}
     watch: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
-        if writers[i] is not None and i in rec.block_in:
+        pair = writers[i]
+        if pair is not None and i in rec.block_in:
             scale = float(rec.block_in[i].abs().max()) + 1e-3
-            noise[block.get_submodule(writers[i][0])] = torch.randn(rec.block_in[i].shape, generator=g,
-                                                                    dtype=torch.float64) * scale
-            watch[str(i)] = block.get_submodule(writers[i][1])
+            noise[block.get_submodule(pair[0])] = torch.randn(rec.block_in[i].shape, generator=g,
+                                                              dtype=torch.float64) * scale
+            watch[str(i)] = block.get_submodule(pair[1])
     if not watch:
         return [None] * len(blocks)
     base, _, _ = perturb(model, blocks, rec, {}, watch, h)
@@ -357,15 +389,19 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     output is what block 0 gets besides the token rows.
     """
     moved = _embed_pass(model, blocks, rec, emb, h)
-    dtype = emb.weight.dtype
-    rows = emb.weight.detach()[probe_ids(model)].to(torch.float64)
-    inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
+    weight = weight_of(emb)
+    if weight is None:
+        raise UnsupportedModelError(f"{type(model).__name__}'s input embedding has no weight to probe it through")
+    dtype = weight.dtype
+    rows = weight.detach()[probe_ids(model)].to(torch.float64)
+    embed_out = rec.embed_out
+    inner = None if embed_out is None else _scalar(embed_out, rows, dtype)
     # roundings happened at the magnitudes of block 0's input and of the embedding (they may cancel)
-    ref = None if rec.embed_out is None else rec.block_in[0].abs() + rec.embed_out.abs()
+    ref = None if embed_out is None else rec.block_in[0].abs() + embed_out.abs()
     outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=ref)
-    if inner is None or outer is None:
+    if embed_out is None or inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
-    x0, e = rec.block_in[0], outer * rec.embed_out
+    x0, e = rec.block_in[0], outer * embed_out
     t = _ulps(x0, e, None, dtype)
     offset = x0 - e
     if bool((offset.abs() <= t).all()):
