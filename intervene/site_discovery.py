@@ -161,10 +161,12 @@ def block_candidates(model: nn.Module) -> list[nn.ModuleList]:
         dec = model
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     n_cfg = _cfg_int(_text_config(model), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    gc_layer: type | None
     try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as Gc
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        gc_layer = GradientCheckpointingLayer
     except ImportError:  # older transformers
-        Gc = None  # noqa: N806
+        gc_layer = None
     ranked: list[tuple[tuple, int, nn.ModuleList]] = []
     # the decoder's subtree first (vision towers share the hints), then the rest of the model
     roots = [dec, model] if isinstance(dec, nn.Module) and dec is not model else [model]
@@ -175,7 +177,7 @@ def block_candidates(model: nn.Module) -> list[nn.ModuleList]:
                 continue
             seen.add(id(mod))
             hints = (all(type(b).__name__ in no_split for b in mod),
-                     Gc is not None and all(isinstance(b, Gc) for b in mod), len(mod) == n_cfg)
+                     gc_layer is not None and all(isinstance(b, gc_layer) for b in mod), len(mod) == n_cfg)
             if any(hints):
                 ranked.append(((-rank, sum(hints), sum(p.numel() for p in mod.parameters())), len(ranked), mod))
     return [m for *_, m in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True)]
