@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -24,6 +24,12 @@ from torch import nn
 from intervene.errors import UnsupportedModelError
 
 BATCH, SEQ = 2, 6  # batch > 1 catches code that drops the batch axis
+
+# The hooks :func:`run` registers: pre-hooks get ``(module, args, kwargs)`` and may return new
+# ``(args, kwargs)``; post-hooks get ``(module, args, output)`` and may return a new output.
+PreHook = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
+PostHook = Callable[[nn.Module, tuple, Any], Any]
+Hook = tuple[nn.Module, Literal["pre", "post"], Callable[..., Any]]
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -127,7 +133,7 @@ def probe_ids(model: nn.Module) -> torch.Tensor:
     return ids.to(w.device)
 
 
-def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> torch.Tensor | None:
+def run(model: nn.Module, hooks: list[Hook]) -> torch.Tensor | None:
     """One probe forward pass with ``(module, "pre"|"post", fn)`` hooks, all removed afterwards; returns
     the model's logits (its output's ``logits``, else its first tensor).
 
@@ -157,7 +163,7 @@ def count_calls(model: nn.Module, modules: list[nn.Module]) -> list[int]:
     """How many times each of ``modules`` runs in one probe pass."""
     counts = [0] * len(modules)
 
-    def counter(k: int):
+    def counter(k: int) -> PreHook:
         def fn(_m: nn.Module, _a: tuple, _kw: dict) -> None:
             counts[k] += 1
         return fn
@@ -172,7 +178,7 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     its first call (kept by reference, to re-run it); the embedding's output; the logits."""
     rec = Record()
 
-    def block_pre(i: int):
+    def block_pre(i: int) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             rec.calls[i] = rec.calls.get(i, 0) + 1
             t = module_input(args, kwargs, h)
@@ -183,13 +189,13 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
                     rec.block_in[i] = r
         return fn
 
-    def block_post(i: int):
+    def block_post(i: int) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if i not in rec.block_out and (r := as_resid(first_tensor(out), h)) is not None:
                 rec.block_out[i] = r
         return fn
 
-    def extra_post(key: str):
+    def extra_post(key: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             t = first_tensor(out)
             if t is not None and t.shape[-1] == h:
@@ -199,7 +205,7 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     def embed_post(_m: nn.Module, _a: tuple, out: Any) -> None:
         rec.embed_out = as_resid(first_tensor(out), h)
 
-    hooks: list = [(emb, "post", embed_post)]
+    hooks: list[Hook] = [(emb, "post", embed_post)]
     hooks += [(mod, "post", extra_post(name)) for name, mod in extras.items()]
     for i, block in enumerate(blocks):
         hooks += [(block, "pre", block_pre(i)), (block, "post", block_post(i))]
@@ -229,13 +235,13 @@ def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
     rec = Record()
     tick = itertools.count()
 
-    def sub_pre(key: str):
+    def sub_pre(key: str) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
                 rec.inp[key] = r
         return fn
 
-    def sub_post(key: str):
+    def sub_post(key: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
                 rec.out[key], rec.order[key] = r, next(tick)
@@ -276,14 +282,14 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
     seen: dict[str, torch.Tensor] = {}
     given0: list[torch.Tensor] = []
 
-    def hold(i: int):
+    def hold(i: int) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if i == 0 and not given0 and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
                 given0.append(r)
             return replace_input(args, kwargs, rec.raw_in[i])
         return fn
 
-    def bump(delta: torch.Tensor):
+    def bump(delta: torch.Tensor) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> Any:
             t = first_tensor(out)
             if t is None or t.numel() != delta.numel():
@@ -292,13 +298,13 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
             return new if isinstance(out, torch.Tensor) else type(out)((new, *out[1:]))
         return fn
 
-    def grab(name: str):
+    def grab(name: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if name not in seen and (r := as_resid(first_tensor(out), h)) is not None:
                 seen[name] = r
         return fn
 
-    hooks: list = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
+    hooks: list[Hook] = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
     hooks += [(m, "post", bump(d)) for m, d in noise.items()]
     hooks += [(m, "post", grab(n)) for n, m in watch.items()]
     logits = run(model, hooks)
