@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -316,8 +316,15 @@ class WeightEditor:
                 first_const = first_const or op.why
         return w, wt, b, first_const
 
+    @overload
+    @staticmethod
+    def _dev(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    @staticmethod
+    def _dev(t: None, like: torch.Tensor) -> None: ...
     @staticmethod
     def _dev(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """``t`` in float64 on ``like``'s device (``None`` stays ``None``; a tensor is typed as one)."""
         return None if t is None else t.to(device=like.device, dtype=torch.float64)
 
     @staticmethod
