@@ -51,10 +51,11 @@ class Preconditioner:
             self.mu = self.x_sub.mean(1)
         else:
             self.mu = torch.bmm(self.s_sub.to(x.dtype).unsqueeze(1), self.x_sub).squeeze(1)
-        self.chol: torch.Tensor | None = None
-        self.inv_diag: torch.Tensor | None = None
+        self.chol: torch.Tensor | None = None  # [c, R, D, D] Cholesky factors of P (R = 1)
+        self.basis: tuple[torch.Tensor, torch.Tensor] | None = None  # eigenvectors, 1/eigenvalues of P (R > 1)
+        self.inv_diag: torch.Tensor | None = None  # [c, R, D] 1/diag(P) (before the upgrade)
         if full:
-            self.upgrade()
+            self._factor()
         else:
             xc = self.x_sub - self.mu.unsqueeze(1)
             var = (xc * xc).mean(1) if self.s_sub is None else torch.bmm(self.s_sub.to(x.dtype).unsqueeze(1),
@@ -63,20 +64,37 @@ class Preconditioner:
 
     @property
     def full(self) -> bool:
-        return self.chol is not None
+        return self.chol is not None or self.basis is not None
 
     def upgrade(self) -> None:
-        """Switch to the full ``G`` (no-op if already full). Costs ``rows·D²`` FLOPs and a Cholesky."""
-        if self.chol is None:
-            gram = _centred_gram(self.x_sub, self.mu, self.s_sub)
+        """Switch to the full ``G`` (no-op if already full). Costs ``rows·D²`` FLOPs and a factorisation.
+
+        One problem per feature matrix: a Cholesky factor of ``P``. Several (cross-validation folds x
+        ``C`` values, whose ``l2`` differ): one eigendecomposition of ``G`` serves all of them, where
+        ``R`` Cholesky factors would cost ``R·D²`` memory and, from ``R`` ~ 16, more time.
+        """
+        if not self.full:
+            self._factor()
+
+    def _factor(self) -> None:
+        gram = _centred_gram(self.x_sub, self.mu, self.s_sub)
+        if self.l2.shape[1] == 1:
             self.chol = _spd_cholesky(gram.unsqueeze(1) / 4.0, self.l2)
-            self.inv_diag = None
-            self.x_sub = self.s_sub = None  # type: ignore[assignment]  # no longer needed
+        else:
+            evals, evecs = torch.linalg.eigh(gram.double())  # float64: the small eigenvalues matter
+            inv = 1.0 / (evals.clamp_min(0.0).unsqueeze(1) / 4.0 + self.l2.unsqueeze(-1))  # [c, R, D]
+            self.basis = (evecs, inv)
+        self.inv_diag = None
+        self.x_sub = self.s_sub = None  # type: ignore[assignment]  # no longer needed
 
     def solve(self, g: torch.Tensor) -> torch.Tensor:
         """``P⁻¹ g`` for the weights' gradient ``g`` ``[c, R, D]`` (float64)."""
-        if self.chol is None:
+        if self.inv_diag is not None:
             return g * self.inv_diag
+        if self.basis is not None:
+            evecs, inv = self.basis
+            return ((g @ evecs) * inv) @ evecs.transpose(-1, -2)
+        assert self.chol is not None
         return torch.cholesky_solve(g.to(self.chol.dtype).unsqueeze(-1), self.chol).squeeze(-1).to(g.dtype)
 
 
