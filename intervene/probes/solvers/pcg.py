@@ -227,9 +227,7 @@ def _solve_chunk(
             # Float32 passes put a noise floor under the gradient. Since P bounds the Hessian, a step
             # along -P⁻¹g gains at least gᵀP⁻¹g/2; when two steps in a row gain under a twentieth of
             # that, the gradient is noise: stop there if it is within 100x of the tolerance.
-            # (The objective is only needed near the tolerance.)
-            near = bool((gs <= 400 * dtol).any())
-            f = _objective(z, yr, wts, theta[..., :d], l2) if near else torch.full_like(gs, math.nan)
+            f = _objective(z, yr, wts, theta[..., :d], l2)
             strikes = torch.where(f_prev - f < 0.05 * gs_prev / 2, strikes + 1, 0)  # NaN: no strike
             done |= (gs <= 2 * dtol) | ((strikes >= 2) & (gs <= 200 * dtol))
             stuck |= active & ~done & (strikes >= 5)  # no progress possible above the tolerance
