@@ -21,6 +21,7 @@ preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -97,9 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     del x
     y_tr, y_va = y[train], y[val]
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average {load[0]:.1f}")
     t_ours, cpu_ours, acc_ours, iters = run_batched(x_tr, y_tr, x_va, y_va, args.jobs)
     print(f"batched solver: {t_ours:7.2f} s wall, {cpu_ours:7.2f} s CPU ({1e3 * t_ours / n_heads:.2f} ms/head; "
           f"{float(iters.float().mean()):.1f} iterations on average; {args.jobs or torch.get_num_threads()} threads)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # scikit-learn's footing: one thread for everything, scoring included
+    t_one, cpu_one, _, _ = run_batched(x_tr, y_tr, x_va, y_va, 1)
+    torch.set_num_threads(threads)
+    print(f"  ... 1 thread: {t_one:7.2f} s wall, {cpu_one:7.2f} s CPU")
     if args.skip_sklearn:
         return
     t_sk, cpu_sk, acc_sk = run_sklearn(x_tr, y_tr, x_va, y_va)
@@ -110,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     top_ours = set(rank_heads(acc_ours.reshape(shape), k))
     top_sk = set(rank_heads(acc_sk.reshape(shape), k))
     diff = (acc_ours - acc_sk).abs()
-    print(f"speed-up      : {t_sk / t_ours:7.1f}x wall, {cpu_sk / cpu_ours:.1f}x CPU time")
+    print(f"speed-up      : {t_sk / t_ours:7.1f}x wall, {cpu_sk / cpu_ours:.1f}x CPU time, "
+          f"{t_sk / t_one:.1f}x at 1 thread each")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    print(f"load average at the end {load[0]:.1f}")
     print(f"validation accuracy: max |diff| {float(diff.max()):.4f}, mean |diff| {float(diff.mean()):.5f}, "
           f"range [{float(acc_sk.min()):.3f}, {float(acc_sk.max()):.3f}]")
     print(f"top-{k} overlap: {len(top_ours & top_sk)}/{k}")

@@ -117,7 +117,7 @@ def compare_sklearn(label: str, x: torch.Tensor, y: torch.Tensor, k: int, repeat
     ours_obj = _objective(x[0], y, probe.coef_[0], probe.intercept_[0])
     sk_obj = _objective(x[0], y, coefs[0], icpts[0])
     (ow, oc), (o1w, _), (sw, sc) = med["ours"], med["ours1"], med["sklearn"]
-    print(f"  {label}: medians of {repeat}, [{b}, {n}, {d}], auto -> {auto_solver(n, d)}")
+    print(f"  {label}: medians of {repeat}, [{b}, {n}, {d}], auto -> {auto_solver(d)}")
     print(f"    ours, {threads} thread(s): {ow:7.2f} s wall, {oc:7.2f} s CPU ({probe.n_iter_} iterations, "
           f"objective (problem 0) {ours_obj:.6f})")
     print(f"    ours, 1 thread    : {o1w:7.2f} s wall")
@@ -131,7 +131,7 @@ def bench_layers(layers: int, n: int, d: int, restarts: int, sk_layers: int, sk_
     x_pos, x_neg, _, direction = planted_pairs(n, d, batch=(layers,), margin=3.0, noise=1.0, seed=0)
     x, y, dir_sup = planted_features(n, d, batch=(layers,), margin=2.0, noise=1.0, seed=1)
     supervised = {
-        f"LogisticRegression (auto: {auto_solver(n, d)})": probes.LogisticRegressionProbe(C=1.0),
+        f"LogisticRegression (auto: {auto_solver(d)})": probes.LogisticRegressionProbe(C=1.0),
         "LogisticRegression (PCG)": probes.LogisticRegressionProbe(C=1.0, solver="pcg"),
         "LogisticRegression (Newton)": probes.LogisticRegressionProbe(C=1.0, solver="newton"),
         "LogisticRegression (L-BFGS)": probes.LogisticRegressionProbe(C=1.0, solver="lbfgs"),

@@ -2,11 +2,13 @@
 
 * :mod:`~intervene.probes.solvers.newton` — damped Newton (a Gram matrix per iteration; few iterations);
 * :mod:`~intervene.probes.solvers.pcg` — preconditioned nonlinear CG with a fixed Böhning-bound
-  preconditioner (one Gram matrix per feature matrix, then two feature passes per iteration);
-  :mod:`~intervene.probes.solvers.heads` applies it to one probe per attention head (ITI);
+  preconditioner (:mod:`~intervene.probes.solvers.precond`: its diagonal, or one Gram matrix per feature
+  matrix; then two feature passes per iteration); :mod:`~intervene.probes.solvers.heads` applies it to
+  one probe per attention head (ITI's head ranking);
 * :mod:`~intervene.probes.solvers.lbfgs` — batched L-BFGS for wide features.
 
 All minimise scikit-learn's L2 objective (same minimiser as ``LogisticRegression(C=C)``).
+``LogisticRegressionProbe(solver="auto")`` picks among them by shape (:func:`intervene.probes.lr.auto_solver`).
 """
 
 from intervene.probes.solvers.heads import HeadProbes, fit_head_probes

@@ -9,11 +9,12 @@ not penalised).
 
 Why this solver: on a CPU a pass over one problem's features (``X·v`` or ``Xᵀr``) is memory-bound and
 cheap; a Gram matrix ``XᵀX`` costs ``N·D²`` FLOPs. Newton's method builds a weighted Gram every iteration;
-first-order methods (L-BFGS) need hundreds of passes on badly conditioned features. Here one Gram of a
-row sample of the centred features (at most ``8·D`` rows) is computed once per feature matrix and used,
-scaled by the logistic curvature bound 1/4 (Böhning's bound) plus ``l2·I``, as a fixed preconditioner
-for nonlinear conjugate gradients (Polak-Ribière+) with a Newton line search: ~5-20 iterations of two
-passes each, insensitive to the conditioning of the features.
+first-order methods (L-BFGS) need hundreds of passes on badly conditioned features. Here Böhning's bound
+on the Hessian, ``P = Xcᵀ S Xc / 4 + l2·I`` (centred features, from a row sample), is a fixed
+preconditioner for nonlinear conjugate gradients (Polak-Ribière+) with a Newton line search: ~5-25
+iterations of two passes each, insensitive to the conditioning of the features. Where the full ``P`` is
+expensive (wide features) its diagonal is used until convergence is seen to be slow
+(:mod:`~intervene.probes.solvers.precond`): on well-conditioned features the full matrix saves nothing.
 
 Problems that share a feature matrix (cross-validation folds as 0/1 sample weights, several ``C``)
 share its Gram matrix, and their passes become one small GEMM (``[R, N] @ [N, D]``) instead of ``R``
