@@ -225,9 +225,10 @@ def _solve_chunk(
         if gtol > 0:
             done |= g.abs().amax(-1) <= gtol
         if dtol > 0:
-            # Float32 passes put a noise floor under the gradient. Since P bounds the Hessian, a step
-            # along -P⁻¹g gains at least gᵀP⁻¹g/2; when two steps in a row gain under a twentieth of
-            # that, the gradient is noise: stop there if it is within 100x of the tolerance.
+            # Float32 passes put a noise floor under the gradient. Where P bounds the Hessian (the full
+            # P does; its diagonal nearly, on the well-conditioned features it is kept for) a step along
+            # -P⁻¹g gains at least gᵀP⁻¹g/2; when two steps in a row gain under a twentieth of that,
+            # the gradient is noise: stop there if it is within 100x of the tolerance.
             f = _objective(z, yr, wts, theta[..., :d], l2)
             strikes = torch.where(f_prev - f < 0.05 * gs_prev / 2, strikes + 1, 0)  # NaN: no strike
             done |= (gs <= 2 * dtol) | ((strikes >= 2) & (gs <= 200 * dtol))
