@@ -190,7 +190,8 @@ def main() -> None:
     parser.add_argument("--sklearn-aniso", type=int, default=2,
                         help="anisotropic layers timed in sklearn and our L-BFGS (slow: ~1,300 iterations; 0: skip)")
     parser.add_argument("--heads", type=int, default=64, help="heads fitted in the ITI section (0: skip)")
-    parser.add_argument("--sklearn-heads", type=int, default=16)
+    parser.add_argument("--sklearn-heads", type=int, default=64,
+                        help="heads timed in sklearn (all by default: a run as long as ours times more evenly)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of ours and sklearn (medians)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="layers=4, n=1000, d=256, heads=16, repeat=1")
