@@ -116,20 +116,29 @@ def compare_sklearn(label: str, x: torch.Tensor, y: torch.Tensor, k: int, repeat
     agree = min(float(_cos(c, probe.coef_[i])) for i, c in enumerate(coefs))
     ours_obj = _objective(x[0], y, probe.coef_[0], probe.intercept_[0])
     sk_obj = _objective(x[0], y, coefs[0], icpts[0])
-    (ow, oc), (o1w, _), (sw, sc) = med["ours"], med["ours1"], med["sklearn"]
+    (ow, oc), (o1w, o1c), (sw, sc) = med["ours"], med["ours1"], med["sklearn"]
     print(f"  {label}: medians of {repeat}, [{b}, {n}, {d}], auto -> {auto_solver(d)}")
     print(f"    ours, {threads} thread(s): {ow:7.2f} s wall, {oc:7.2f} s CPU ({probe.n_iter_} iterations, "
           f"objective (problem 0) {ours_obj:.6f})")
-    print(f"    ours, 1 thread    : {o1w:7.2f} s wall")
+    print(f"    ours, 1 thread    : {o1w:7.2f} s wall, {o1c:7.2f} s CPU")
     print(f"    sklearn, 1 thread : {sw:7.2f} s wall, {sc:7.2f} s CPU (timed {k} of {b}, scaled; "
           f"{max(iters)} lbfgs iterations, objective {sk_obj:.6f}; coef cosine to ours >= {agree:.5f})")
-    print(f"    ours vs sklearn   : {sw / ow:5.1f}x wall, {sc / oc:5.1f}x CPU time, {sw / o1w:5.1f}x at 1 thread each")
+    print(f"    ours vs sklearn   : {sw / ow:5.1f}x wall, {sc / oc:5.1f}x CPU time; at 1 thread each "
+          f"{sw / o1w:5.1f}x wall, {sc / o1c:5.1f}x CPU time")
 
 
-def bench_layers(layers: int, n: int, d: int, restarts: int, sk_layers: int, sk_aniso: int, repeat: int) -> None:
+def bench_layers(layers: int, n: int, d: int, restarts: int, sk_layers: int, sk_aniso: int, repeat: int,
+                 compare_only: bool = False) -> None:
     print(f"\n== all layers at once: [{layers}, {n}, {d}] ({n} pairs per layer), isotropic features ==")
-    x_pos, x_neg, _, direction = planted_pairs(n, d, batch=(layers,), margin=3.0, noise=1.0, seed=0)
     x, y, dir_sup = planted_features(n, d, batch=(layers,), margin=2.0, noise=1.0, seed=1)
+    if compare_only:
+        if sk_layers > 0:
+            compare_sklearn("isotropic", x, y, sk_layers, repeat)
+        if sk_aniso > 0:
+            print(f"\n== logistic regression on anisotropic features: [{layers}, {n}, {d}] ==")
+            compare_sklearn("anisotropic", anisotropic(x), y, sk_aniso, repeat)
+        return
+    x_pos, x_neg, _, direction = planted_pairs(n, d, batch=(layers,), margin=3.0, noise=1.0, seed=0)
     supervised = {
         f"LogisticRegression (auto: {auto_solver(d)})": probes.LogisticRegressionProbe(C=1.0),
         "LogisticRegression (PCG)": probes.LogisticRegressionProbe(C=1.0, solver="pcg"),
@@ -194,6 +203,8 @@ def main() -> None:
                         help="heads timed in sklearn (all by default: a run as long as ours times more evenly)")
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of ours and sklearn (medians)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only the LogisticRegressionProbe vs scikit-learn comparisons (no other probes/solvers)")
     parser.add_argument("--quick", action="store_true", help="layers=4, n=1000, d=256, heads=16, repeat=1")
     args = parser.parse_args()
     if args.quick:
@@ -209,7 +220,8 @@ def main() -> None:
             pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average {load[0]:.1f}")
-    bench_layers(args.layers, args.n, args.d, args.restarts, args.sklearn_layers, args.sklearn_aniso, args.repeat)
+    bench_layers(args.layers, args.n, args.d, args.restarts, args.sklearn_layers, args.sklearn_aniso, args.repeat,
+                 args.compare_only)
     if args.heads > 0:
         bench_heads(args.heads, 4000 if not args.quick else 1000, 128, args.sklearn_heads, args.repeat)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
