@@ -5,26 +5,29 @@ truth direction (``intervene.probes.synthetic``). Supervised probes see the posi
 labels; CCS/CRC see the pairs. Logistic regression is also timed on *anisotropic* features (a
 power-law spectrum with a few massive dimensions, like real residual streams), where first-order
 solvers slow down. A last section times ITI's shape (one probe per attention head,
-``[heads, 4000, 128]``) against honest_llama's per-head scikit-learn loop, on a subset of heads.
+``[heads, 4000, 128]``) against honest_llama's per-head scikit-learn loop.
 
 In each of the three regimes, ``LogisticRegressionProbe()`` (``solver="auto"``) and scikit-learn's
 ``LogisticRegression(C=1)`` loop are run alternately ``--repeat`` times and the medians compared:
 wall time (ours on torch's threads), CPU time (all threads), and ours pinned to one thread — scikit-learn's
 lbfgs runs with its BLAS limited to one thread (``threadpoolctl``), its fastest setting for these sizes
-on shared cores (multi-threaded BLAS made it 5-17x slower here).
+on shared cores (its default multi-threaded BLAS made it 5-100x slower here).
 
-Measured on 2 shared cores (AMD EPYC, load average 1.5-3), medians of 3, defaults:
+Measured on 2 shared cores (AMD EPYC; load average 2.8-4.2, other jobs held about one core, so the
+2-thread runs got about one: their CPU time is their wall time), medians of 3, wall / CPU seconds:
 
-    regime [B, N, D]              auto   ours 2 thr   ours 1 thr   sklearn 1 thr   wall  equal threads
-    isotropic [12, 5000, 768]     pcg       0.97 s       1.61 s          1.76 s   1.8x   1.1x
-    anisotropic [12, 5000, 768]   pcg       1.25 s       2.02 s         45.9  s    37x    23x
-    ITI heads [64, 4000, 128]     pcg       0.46 s       0.81 s          3.06 s   6.7x   3.8x
+    regime [B, N, D]              auto  ours, 2 threads  ours, 1 thread  sklearn, 1 thread  wall  CPU  1 thread (CPU)
+    isotropic [12, 5000, 768]     pcg    0.79 / 0.80      0.69 / 0.65     1.79 / 1.32       2.3x  1.6x   2.0x
+    anisotropic [12, 5000, 768]   pcg    1.91 / 1.79      1.80 / 1.58    21.9  / 18.5      11.5x 10.4x  11.7x
+    ITI heads [64, 4000, 128]     pcg    0.41 / 0.37      0.35 / 0.29     0.56 / 0.43       1.4x  1.2x   1.5x
 
-(before this solver family, auto picked Newton: 11.4 s, 16.6 s and 15.7 s wall for the same rows).
+Before this solver family (auto = Newton; the same comparison at load ~7): isotropic 0.15x CPU time
+(0.36x at one thread each), anisotropic 3.2x (7.7x), ITI heads 0.06x (0.37x).
 
     python benchmarks/probe_fit.py                 # full size (a few minutes on 2 shared cores)
     python benchmarks/probe_fit.py --quick         # smaller, for a smoke run
     python benchmarks/probe_fit.py --threads 1     # pin torch and BLAS threads
+    python benchmarks/probe_fit.py --compare-only  # only the three comparisons with scikit-learn
 
 Prints seconds and ratios; asserts nothing. On a shared machine, read the load average first.
 """
