@@ -18,12 +18,13 @@ of the features (``--floor 0.3``: ~75 steps, the default: ~160); the batched sol
 preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it. Ours runs ``--repeat``
 times (on torch's threads, then on one), alternating with as many parts of scikit-learn's loop.
 
-Measured (2 shared cores, load average 4.2-4.5, the other jobs leaving about one core): 8.6 s wall /
+Measured (2 shared cores, load average 4.2-4.5, other jobs leaving about one core): 8.6 s wall /
 4.5 s CPU for the 1,024 heads (4.5 s CPU on one thread), scikit-learn 87 s / 53 s: 10x wall, 12x CPU
-time, same top-48 but one head (47/48), validation accuracies within 0.012. The ratio is >= 20x wall
-only when the batched solver gets both cores (as in an earlier run: 2.6 s wall / 4.8 s CPU against
-46 s, 17.6x at load 4). Against the solver this file timed before the family was unified (alternating,
-3 runs each, load ~5): 4.9 s vs 5.5 s wall, 4.1 s vs 4.6 s CPU, the same top-48.
+time, top-48 overlap 47/48, validation accuracies within 0.012. At one core each the wall ratio is the
+CPU ratio, ~12x; >= 20x needs the second core: with it, 20.0x (3.7 s wall / 6.9 s CPU against 75 s,
+load ~3). The solver this file timed before the family was unified: 17.6x in this session's first run
+(2.6 s against 46 s, load ~4); alternating with it (3 runs each, load ~5), 4.9 s vs 5.5 s wall,
+4.1 s vs 4.6 s CPU, the same top-48.
 """
 
 from __future__ import annotations

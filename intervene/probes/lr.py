@@ -14,10 +14,11 @@ family (:mod:`intervene.probes.solvers`):
 
 ``solver="auto"`` (:func:`auto_solver`) picks by shape, from measurements on 2 shared CPU cores, one
 thread: Newton for ``D <= 16`` with one problem per feature matrix (there it ties with PCG, and its
-quadratic convergence is more accurate), PCG everywhere else — at ``D = 32..64`` 1.2-2x faster than
-Newton, with cross-validation (``R`` problems sharing one Gram matrix) 2.5-5x, at ``[5000, 768]``
-5-20x; and at ``[2000, 2048]`` 6x and ``[120, 4200]`` 4-5x faster than L-BFGS, whose quasi-Newton
-decrement also stopped it 1e-5 above the optimum at the default ``tol`` (PCG: within 1e-10).
+quadratic convergence is more accurate); PCG everywhere else. PCG was 1.2-2x faster than Newton at
+``D = 32..64``, 2.5-5x with cross-validation (``R`` problems sharing one Gram matrix), 3-20x at
+``[12, 5000, 768]``; 6x faster than L-BFGS at ``[2000, 2048]`` and 4-5x at ``[120, 4200]``, where
+L-BFGS's quasi-Newton decrement also stopped it 1e-5 above the optimum at the default ``tol`` (PCG:
+within 1e-10). ``benchmarks/probe_fit.py`` compares it with scikit-learn's per-layer loop.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ minimises the same objective divided by ``C N`` and stops on scikit-learn's own 
 gradient component of this mean-scaled objective below ``tol``).
 
 Why that solver (2 shared CPU cores, 4,000 rows x 128 dims per head): a pass over one head's features
-costs ~0.03-0.1 ms, a full Gram matrix ~2 ms, so Newton's method (a weighted Gram per iteration, ~6
-of them) is no faster than scikit-learn's L-BFGS loop (~20-40 ms per head); one Gram of a 1,024-row
-sample as a fixed preconditioner and ~5 CG iterations of two passes each are.
+costs ~0.05-0.3 ms (cached vs. contended), a full Gram matrix ~1.6 ms, so Newton's method (a weighted
+Gram per iteration, ~6 of them) is no faster than scikit-learn's L-BFGS loop (~45-85 ms per head on
+``benchmarks/iti_probe_fit.py``'s features); one Gram of a 1,024-row sample as a fixed preconditioner
+and ~5 CG iterations of two passes each (~4 ms per head, one thread) are.
 
 Shapes: ``L`` layers, ``H`` heads, ``N`` examples, ``D`` head dim.
 """
