@@ -4,8 +4,8 @@ The public API, re-exported from where each name lives (docs/architecture.md map
 
 * the core — :class:`Intervenable`, :class:`Intervention`, sites, positions, the registry, errors;
 * methods, one package each under ``intervene.methods`` — :class:`Steering`,
-  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`, :class:`DAS`,
-  :class:`BoundlessDAS`, :class:`LoReFT`, :class:`DiReFT`;
+  :class:`DirectionalAblation`, :class:`ITI`, :class:`Remedi`, :class:`LatentClamp`, :class:`ConceptErasure`,
+  :class:`DAS`, :class:`BoundlessDAS`, :class:`LoReFT`, :class:`DiReFT`;
 * training interventions with parameters through a frozen model (:class:`Trainer`, :class:`TrainConfig`);
 * activations (:func:`collect`), probes (``intervene.probes``), SAEs (``intervene.features``),
   baking (``Intervenable.bake``, :mod:`intervene.bake`) and publishing (:func:`bake_and_push`), the demo
@@ -34,6 +34,7 @@ from intervene.intervenable import Intervenable
 from intervene.intervention import Intervention
 from intervene.methods.das import DAS, BoundlessDAS, DASConfig
 from intervene.methods.iti import ITI, ITIConfig
+from intervene.methods.leace import ConceptErasure, ConceptErasureConfig
 from intervene.methods.patching import Noise, Patch, interchange
 from intervene.methods.reft import DiReFT, LoReFT, ReFTConfig
 from intervene.methods.remedi import Remedi, RemediConfig
@@ -55,8 +56,9 @@ from intervene.training import TrainConfig, Trainer, TrainResult
 from intervene.version import __version__
 
 __all__ = [
-    "DAS", "ITI", "SAE", "Activations", "BoundlessDAS", "DASConfig", "DiReFT", "DiffFormatError", "DiffNotFoundError",
-    "DirectionalAblation", "Family", "LoReFT", "ReFTConfig", "TrainConfig", "TrainResult", "Trainer",
+    "DAS", "ITI", "SAE", "Activations", "BoundlessDAS", "ConceptErasure", "ConceptErasureConfig", "DASConfig", "DiReFT",
+    "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family", "LoReFT", "ReFTConfig", "TrainConfig",
+    "TrainResult", "Trainer",
     "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
     "LatentClamp", "MethodSpec", "Noise", "NotBakeableError", "Patch", "Positions", "PositionsError", "Remedi", "RemediConfig",
     "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",

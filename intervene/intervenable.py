@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,8 @@ class Intervenable:
         # The module ran outside a call of the wrapped model (e.g. a submodule called directly).
         return CallContext(h.shape[0], h.shape[1], None, 0, None), h
 
-    def _make_edit(self, site: Site, entries: list[tuple[Intervention, str]]):
+    def _make_edit(self, site: Site,
+                   entries: list[tuple[Intervention, str]]) -> Callable[[torch.Tensor], torch.Tensor]:
         heads = site.heads
 
         def edit(h: torch.Tensor) -> torch.Tensor:

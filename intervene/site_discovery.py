@@ -113,16 +113,26 @@ def is_linear(module: nn.Module) -> bool:
 
 def in_features(module: nn.Module) -> int | None:
     """Width of a Linear-like module's input (GPT-2's ``Conv1D`` stores its weight as ``[in, out]``)."""
-    if isinstance(getattr(module, "in_features", None), int):
-        return int(module.in_features)
+    n = getattr(module, "in_features", None)
+    if isinstance(n, int):
+        return int(n)
     w = getattr(module, "weight", None)
     if isinstance(w, torch.Tensor) and w.ndim == 2 and type(module).__name__ == "Conv1D":
         return int(w.shape[0])
     return None
 
 
+def config_of(model: nn.Module) -> Any:
+    """``model.config`` (a ``transformers`` config: any attributes, so ``Any``). ``nn.Module.__getattr__``
+    types every attribute as ``Tensor | Module``; this is the one place that says otherwise. Raises
+    ``AttributeError`` like the attribute does when the model has no config."""
+    return model.config
+
+
 def _text_config(model: nn.Module) -> Any:
     cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
     try:
         return cfg.get_text_config(decoder=True)
     except Exception:  # noqa: BLE001 - older configs, or several candidate sub-configs
@@ -145,15 +155,18 @@ def _cfg_int(obj: Any, names: tuple[str, ...]) -> int | None:
 def block_candidates(model: nn.Module) -> list[nn.ModuleList]:
     """``ModuleList`` s that may be the decoder blocks, best first (not yet checked)."""
     try:
-        dec = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else model
+        get_decoder = getattr(model, "get_decoder", None)
+        dec = get_decoder() if callable(get_decoder) else model
     except Exception:  # noqa: BLE001 - some wrappers raise instead of returning self
         dec = model
     no_split = set(getattr(model, "_no_split_modules", None) or ())
     n_cfg = _cfg_int(_text_config(model), ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    gc_layer: type | None
     try:
-        from transformers.modeling_layers import GradientCheckpointingLayer as Gc
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        gc_layer = GradientCheckpointingLayer
     except ImportError:  # older transformers
-        Gc = None  # noqa: N806
+        gc_layer = None
     ranked: list[tuple[tuple, int, nn.ModuleList]] = []
     # the decoder's subtree first (vision towers share the hints), then the rest of the model
     roots = [dec, model] if isinstance(dec, nn.Module) and dec is not model else [model]
@@ -164,7 +177,7 @@ def block_candidates(model: nn.Module) -> list[nn.ModuleList]:
                 continue
             seen.add(id(mod))
             hints = (all(type(b).__name__ in no_split for b in mod),
-                     Gc is not None and all(isinstance(b, Gc) for b in mod), len(mod) == n_cfg)
+                     gc_layer is not None and all(isinstance(b, gc_layer) for b in mod), len(mod) == n_cfg)
             if any(hints):
                 ranked.append(((-rank, sum(hints), sum(p.numel() for p in mod.parameters())), len(ranked), mod))
     return [m for *_, m in sorted(ranked, key=lambda r: (r[0], -r[1]), reverse=True)]
@@ -325,10 +338,7 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple
 # ---- putting it together -------------------------------------------------------------------------
 def _discover(model: nn.Module) -> Discovered:
     name = type(model).__name__
-    emb = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
-    w = getattr(emb, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.ndim != 2:
-        raise UnsupportedModelError(f"{name} has no input embedding to probe it through")
+    emb, w = probe.embedding_weight(model)
     if any(p.is_meta for p in model.parameters()):
         raise UnsupportedModelError(f"{name}'s weights are on the meta device; its structure is checked with a "
                                     "forward pass, so load the weights first")

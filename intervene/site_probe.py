@@ -13,15 +13,50 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from intervene.errors import UnsupportedModelError
+
 BATCH, SEQ = 2, 6  # batch > 1 catches code that drops the batch axis
+
+# The hooks :func:`run` registers: pre-hooks get ``(module, args, kwargs)`` and may return new
+# ``(args, kwargs)``; post-hooks get ``(module, args, output)`` and may return a new output.
+PreHook = Callable[[nn.Module, tuple, dict], "tuple[tuple, dict] | None"]
+PostHook = Callable[[nn.Module, tuple, Any], Any]
+Hook = tuple[nn.Module, Literal["pre", "post"], Callable[..., Any]]
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()`` (a ``transformers`` model's token embedding); ``None`` when the
+    model has no such method or it returns no module."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    return emb if isinstance(emb, nn.Module) else None
+
+
+def weight_of(module: nn.Module | None) -> torch.Tensor | None:
+    """``module.weight`` when it is a tensor, else ``None`` (``nn.Module.__getattr__`` types every attribute
+    as ``Tensor | Module``; this checks which)."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, torch.Tensor) else None
+
+
+def embedding_weight(model: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """The token embedding module and its ``[vocab, hidden]`` weight, which every probe goes through.
+
+    Raises ``UnsupportedModelError`` when the model has none.
+    """
+    emb = input_embeddings(model)
+    w = weight_of(emb)
+    if emb is None or w is None or w.ndim != 2:
+        raise UnsupportedModelError(f"{type(model).__name__} has no input embedding to probe it through")
+    return emb, w
 
 
 def first_tensor(x: Any) -> torch.Tensor | None:
@@ -92,14 +127,13 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 def probe_ids(model: nn.Module) -> torch.Tensor:
     """``[BATCH, SEQ]`` token ids below 200: special (image, pad) tokens sit at the top of most vocabularies."""
-    emb = model.get_input_embeddings()
-    vocab = int(emb.weight.shape[0]) if isinstance(getattr(emb, "weight", None), torch.Tensor) else 100
-    hi = max(4, min(vocab, 200))
+    _, w = embedding_weight(model)
+    hi = max(4, min(int(w.shape[0]), 200))
     ids = (torch.arange(BATCH * SEQ).reshape(BATCH, SEQ) * 7 + 3) % (hi - 3) + 3
-    return ids.to(emb.weight.device)
+    return ids.to(w.device)
 
 
-def run(model: nn.Module, hooks: list[tuple[nn.Module, str, Any]]) -> torch.Tensor | None:
+def run(model: nn.Module, hooks: list[Hook]) -> torch.Tensor | None:
     """One probe forward pass with ``(module, "pre"|"post", fn)`` hooks, all removed afterwards; returns
     the model's logits (its output's ``logits``, else its first tensor).
 
@@ -129,7 +163,7 @@ def count_calls(model: nn.Module, modules: list[nn.Module]) -> list[int]:
     """How many times each of ``modules`` runs in one probe pass."""
     counts = [0] * len(modules)
 
-    def counter(k: int):
+    def counter(k: int) -> PreHook:
         def fn(_m: nn.Module, _a: tuple, _kw: dict) -> None:
             counts[k] += 1
         return fn
@@ -144,7 +178,7 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     its first call (kept by reference, to re-run it); the embedding's output; the logits."""
     rec = Record()
 
-    def block_pre(i: int):
+    def block_pre(i: int) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             rec.calls[i] = rec.calls.get(i, 0) + 1
             t = module_input(args, kwargs, h)
@@ -155,13 +189,13 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
                     rec.block_in[i] = r
         return fn
 
-    def block_post(i: int):
+    def block_post(i: int) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if i not in rec.block_out and (r := as_resid(first_tensor(out), h)) is not None:
                 rec.block_out[i] = r
         return fn
 
-    def extra_post(key: str):
+    def extra_post(key: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             t = first_tensor(out)
             if t is not None and t.shape[-1] == h:
@@ -171,7 +205,7 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     def embed_post(_m: nn.Module, _a: tuple, out: Any) -> None:
         rec.embed_out = as_resid(first_tensor(out), h)
 
-    hooks: list = [(emb, "post", embed_post)]
+    hooks: list[Hook] = [(emb, "post", embed_post)]
     hooks += [(mod, "post", extra_post(name)) for name, mod in extras.items()]
     for i, block in enumerate(blocks):
         hooks += [(block, "pre", block_pre(i)), (block, "post", block_post(i))]
@@ -201,13 +235,13 @@ def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
     rec = Record()
     tick = itertools.count()
 
-    def sub_pre(key: str):
+    def sub_pre(key: str) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
                 rec.inp[key] = r
         return fn
 
-    def sub_post(key: str):
+    def sub_post(key: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
                 rec.out[key], rec.order[key] = r, next(tick)
@@ -225,8 +259,11 @@ def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
         args, kwargs = _to32(call[0]), _to32(call[1])
         with torch.no_grad(), _eval_mode(block):
             out = block(*args, **kwargs)
-        rec.block_in[i] = as_resid(module_input(args, kwargs, h), h)
-        rec.block_out[i] = as_resid(first_tensor(out), h)
+        # absent (read back as None by .get) when not one [batch, seq, hidden] tensor
+        if (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+            rec.block_in[i] = r
+        if (r := as_resid(first_tensor(out), h)) is not None:
+            rec.block_out[i] = r
     finally:
         for t, data in saved:
             t.data = data
@@ -245,14 +282,14 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
     seen: dict[str, torch.Tensor] = {}
     given0: list[torch.Tensor] = []
 
-    def hold(i: int):
+    def hold(i: int) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             if i == 0 and not given0 and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
                 given0.append(r)
             return replace_input(args, kwargs, rec.raw_in[i])
         return fn
 
-    def bump(delta: torch.Tensor):
+    def bump(delta: torch.Tensor) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> Any:
             t = first_tensor(out)
             if t is None or t.numel() != delta.numel():
@@ -261,13 +298,13 @@ def perturb(model: nn.Module, blocks: nn.ModuleList, rec: Record, noise: Mapping
             return new if isinstance(out, torch.Tensor) else type(out)((new, *out[1:]))
         return fn
 
-    def grab(name: str):
+    def grab(name: str) -> PostHook:
         def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
             if name not in seen and (r := as_resid(first_tensor(out), h)) is not None:
                 seen[name] = r
         return fn
 
-    hooks: list = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
+    hooks: list[Hook] = [(b, "pre", hold(i)) for i, b in enumerate(blocks) if i in rec.raw_in]
     hooks += [(m, "post", bump(d)) for m, d in noise.items()]
     hooks += [(m, "post", grab(n)) for n, m in watch.items()]
     logits = run(model, hooks)
@@ -292,11 +329,12 @@ def parallel_mlps(model: nn.Module, blocks: nn.ModuleList, rec: Record, writers:
     noise: dict[nn.Module, torch.Tensor] = {}
     watch: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
-        if writers[i] is not None and i in rec.block_in:
+        pair = writers[i]
+        if pair is not None and i in rec.block_in:
             scale = float(rec.block_in[i].abs().max()) + 1e-3
-            noise[block.get_submodule(writers[i][0])] = torch.randn(rec.block_in[i].shape, generator=g,
-                                                                    dtype=torch.float64) * scale
-            watch[str(i)] = block.get_submodule(writers[i][1])
+            noise[block.get_submodule(pair[0])] = torch.randn(rec.block_in[i].shape, generator=g,
+                                                              dtype=torch.float64) * scale
+            watch[str(i)] = block.get_submodule(pair[1])
     if not watch:
         return [None] * len(blocks)
     base, _, _ = perturb(model, blocks, rec, {}, watch, h)
@@ -357,15 +395,19 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     output is what block 0 gets besides the token rows.
     """
     moved = _embed_pass(model, blocks, rec, emb, h)
-    dtype = emb.weight.dtype
-    rows = emb.weight.detach()[probe_ids(model)].to(torch.float64)
-    inner = None if rec.embed_out is None else _scalar(rec.embed_out, rows, dtype)
+    weight = weight_of(emb)
+    if weight is None:
+        raise UnsupportedModelError(f"{type(model).__name__}'s input embedding has no weight to probe it through")
+    dtype = weight.dtype
+    rows = weight.detach()[probe_ids(model)].to(torch.float64)
+    embed_out = rec.embed_out
+    inner = None if embed_out is None else _scalar(embed_out, rows, dtype)
     # roundings happened at the magnitudes of block 0's input and of the embedding (they may cancel)
-    ref = None if rec.embed_out is None else rec.block_in[0].abs() + rec.embed_out.abs()
+    ref = None if embed_out is None else rec.block_in[0].abs() + embed_out.abs()
     outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=ref)
-    if inner is None or outer is None:
+    if embed_out is None or inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
-    x0, e = rec.block_in[0], outer * rec.embed_out
+    x0, e = rec.block_in[0], outer * embed_out
     t = _ulps(x0, e, None, dtype)
     offset = x0 - e
     if bool((offset.abs() <= t).all()):

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, cast
 
 from torch import nn
 
 from intervene.errors import SiteError, UnsupportedModelError
-from intervene.site_discovery import Discovered, LayerParts, discover, in_features
+from intervene.site_discovery import Discovered, LayerParts, config_of, discover, in_features
+
+Side = Literal["input", "output"]
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Site:
     name: str
     module_path: str
     module: nn.Module = field(compare=False, repr=False)
-    side: Literal["input", "output"]
+    side: Side
     layer: int | None = None
     heads: tuple[int, int] | None = None
     width: int | None = None
@@ -101,7 +103,7 @@ class Site:
 _CANON = re.compile(r"^layers\.(\d+)(?:(:input|:output)|\.(attn|mlp|heads))?$")
 
 
-def config_value(config, *names: str, default=None):
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
     """First attribute of ``config`` (or its ``text_config``) among ``names`` that is set."""
     for cfg in (config, getattr(config, "text_config", None)):
         if cfg is None:
@@ -124,7 +126,12 @@ def structure(model: nn.Module) -> Family | Discovered:
     Raises ``UnsupportedModelError`` naming what discovery could not resolve.
     """
     if in_table(model):
-        return FAMILIES[model.config.model_type]
+        return FAMILIES[config_of(model).model_type]
+    return _discovered(model)
+
+
+def _discovered(model: nn.Module) -> Discovered:
+    """:func:`discover`, its failure reworded for a model that is not in the site table."""
     try:
         return discover(model)
     except UnsupportedModelError as e:
@@ -142,14 +149,16 @@ def family_of(model: nn.Module) -> Family:
         return found
     first = found.parts[0]
     key = (first.attn, first.mlp, first.attn_proj, first.mlp_proj)
-    if any((p.attn, p.mlp, p.attn_proj, p.mlp_proj) != key for p in found.parts) or None in key[:3]:
+    attn, mlp, attn_proj = key[:3]
+    if any((p.attn, p.mlp, p.attn_proj, p.mlp_proj) != key for p in found.parts) or \
+            attn is None or mlp is None or attn_proj is None:
         why = next((f"block {i}: {w}" for i, p in enumerate(found.parts) for w in p.missing.values()),
                    "its blocks differ (a hybrid or dense/MoE mix)")
         raise UnsupportedModelError(f"{type(model).__name__} has no single per-block layout ({why}); sites resolve "
                                     "per block (intervene.sites.layer_parts), or teach one with register_family()")
-    return Family(found.layers, first.attn_proj, first.mlp_proj or first.mlp, found.embed or "",
-                  attn_writer=None if first.attn == first.attn_proj else first.attn,
-                  mlp_writer=None if first.mlp == (first.mlp_proj or first.mlp) else first.mlp,
+    return Family(found.layers, attn_proj, first.mlp_proj or mlp, found.embed or "",
+                  attn_writer=None if attn == attn_proj else attn,
+                  mlp_writer=None if mlp == (first.mlp_proj or mlp) else mlp,
                   moe=first.mlp_proj is None)
 
 
@@ -183,16 +192,16 @@ _in_features = in_features
 
 def num_layers(model: nn.Module) -> int:
     if not in_table(model):
-        return len(structure(model).parts)
-    return int(config_value(model.config, "num_hidden_layers", "n_layer", "num_layers"))
+        return len(_discovered(model).parts)
+    return int(config_value(config_of(model), "num_hidden_layers", "n_layer", "num_layers"))
 
 
 def num_heads(model: nn.Module) -> int:
-    return int(config_value(model.config, "num_attention_heads", "n_head"))
+    return int(config_value(config_of(model), "num_attention_heads", "n_head"))
 
 
 def hidden_size(model: nn.Module) -> int:
-    return int(config_value(model.config, "hidden_size", "n_embd", "d_model"))
+    return int(config_value(config_of(model), "hidden_size", "n_embd", "d_model"))
 
 
 def block_path(model: nn.Module, layer: int) -> tuple[str, nn.Module]:
@@ -227,9 +236,12 @@ def _resolve_canonical(model: nn.Module, name: str, m: re.Match) -> Site:
     bpath, block = block_path(model, layer)
     hidden = hidden_size(model)
     if part == "block":
-        side = "input" if m.group(2) == ":input" else "output"
+        side: Side = "input" if m.group(2) == ":input" else "output"
         return Site(name, bpath, block, side, layer, None, hidden)
     sub = {"attn": parts.attn, "mlp": parts.mlp, "heads": parts.attn_proj}[part]
+    if sub is None:  # discovery names why in `missing` (checked above); a LayerParts without either is a bug
+        raise SiteError(f"site {name!r} does not resolve on {type(model).__name__}: block {layer} has no {part} "
+                        "module and no reason recorded for it")
     try:
         mod = block.get_submodule(sub)
     except AttributeError as e:
@@ -240,10 +252,11 @@ def _resolve_canonical(model: nn.Module, name: str, m: re.Match) -> Site:
 
 
 def _resolve_raw(model: nn.Module, name: str) -> Site:
-    path, _, side = name.partition(":")
-    side = side or "output"
-    if side not in ("input", "output"):
+    path, _, suffix = name.partition(":")
+    suffix = suffix or "output"
+    if suffix not in ("input", "output"):
         raise SiteError(f"site {name!r}: the suffix must be ':input' or ':output'")
+    side = cast(Side, suffix)
     try:
         mod = model.get_submodule(path)
     except AttributeError:

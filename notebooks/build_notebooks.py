@@ -94,6 +94,85 @@ NOTEBOOKS = {
         ("code", "import tempfile\nivm = iv.Intervenable(model, editor, attach=False)\ntry:\n    ivm.bake()\nexcept iv.NotBakeableError as e:\n    print('NotBakeableError:', e)\n"
                  "d = tempfile.mkdtemp()\nivm.save_pretrained(d)\nprint(iv.Intervenable.load(d, model, attach=False).interventions)"),
     ],
+    "05_patching.ipynb": [
+        ("md", "# Locate, then edit: causal tracing, activation patching, attribution patching\n"
+               "Everything runs offline on the shipped quirky model: first where it recalls facts, then where Bob's "
+               "systematic error enters, then an edit placed exactly there."),
+        ("code", "import torch, intervene as iv\n"
+                 "from intervene.methods.patching import trace_dataset, sweep, attribution_patching, logit_diff, agreement\n"
+                 "from intervene.methods.patching.cli import trace_items\n"
+                 "from intervene.data.quirky import quirky_dataset, speaker_pairs\n"
+                 "from intervene.evaluate.choices import choice_logits\n"
+                 "model, tok = iv.demo_model()"),
+        ("md", "## 1. Causal tracing (ROME) on the facts\n"
+               "Noise the entity's token embeddings (3x their std), restore one clean state at a time and see how much "
+               "of P(answer) comes back. The model has 4 layers, so MLP/attention are restored one layer at a time "
+               "(`window=1`; the paper's 10 would cover the whole model)."),
+        ("code", "facts = trace_dataset(model, tok, trace_items('quirky:facts', 40), window=1, progress=False)\n"
+                 "print(f'{facts.n} facts, total effect {facts.total_effect:.3f}')\n"
+                 "for kind in ('hidden', 'mlp', 'attn'):\n"
+                 "    subject = facts.peak(kind, rows=[0, 1, 2])\n"
+                 "    print(f'{kind:6s} largest effect on a subject token: {subject[0]}, layer {subject[1]}: AIE {subject[2]:.3f}')\n"
+                 "facts.plot('trace.png')"),
+        ("md", "**What it finds.** Among the subject's states only the entity's *last* token at layer 0 matters "
+               "(AIE ~0.1, and almost all of it is block 0's MLP); every later state of the subject carries nothing. "
+               "This agrees with REMEDI on this model: the fact is keyed on the name's last syllable and read in "
+               "block 0, which is why REMEDI edits `layers.0:input` at the entity's last token. The rest of the "
+               "effect sits at the last token, which reads the subject through attention in blocks 0-1."),
+        ("md", "## 2. Where does Bob's error enter? Patch Alice into Bob\n"
+               "Pairs: the same question asked of Alice (clean) and Bob (corrupted), where their answers differ. "
+               "The metric is the logit difference between Alice's answer and Bob's; 1 = Alice's behaviour restored."),
+        ("code", "pairs = speaker_pairs(quirky_dataset('addition', split='test', n=400, seed=0))\n"
+                 "same = [p for p in pairs if p['template'] == 4][:24]   # one template: every prompt has 13 tokens\n"
+                 "metric = logit_diff([tok(p['answer'], add_special_tokens=False)['input_ids'][0] for p in same],\n"
+                 "                    [tok(p['wrong'], add_special_tokens=False)['input_ids'][0] for p in same])\n"
+                 "kw = dict(sites=['layers.*', 'layers.*.attn', 'layers.*.mlp'], tokenizer=tok, progress=False)\n"
+                 "grid = sweep(model, [p['clean'] for p in same], [p['corrupted'] for p in same], metric, **kw)\n"
+                 "print('top cells:', grid.top(4))\n"
+                 "grid.plot('patching.png')"),
+        ("md", "Nothing at the name token matters: the whole effect is at the answer position, already from layer 0's "
+               "attention. Which head? Sweep the heads of layer 0 at the last position over every pair and template."),
+        ("code", "metric_all = logit_diff([tok(p['answer'], add_special_tokens=False)['input_ids'][0] for p in pairs],\n"
+                 "                        [tok(p['wrong'], add_special_tokens=False)['input_ids'][0] for p in pairs])\n"
+                 "heads = sweep(model, [p['clean'] for p in pairs], [p['corrupted'] for p in pairs], metric_all,\n"
+                 "              sites=['layers.0.heads', 'layers.1.heads'], positions=[-1], tokenizer=tok, progress=False)\n"
+                 "for row, s in zip(heads.rows, heads.scores[:, 0].tolist()):\n    print(f'{row:20s} {s:+.3f}')"),
+        ("md", "## 3. Check it with attribution patching\n"
+               "One forward, one forward+backward for every cell: does the first-order estimate rank the cells the same way?"),
+        ("code", "est = attribution_patching(model, [p['clean'] for p in same], [p['corrupted'] for p in same], metric, **kw)\n"
+                 "a = agreement(est, grid)\n"
+                 "print(f\"Spearman {a['spearman_live']:.3f} over the {a['live_cells']} non-zero cells; mean top-3 overlap {a['mean_top_overlap']:.2f}\")\n"
+                 "print('estimate vs real at layers.0.attn, answer position:', float(est.scores[grid.rows.index('layers.0.attn'), -1]), float(grid.scores[grid.rows.index('layers.0.attn'), -1]))"),
+        ("md", "The ranking agrees, but the estimate badly undercounts the big layer-0 effects: linearising a large "
+               "change (a name swap) through attention is where attribution patching is known to fail. Use it to "
+               "prefilter, then patch the top cells for real."),
+        ("md", "## 4. Edit there\n"
+               "Replace head 2 of layer 0, at the answer position only, by its mean over Alice's training prompts: a "
+               "constant patch, so it saves as a diff."),
+        ("code", "alice = [r for r in quirky_dataset('addition', split='train', n=200, seed=0) if r['character'] == 'Alice']\n"
+                 "acts = iv.collect(model, tok, alice, sites='layers.0.heads', positions='last', progress=False)\n"
+                 "edit = iv.Patch.mean(acts, positions='last', heads=[2])\n"
+                 "for task in ('addition', 'comparison', 'facts'):\n"
+                 "    test = quirky_dataset(task, split='test', n=300, seed=1)\n"
+                 "    acc = {}\n"
+                 "    for who in ('Bob', 'Alice'):\n"
+                 "        rows = [r for r in test if r['character'] == who]\n"
+                 "        truth = torch.tensor([r['alice_label'] for r in rows])\n"
+                 "        base = float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())\n"
+                 "        with iv.Intervenable(model, [edit]):\n"
+                 "            edited = float((choice_logits(model, tok, rows).argmax(-1) == truth).double().mean())\n"
+                 "        acc[who] = f'{base:.3f} -> {edited:.3f}'\n"
+                 "    print(f\"{task:10s} Bob vs truth {acc['Bob']}   Alice {acc['Alice']}\")"),
+        ("code", "from intervene.evaluate.side_effects import load_reference_texts, side_effects\n"
+                 "refs = load_reference_texts(n=200)\n"
+                 "print('CE on neutral text, edit at every position:', side_effects(model, tok, refs, [edit], positions='all')['ce_delta'])\n"
+                 "import tempfile\nd = tempfile.mkdtemp()\niv.Intervenable(model, [edit], attach=False).save_pretrained(d)\n"
+                 "print('saved:', iv.Intervenable.load(d, model, attach=False).interventions)"),
+        ("md", "Bob becomes fully truthful on every task and Alice is untouched, from one head at one position "
+               "(ITI, fitted on Alice alone, reaches 0.61 on addition). The placement is what makes it cheap: the same "
+               "constant at *every* position costs ~3.7 nats of cross-entropy on neutral text (the head does other "
+               "work there), while at the answer position it changes nothing but the answer."),
+    ],
 }
 
 

@@ -24,4 +24,4 @@ def test_notebook_executes(path: Path) -> None:
 
 def test_notebooks_exist() -> None:
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_elk_probing.ipynb", "03_iti.ipynb",
-                                           "04_remedi.ipynb"]
+                                           "04_remedi.ipynb", "05_patching.ipynb"]

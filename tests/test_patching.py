@@ -309,6 +309,7 @@ def test_noise_is_seeded_per_token_and_scaled() -> None:
 
 def test_patch_validates_shapes_and_heads() -> None:
     model = tiny_model("llama_gqa")
+    hooks = count_hooks(model)  # transformers may have installed its own output-capturing hooks already
     with pytest.raises(InterventionError, match="shape"):
         iv.Intervenable(model, [iv.Patch({"layers.0": torch.zeros(31)})])
     with pytest.raises(InterventionError, match="heads"):
@@ -317,7 +318,7 @@ def test_patch_validates_shapes_and_heads() -> None:
         iv.Intervenable(model, [iv.Patch({"layers.0.heads": torch.zeros(4, 8)}, heads=[4])])
     with pytest.raises(InterventionError, match="not finite"):
         iv.Patch({"layers.0": torch.full((32,), float("nan"))})
-    assert count_hooks(model) == 0
+    assert count_hooks(model) == hooks
 
 
 def test_pyvene_vanilla_interchange_gives_the_same_logits() -> None:

@@ -16,6 +16,9 @@ What bakes (positions must be ``"all"``; any other edit raises ``NotBakeableErro
   embedding scale, Gemma's ``sqrt(hidden)``); tied unembeddings are untied first.
 * ``DirectionalAblation`` at writer outputs / inputs: ``W <- (I - r rᵀ) W, b <- (I - r rᵀ) b (+ value·r)``
   or ``W <- W (I - r rᵀ)`` (``value`` needs a bias).
+* ``ConceptErasure`` (LEACE, ``x ↦ (I - L R) x + L R μ``) at a linear layer's input (``layers.{i}.heads``):
+  ``W <- W (I - L R), b <- b + W L R μ``; at a writer's output ``W <- (I - L R) W, b <- (I - L R) b + L R μ``.
+  Residual points refuse: the skip connection carries the activation past every writer.
 * ``DirectionalAblation`` (``value=None``, one unit ``r``) whose sites include residual points: the
   weights are orthogonalised so the residual stream never has a component along ``r`` — the
   embedding (and learned position embedding) ``E <- E - (E r) rᵀ`` and every attention/MLP writer

@@ -1,11 +1,10 @@
 """The weight editor: collects affine edits at residual locations, then folds them into weights.
 
 Every edit a baker can express is an affine map of an activation: ``y -> P y + c`` with ``P``
-the identity, ``I - r rᵀ`` (``r`` a unit vector) or any square matrix ``M`` (:meth:`WeightEditor.affine`,
-e.g. a LoReFT). Edits of a writer's *output* fold as ``W <- P W, b <- P b + c``; edits of its *input* fold
-as ``W <- W P, b <- b + W c``, applied in reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
-A matrix is refused on the residual stream and the embeddings (the skip connections carry ``y`` past
-every weight).
+the identity, ``I - r rᵀ`` (``r`` a unit vector) or, at a writer's input or output only, ``I - L R``
+(low rank, ``L`` ``[n, k]``, ``R`` ``[k, n]``: LEACE's oblique projection, a LoReFT / DiReFT). Edits of a writer's
+*output* fold as ``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
+reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
 
 Recording and :meth:`WeightEditor.plan` only read the source model, so every refusal comes before
 any copy. :meth:`WeightEditor.finish` then writes into the copy one tensor at a time: each new
@@ -18,7 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -35,6 +34,8 @@ from intervene.bake.layout import (
     writer_paths,
 )
 from intervene.errors import NotBakeableError
+from intervene.site_discovery import config_of
+from intervene.site_probe import input_embeddings, weight_of
 from intervene.sites import hidden_size, num_layers
 
 _seq = itertools.count()
@@ -47,7 +48,13 @@ class _Op:
     order: int
     why: str
     seq: int = field(default_factory=lambda: next(_seq))
-    m: torch.Tensor | None = None  # or a general square matrix: y -> m y + c
+    lr: tuple[torch.Tensor, torch.Tensor] | None = None  # (L, R): project with I - L R first (instead of r)
+
+
+# {module path: ((layer, part), input edits, output edits)}
+_Units = dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]]
+# (units, constants moved in from a parallel partner, writers whose constant moved out, {config flag: why})
+_Plan = tuple[_Units, dict[str, torch.Tensor], set[str], dict[str, str]]
 
 
 @dataclass
@@ -69,10 +76,11 @@ class _Writer:
         mod = model.get_submodule(path)
         self.module = mod
         experts = getattr(mod, "experts", None)
+        weight = weight_of(mod)
         if isinstance(mod, nn.Linear):
             self.kind, self.param = "linear", mod.weight
-        elif type(mod).__name__ == "Conv1D" and mod.weight.ndim == 2:
-            self.kind, self.param = "conv1d", mod.weight  # stored [in, out]
+        elif type(mod).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
+            self.kind, self.param = "conv1d", weight  # stored [in, out]
         elif experts is not None and isinstance(getattr(experts, "down_proj", None), torch.Tensor) \
                 and experts.down_proj.ndim == 3 and experts.down_proj.shape[-2] == hidden \
                 and not any(hasattr(mod, a) for a in ("shared_expert", "shared_experts")):
@@ -125,7 +133,7 @@ class WeightEditor:
         self._out: dict[tuple[int, Part], list[_Op]] = {}
         self._in: dict[tuple[int, Part], list[_Op]] = {}
         self._embed: list[_Op] = []
-        self._plan: tuple[list, dict, set, dict] | None = None
+        self._plan: _Plan | None = None
 
     # ---- what bakers call ----------------------------------------------------------------------
     def add(self, loc: Loc, vector: torch.Tensor, why: str) -> None:
@@ -140,18 +148,34 @@ class WeightEditor:
                                    "edit (see DirectionalAblation's residual-stream bake)")
         self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
 
-    def affine(self, loc: Loc, matrix: torch.Tensor, vector: torch.Tensor | None, why: str) -> None:
-        """``h <- M h (+ c)`` at a writer's input or output (``M`` square, column convention)."""
-        if loc.kind in ("resid", "embed"):
-            raise NotBakeableError(f"{why}: a matrix edit of the residual stream is not a local weight edit (the "
-                                   "skip connections carry the activation past every weight)")
-        m = matrix.detach().to(torch.float64)
-        if m.ndim != 2 or m.shape[0] != m.shape[1]:
-            raise NotBakeableError(f"{why}: an affine edit needs a square matrix, got {tuple(m.shape)}")
+    def erase(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, mean: torch.Tensor | None, why: str) -> None:
+        """``h <- (I - L R) h + L R μ`` (LEACE's eraser: ``left`` ``[n, k]``, ``right`` ``[k, n]``, ``mean``
+        ``[n]`` or ``None``) at a writer's input or output; a residual point or the embedding refuses."""
+        if loc.kind not in ("in", "write"):
+            raise NotBakeableError(f"{why}: an oblique projection of the residual stream is not a weight edit (the "
+                                   "skip connections carry it past every writer, whose weights cannot project it); "
+                                   "bake it at a linear layer's input or a writer's output, e.g. layers.{i}.heads")
+        lo, ro = (t.detach().to(torch.float64) for t in (left, right))
+        c = None if mean is None else lo @ (ro @ mean.detach().to(torch.float64).reshape(-1))
+        self._push(loc, _Op(None, c, loc.order, why, lr=(lo, ro)))
+
+    def low_rank(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, vector: torch.Tensor | None,
+                 why: str) -> None:
+        """``h <- (I - L R) h + c`` at a writer's input or output: any low-rank affine edit (``left`` ``[n, k]``,
+        ``right`` ``[k, n]``, ``vector`` ``c`` ``[n]`` or ``None``), e.g. a LoReFT ``h + P((W - Pᵀ) h + b)`` (``L = -P``,
+        ``R = W - Pᵀ``, ``c = P b``). A residual point or the embedding refuses (the skip connections carry ``h``
+        past every weight)."""
+        if loc.kind not in ("in", "write"):
+            raise NotBakeableError(f"{why}: a matrix edit of the residual stream is not a weight edit (the skip "
+                                   "connections carry it past every weight); bake it at a linear layer's input or a "
+                                   "writer's output, e.g. layers.{i}.heads")
+        lo, ro = (t.detach().to(torch.float64) for t in (left, right))
+        if lo.ndim != 2 or ro.ndim != 2 or lo.shape[1] != ro.shape[0] or lo.shape[0] != ro.shape[1]:
+            raise NotBakeableError(f"{why}: L {tuple(lo.shape)} and R {tuple(ro.shape)} are not [n, k] and [k, n]")
         c = None if vector is None else vector.detach().to(torch.float64).reshape(-1)
-        if c is not None and c.numel() != m.shape[0]:
-            raise NotBakeableError(f"{why}: a {tuple(m.shape)} matrix with a vector of {c.numel()} elements")
-        self._push(loc, _Op(None, c, loc.order, why, m=m))
+        if c is not None and c.numel() != lo.shape[0]:
+            raise NotBakeableError(f"{why}: a vector of {c.numel()} elements for a {lo.shape[0]}-wide edit")
+        self._push(loc, _Op(None, c, loc.order, why, lr=(lo, ro)))
 
     def project_residual(self, direction: torch.Tensor, why: str) -> None:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
@@ -175,31 +199,40 @@ class WeightEditor:
             self._embed.append(op)
         elif loc.kind in ("write", "resid"):
             self._check_width(op, self.hidden)
+            key = self._block_of(loc, op)
             if loc.kind == "resid":
                 # the residual after block i is what its last writer added to: fold there (order > 0)
-                parts = self.layout.arithmetic(self.source, loc.layer)
+                parts = self.layout.arithmetic(self.source, key[0])
                 if parts.post_norm:
                     raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
                                            "LayerNorm's output, which no writer's bias can shift")
                 if parts.mlp_gain != 1.0 and op.c is not None:  # the block scales the writer's output
                     op = _Op(op.r, op.c / parts.mlp_gain, op.order, op.why, op.seq)
-            key = (loc.layer, "mlp" if loc.kind == "resid" else loc.part)
             self._out.setdefault(key, []).append(op)
         else:
-            self._in.setdefault((loc.layer, loc.part), []).append(op)
+            self._in.setdefault(self._block_of(loc, op), []).append(op)
+
+    @staticmethod
+    def _block_of(loc: Loc, op: _Op) -> tuple[int, Part]:
+        """``(layer, part)`` of the writer a block location edits (the residual after a block: its MLP)."""
+        part: Part | None = "mlp" if loc.kind == "resid" else loc.part
+        if loc.layer is None or part is None:
+            raise NotBakeableError(f"{op.why}: a {loc.kind!r} location needs a block"
+                                   f"{'' if loc.kind == 'resid' else ' and a part'}; got {loc}")
+        return loc.layer, part
 
     def _check_width(self, op: _Op, width: int) -> None:
-        if op.m is not None and tuple(op.m.shape) != (width, width):
-            raise NotBakeableError(f"{op.why}: a {tuple(op.m.shape)} matrix at a point of width {width}")
         for t in (op.r, op.c):
             if t is not None and t.numel() != width:
                 raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
+        if op.lr is not None and (op.lr[0].shape[0] != width or op.lr[1].shape[-1] != width):
+            raise NotBakeableError(f"{op.why}: a projection of width {op.lr[0].shape[0]} at a point of width {width}")
 
     # ---- folding -------------------------------------------------------------------------------
-    def _units(self) -> dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]]:
+    def _units(self) -> _Units:
         """``{module path: ((layer, part), input edits, output edits)}``: input edits fold into the
         projection, output edits into the writer (one module unless the writer is a post-norm)."""
-        units: dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]] = {}
+        units: _Units = {}
         for key in sorted(set(self._out) | set(self._in)):
             i, part = key
             if self._out.get(key):
@@ -212,6 +245,9 @@ class WeightEditor:
     def plan(self) -> None:
         """Read-only pass over ``source``: decide which module adds each constant and which config
         flags must create biases. Every refusal about biases is raised here, before any copy."""
+        self._plan = self._make_plan()
+
+    def _make_plan(self) -> _Plan:
         units = self._units()
         shift: dict[str, torch.Tensor] = {}  # constants moved in from a parallel partner
         drop: set[str] = set()  # writers whose constant moved out
@@ -220,12 +256,14 @@ class WeightEditor:
             w, _, b, why = self._fold(self.source, path, ins, outs)
             if w.bias is not None or not bool(torch.count_nonzero(b)):
                 continue
+            if why is None:  # b is nonzero only once an edit added a constant, which _fold names
+                raise NotBakeableError(f"{path}: the weight editor has a constant to add but no edit adding it")
             i, part = key
             if (flag := self._bias_flag(w, part)) is not None:
                 flags.setdefault(flag, why)
                 continue
             other: Part = "attn" if part == "mlp" else "mlp"
-            if self.layout.is_parallel(self.source.config) and path == writer_paths(self.source, i)[part]:
+            if self.layout.is_parallel(config_of(self.source)) and path == writer_paths(self.source, i)[part]:
                 # both writers add to the same residual point: the partner may add the constant
                 opath = writer_paths(self.source, i)[other]
                 try:
@@ -239,17 +277,17 @@ class WeightEditor:
                     shift[opath] = shift[opath] + b if opath in shift else b
                     drop.add(path)
                     units.setdefault(opath, ((i, other), [], []))
-                    if ow.bias is None:
+                    if ow.bias is None and oflag is not None:  # (no bias: then the partner has a flag)
                         flags.setdefault(oflag, why)
                     continue
             raise NotBakeableError(self._no_bias_message(w, part, why))
-        self._plan = (units, shift, drop, flags)
+        return units, shift, drop, flags
 
     def finish(self, target: nn.Module) -> BakeReport:
         """Fold every collected edit into ``target`` (a private copy of ``source``: same module
         paths), one tensor at a time; returns what changed."""
         if self._plan is None:
-            self.plan()
+            self._plan = self._make_plan()
         units, shift, drop, flags = self._plan
         self.model = target
         for flag, why in flags.items():
@@ -293,7 +331,7 @@ class WeightEditor:
         for op in reversed(ins):  # input edits compose right to left
             if w.kind == "experts":
                 raise NotBakeableError(f"{op.why}: the input of an MoE block is routed nonlinearly")
-            r, c, m = self._dev(op.r, wt), self._dev(op.c, wt), self._dev(op.m, wt)
+            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
             if c is not None:
                 self._check_width_in(op, c, wt)
                 b = b + wt @ c
@@ -301,25 +339,33 @@ class WeightEditor:
             if r is not None:
                 self._check_width_in(op, r, wt)
                 wt = wt - (wt @ r)[..., None] * r
-            if m is not None:
-                if tuple(m.shape) != (wt.shape[-1], wt.shape[-1]):
-                    raise NotBakeableError(f"{op.why}: a {tuple(m.shape)} matrix at an input of width {wt.shape[-1]}")
-                wt = wt @ m
+            if op.lr is not None:  # W (I - L R) = W - (W L) R
+                lo, ro = (self._dev(t, wt) for t in op.lr)
+                self._check_width_in(op, ro.new_empty(lo.shape[0]), wt)
+                wt = wt - (wt @ lo) @ ro
         for op in sorted(outs, key=lambda o: (o.order, o.seq)):
-            r, c, m = self._dev(op.r, wt), self._dev(op.c, wt), self._dev(op.m, wt)
+            r, c = self._dev(op.r, wt), self._dev(op.c, wt)
             if r is not None:
                 wt = wt - r[:, None] * torch.einsum("o,...oi->...i", r, wt)[..., None, :]
                 b = b - r * (r @ b)
-            if m is not None:
-                wt = m @ wt
-                b = m @ b
+            if op.lr is not None:  # (I - L R) W, (I - L R) b
+                lo, ro = (self._dev(t, wt) for t in op.lr)
+                wt = wt - torch.einsum("ok,...ki->...oi", lo, torch.einsum("ko,...oi->...ki", ro, wt))
+                b = b - lo @ (ro @ b)
             if c is not None:
                 b = b + c
                 first_const = first_const or op.why
         return w, wt, b, first_const
 
+    @overload
+    @staticmethod
+    def _dev(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    @staticmethod
+    def _dev(t: None, like: torch.Tensor) -> None: ...
     @staticmethod
     def _dev(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+        """``t`` in float64 on ``like``'s device (``None`` stays ``None``; a tensor is typed as one)."""
         return None if t is None else t.to(device=like.device, dtype=torch.float64)
 
     @staticmethod
@@ -329,23 +375,23 @@ class WeightEditor:
 
     def _bias_flag(self, w: _Writer, part: Part) -> str | None:
         flag = self.layout.bias_flags.get(part)
-        return flag if flag is not None and w.can_hold_bias and get_flag(self.model.config, flag) is not None else None
+        return flag if flag is not None and w.can_hold_bias and get_flag(config_of(self.model), flag) is not None else None
 
     def _no_bias_message(self, w: _Writer, part: Part, why: str) -> str:
-        cfg = type(self.model.config).__name__
-        mtype = self.model.config.model_type
+        cfg = type(config_of(self.model)).__name__
+        mtype = config_of(self.model).model_type
         if w.kind == "experts":
             return (f"{why}: adds a constant to what the MoE block {w.path} writes; its experts have no bias "
                     f"and {cfg} has no flag creating one")
         hint = "mlp_bias" if part == "mlp" else "attention_bias"
         par = " (and the block is sequential, so no other writer can take it)" \
-            if not self.layout.is_parallel(self.model.config) else " (nor does its parallel partner)"
+            if not self.layout.is_parallel(config_of(self.model)) else " (nor does its parallel partner)"
         return (f"{why}: adds a constant to what {w.path} writes, which has no bias{par}; {mtype}'s {cfg} has no "
                 f"flag to create one (Llama-style configs call it `{hint}`), so vanilla from_pretrained could not "
                 "load the baked bias")
 
     def _enable_flag(self, flag: str, why: str) -> None:
-        cfg = self.model.config
+        cfg = config_of(self.model)
         if get_flag(cfg, flag) is True:
             raise NotBakeableError(f"{why}: {type(cfg).__name__}.{flag} is already True but the writer has no bias")
         new_cfg = copy.deepcopy(cfg)
@@ -359,7 +405,10 @@ class WeightEditor:
                                    f"(removes {sorted(lost)[:3]}, adds {bad[:3]})")
         for name in sorted(added):
             mod = self.model.get_submodule(name.rsplit(".", 1)[0])
-            ref = mod.weight
+            ref = weight_of(mod)
+            if ref is None:
+                raise NotBakeableError(f"{why}: setting {type(cfg).__name__}.{flag}=True adds {name}, whose module "
+                                       "has no weight to take its dtype and device from")
             mod.bias = nn.Parameter(torch.zeros(want[name].shape, dtype=ref.dtype, device=ref.device),
                                     requires_grad=ref.requires_grad)
         set_flag(cfg, flag, True)
@@ -369,14 +418,22 @@ class WeightEditor:
     def _fold_embed(self) -> None:
         if not self._embed:
             return
-        emb = self.model.get_input_embeddings()
+        emb = input_embeddings(self.model)
+        weight = weight_of(emb)
+        if weight is None:
+            raise NotBakeableError(f"{type(self.model).__name__} has no input embedding weight to fold the edit into")
         scale = getattr(emb, "embed_scale", 1.0)
         scale = float(scale.item() if isinstance(scale, torch.Tensor) else scale)
         if self.layout.embed_gain is not None:  # measured: the row scale times any multiplier after it
             scale = self.layout.embed_gain
-        e = emb.weight.detach().to(torch.float64)
-        pos_mod = self.model.get_submodule(self.layout.pos_embed) if self.layout.pos_embed else None
-        pos = pos_mod.weight.detach().to(torch.float64) if pos_mod is not None else None
+        e = weight.detach().to(torch.float64)
+        pos_weight = None
+        if self.layout.pos_embed:
+            pos_weight = weight_of(self.model.get_submodule(self.layout.pos_embed))
+            if pos_weight is None:
+                raise NotBakeableError(f"the position embedding {self.layout.pos_embed} has no weight to fold the "
+                                       "edit into")
+        pos = pos_weight.detach().to(torch.float64) if pos_weight is not None else None
         for op in sorted(self._embed, key=lambda o: (o.order, o.seq)):
             r, c = self._dev(op.r, e), self._dev(op.c, e)
             if r is not None:
@@ -384,26 +441,29 @@ class WeightEditor:
                 pos = None if pos is None else pos - (pos @ r)[:, None] * r
             if c is not None:
                 e = e + c / scale  # the family multiplies the looked-up row by `scale`
-        self._untie(emb)
-        name = next(n for n, p in self.model.named_parameters() if p is emb.weight)
-        self._write(name, emb.weight, e)
-        if pos is not None:
-            self._write(f"{self.layout.pos_embed}.weight", pos_mod.weight, pos)
+        self._untie(weight)
+        name = next(n for n, p in self.model.named_parameters() if p is weight)
+        self._write(name, weight, e)
+        if pos is not None and pos_weight is not None:
+            self._write(f"{self.layout.pos_embed}.weight", pos_weight, pos)
 
-    def _untie(self, emb: nn.Module) -> None:
-        out = self.model.get_output_embeddings()
-        if out is None or out.weight is not emb.weight:
+    def _untie(self, weight: torch.Tensor) -> None:
+        """Give the unembedding its own copy of the embedding ``weight`` when the two are tied."""
+        get_output_embeddings = getattr(self.model, "get_output_embeddings", None)
+        out = get_output_embeddings() if callable(get_output_embeddings) else None
+        if not isinstance(out, nn.Module) or weight_of(out) is not weight:
             return
         # the unembedding must keep the original matrix: give it its own copy
-        out.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
-        for cfg in {id(c): c for c in (self.model.config, self.model.config.get_text_config())}.values():
+        out.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        config = config_of(self.model)
+        for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
             cfg.tie_word_embeddings = False
         self.report.untied_embeddings = True
         self.report.config_flags["tie_word_embeddings"] = False
 
     def _verify_loadable(self) -> None:
         """The baked state dict must be exactly what vanilla from_pretrained expects for its config."""
-        want = set(skeleton(self.model, self.model.config).state_dict())
+        want = set(skeleton(self.model, config_of(self.model)).state_dict())
         have = set(self.model.state_dict())
         if want != have:
             raise NotBakeableError(f"the baked weights would not load with from_pretrained: missing "

@@ -30,14 +30,14 @@ import torch
 from torch import nn
 
 from intervene.errors import NotBakeableError, UnsupportedModelError
-from intervene.site_discovery import LayerParts, discover
+from intervene.site_discovery import LayerParts, config_of, discover
 from intervene.sites import Site, block_path, in_table, layer_parts, num_layers
 
 Part = Literal["attn", "mlp"]
 
 
 def _opt_refusal(model: nn.Module) -> str | None:
-    if not getattr(model.config, "do_layer_norm_before", True):
+    if not getattr(config_of(model), "do_layer_norm_before", True):
         return ("OPT with do_layer_norm_before=False (post-LN, e.g. opt-350m) normalises the residual after "
                 "each block, so no bias reproduces an edit of it")
     return None
@@ -127,8 +127,8 @@ def layout_of(model: nn.Module) -> Layout:
 
     Raises ``NotBakeableError`` when the structure cannot be checked (with discovery's reason).
     """
-    mtype = getattr(model.config, "model_type", None)
-    lay = LAYOUTS.get(mtype)
+    mtype = getattr(config_of(model), "model_type", None)
+    lay = None if mtype is None else LAYOUTS.get(mtype)
     if lay is None:
         lay = _DERIVED.get(model)
         if lay is None:
@@ -144,7 +144,7 @@ _DERIVED: weakref.WeakKeyDictionary[nn.Module, Layout] = weakref.WeakKeyDictiona
 def _derive(model: nn.Module) -> Layout:
     """A :class:`Layout` from the probe-checked structure (and, for table families, a check that the
     table names the same writers the probe found)."""
-    mtype = getattr(model.config, "model_type", None)
+    mtype = getattr(config_of(model), "model_type", None)
     try:
         found = discover(model)
     except UnsupportedModelError as e:
@@ -175,7 +175,7 @@ def _bias_flags(model: nn.Module) -> dict[str, str]:
     Candidates are the config's boolean attributes named ``*bias*`` that are ``False``; each is tried
     on a meta-device skeleton (no memory), so the answer is what vanilla ``from_pretrained`` will build.
     """
-    cfg = model.config
+    cfg = config_of(model)
     have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     need: dict[str, list[str]] = {"attn": [], "mlp": []}
     for i in range(num_layers(model)):
@@ -189,7 +189,7 @@ def _bias_flags(model: nn.Module) -> dict[str, str]:
     cands = [k for k, v in cfg.to_dict().items() if v is False and "bias" in k]
     for sub in getattr(cfg, "sub_configs", None) or {}:
         sub_cfg = getattr(cfg, sub, None)
-        if hasattr(sub_cfg, "to_dict"):
+        if sub_cfg is not None and hasattr(sub_cfg, "to_dict"):
             cands += [f"{sub}.{k}" for k, v in sub_cfg.to_dict().items() if v is False and "bias" in k]
     for flag in sorted(cands):
         new_cfg = copy.deepcopy(cfg)

@@ -6,6 +6,7 @@ call per type it defines (docs/architecture.md, "Adding a method").
 
 import intervene.methods.das
 import intervene.methods.iti
+import intervene.methods.leace
 import intervene.methods.patching
 import intervene.methods.reft
 import intervene.methods.remedi

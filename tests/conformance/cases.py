@@ -129,6 +129,20 @@ def das_state(intervention: Intervention, batch: dict[str, torch.Tensor]) -> Ite
         yield
 
 
+def concept_erasure(model: nn.Module, positions: str, constant: bool = False) -> Intervention:
+    """A LEACE eraser fitted (by concept-erasure) on synthetic o_proj inputs whose two classes differ in mean;
+    ``constant=True`` fits it on one class only, so there is nothing to erase: L = R = 0, the identity."""
+    from concept_erasure import LeaceFitter
+
+    heads = resolve_site(model, "layers.1.heads").heads
+    assert heads is not None
+    d, g = heads[0] * heads[1], _gen(13)
+    y = torch.zeros(64, dtype=torch.long) if constant else torch.arange(64) % 2
+    x = torch.randn(64, d, generator=g) + torch.randn(d, generator=g) + y[:, None] * 3 * torch.randn(d, generator=g)
+    eraser = LeaceFitter.fit(x, torch.nn.functional.one_hot(y).float()).eraser
+    return iv.ConceptErasure(eraser, sites="layers.1.heads", positions=positions)
+
+
 @contextlib.contextmanager
 def remedi_state(intervention: Intervention, batch: dict[str, torch.Tensor]) -> Iterator[None]:
     """REMEDI edits per call: directions from its editor (so a reloaded editor gives the same ones), at
@@ -168,4 +182,5 @@ CASES: dict[str, Case] = {
                           state=das_state, generated=False),
     "loreft": Case(loreft, identity=lambda m, p: loreft(m, p, identity=True)),
     "direft": Case(direft, identity=lambda m, p: direft(m, p, identity=True)),
+    "concept_erasure": Case(concept_erasure, identity=lambda m, p: concept_erasure(m, p, constant=True)),
 }

@@ -1,9 +1,9 @@
 """LoReFT / DiReFT bake exactly where they are affine maps of a linear layer's input or output.
 
-At positions ``"all"`` a ReFT is ``h ↦ h·A + c`` (:meth:`affine`). At ``layers.{i}.heads`` (the input of the
-attention output projection) that folds into the projection, ``W ← W·Aᵀ, b ← b + W·c``; at ``layers.{i}.attn``
-/ ``.mlp`` (what a writer adds to the residual) into the writer, ``W ← Aᵀ·W, b ← Aᵀ·b + c`` (a bias is created
-through the family's config flag when ``c ≠ 0``). The residual stream itself (``layers.{i}``,
+At positions ``"all"`` a ReFT is ``h ↦ M·h + c`` with ``M = I − L·R`` of rank ``r`` (:meth:`low_rank`). At
+``layers.{i}.heads`` (the input of the attention output projection) that folds into the projection,
+``W ← W·M, b ← b + W·c``; at ``layers.{i}.attn`` / ``.mlp`` (what a writer adds to the residual) into the
+writer, ``W ← M·W, b ← M·b + c`` (a bias is created through the family's config flag when ``c ≠ 0``). The residual stream itself (``layers.{i}``,
 ``layers.{i}:input``) carries ``h`` past every weight through the skip connections, so a matrix there is refused,
 as are other positions (weights act on every token alike) and post-norm writers.
 """
@@ -22,8 +22,8 @@ from intervene.sites import Site
 
 def bake_reft(iv: Intervention, sites: Mapping[str, Site], editor: Any) -> None:
     """Describe a LoReFT / DiReFT as an affine map of a linear layer's input or output to the WeightEditor."""
-    affine = getattr(iv, "affine", None)
-    if affine is None:
+    low_rank = getattr(iv, "low_rank", None)
+    if low_rank is None:
         raise InterventionError(f"bake_reft bakes LoReFT / DiReFT, not {type(iv).__name__}")
     require_all_positions(iv)
     for concrete, site in sites.items():
@@ -33,5 +33,5 @@ def bake_reft(iv: Intervention, sites: Mapping[str, Site], editor: Any) -> None:
             raise NotBakeableError(
                 f"{why}: a matrix edit of the residual stream is not a weight edit (the skip connections carry h "
                 "past every weight); put the ReFT at layers.{i}.heads, .attn or .mlp to bake it")
-        a, c = affine()
-        editor.affine(loc, a.T, c, why)  # the editor works on column vectors: y = Aᵀ·h + c
+        left, right, c = low_rank()
+        editor.low_rank(loc, left, right, c, why)

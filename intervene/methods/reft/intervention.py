@@ -10,8 +10,8 @@ At one site and its positions, with ``h`` the (flattened) activation, in the row
 (LoReFT ``W = R``, ``b = 0``; DiReFT ``U = 0``), so the untrained edit is a no-op and an early-stopped run can
 keep it; pyreft starts ``W`` at random. Computed in float32 (the parameters' dtype) and cast back.
 
-Both are affine in ``h``: ``Φ(h) = h·A + c``. At positions ``"all"`` at a site that is the input or the
-output of a linear layer writing the residual (``layers.{i}.heads``, ``layers.{i}.attn``,
+Both are low-rank affine maps of ``h``: ``Φ(h) = (I − L·R)·h + c`` (:meth:`low_rank`). At positions ``"all"`` at a
+site that is the input or the output of a linear layer writing the residual (``layers.{i}.heads``, ``layers.{i}.attn``,
 ``layers.{i}.mlp``), that map folds exactly into the layer (:mod:`intervene.methods.reft.bake`); on the
 residual stream itself it does not (the skip connection carries ``h`` past every weight).
 """
@@ -64,8 +64,8 @@ class _ReFT(Intervention):
         """``Φ(x) − x`` for float32 rows ``x`` ``[N, width]``."""
         raise NotImplementedError
 
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A [n, n], c [n])`` in float64 with ``Φ(h) = h·A + c`` (row convention)."""
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(L [n, r], R [r, n], c [n])`` in float64 with ``Φ(h) = (I − L·R)·h + c`` (column vectors)."""
         raise NotImplementedError
 
     def apply(self, site: str, h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
@@ -173,9 +173,9 @@ class LoReFT(_ReFT):
         m = self.source.weight.to(x.device).T - p  # [n, r]: one matmul for W·h − R·h
         return (x @ m + self.source.bias.to(x.device)) @ p.T
 
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p, w, b = (t.detach().double().cpu() for t in (self.rotation(), self.source.weight, self.source.bias))
-        return torch.eye(self.width, dtype=torch.float64) + (w.T - p) @ p.T, b @ p.T
+        return -p, w - p.T, p @ b  # h + P((W − Pᵀ)h + b)
 
     def invalidate(self) -> None:
         super().invalidate()
@@ -224,9 +224,9 @@ class DiReFT(_ReFT):
         w1, b, w2 = (t.to(x.device) for t in (self.down.weight, self.down.bias, self.up.weight))
         return (x @ w1.T + b) @ w2.T
 
-    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w1, b, w2 = (t.detach().double().cpu() for t in (self.down.weight, self.down.bias, self.up.weight))
-        return torch.eye(self.width, dtype=torch.float64) + w1.T @ w2.T, b @ w2.T
+    def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w1, b, up = (t.detach().double().cpu() for t in (self.down.weight, self.down.bias, self.up.weight))
+        return -up, w1, up @ b  # h + W₂ᵀ(W₁h + b), W₂ᵀ = up.weight
 
     @staticmethod
     def shapes(width: int, rank: int) -> dict[str, tuple[int, ...]]:
