@@ -369,7 +369,9 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
     assert len(metrics["top_heads"]) == 3 and len(metrics["head_accuracies"]) == 2
     capsys.readouterr()
     assert main(["iti", "eval", str(model_dir), str(out), str(data), "--ref-texts", str(refs)]) == 0
-    res = json.loads(capsys.readouterr().out)
+    summary = capsys.readouterr().out  # one human line; the numbers go to a file beside the diff
+    assert "mc2" in summary and str(out / "eval_tqa.json") in summary
+    res = json.loads((out / "eval_tqa.json").read_text())
     assert set(res["iti"]) >= {"mc1", "mc2", "ce", "kl"} and res["base"]["kl"] == 0.0 and res["num_heads"] == 3
     sw = tmp_path / "sweep"
     assert main(["iti", "sweep", str(model_dir), str(data), "--num-heads", "1", "2", "--alphas", "0", "3",
