@@ -364,7 +364,8 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
     out = tmp_path / "iti"
     assert main(["iti", "fit", str(model_dir), str(data), "--num-heads", "3", "--alpha", "2", "--out", str(out)]) == 0
     assert {"intervene_config.json", "intervene_weights.safetensors", "head_accuracies.png",
-            "metrics.json"} <= {p.name for p in out.iterdir()}
+            "metrics.json", "report.html"} <= {p.name for p in out.iterdir()}
+    assert "The 3 heads ITI shifts" in (out / "report.html").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["top_heads"]) == 3 and len(metrics["head_accuracies"]) == 2
     capsys.readouterr()

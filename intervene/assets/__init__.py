@@ -31,7 +31,7 @@ def demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = 
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL_DIR}; "
-                                "rebuild it with examples/train_quirky_model.py")
+                                "rebuild it: python examples/train_quirky_model.py --out intervene/assets/quirky-tiny")
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     tokenizer.padding_side = "left"
     with quiet_loading(False):  # a 2 MB model: a loading bar would only be noise in a notebook

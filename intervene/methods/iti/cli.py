@@ -94,14 +94,16 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("fit", help="fit ITI heads and directions; write the diff, a head heat map and metrics",
                        description=describe(
                            "Fit ITI on DATASET and write OUT: the diff (intervene_config.json, "
-                           "intervene_weights.safetensors, README.md), head_accuracies.png (validation accuracy "
-                           "of every head's probe; the chosen heads outlined) and metrics.json.", NOTE),
+                           "intervene_weights.safetensors, README.md), report.html (a page with the head heat map "
+                           "and the chosen heads), head_accuracies.png (validation accuracy of every head's probe; "
+                           "the chosen heads outlined) and metrics.json.", NOTE),
                        formatter_class=RAW)
     _model_args(p)
     p.add_argument("dataset", help=f"the fitting data: {DATASET_HELP}")
     _data_args(p, "train")
     _fit_args(p)
-    p.add_argument("--out", required=True, help="output directory (the diff, head_accuracies.png, metrics.json)")
+    p.add_argument("--out", required=True, help="output directory (the diff, report.html, head_accuracies.png, "
+                                                "metrics.json)")
     p.set_defaults(func=guard(_fit))
 
     p = sub.add_parser("eval", help="accuracy and CE/KL cost of a saved ITI diff against the base model",
@@ -171,23 +173,25 @@ def _fit_report(iti: Any) -> dict[str, Any]:
 def _fit(args: argparse.Namespace) -> int:
     from intervene.intervenable import Intervenable
     from intervene.methods.iti.plots import plot_head_accuracies
+    from intervene.methods.iti.report import write_fit_report
 
     steps = Steps(args, 3)
     steps("loading the model")
     model, tok = load_model_args(args)
     steps(f"collecting head activations on {args.dataset} and fitting a probe per head")
     iti = _fit_model(args, model, tok)
-    steps("writing the diff, head_accuracies.png and metrics.json")
+    steps("writing the diff, report.html, head_accuracies.png and metrics.json")
     out = Path(args.out)
     ivm = Intervenable(model, [iti], attach=False)
     ivm.metadata = {"method": "ITI (Li et al., 2023)", "dataset": args.dataset, "character": args.character}
     ivm.save_pretrained(out)
     plot_head_accuracies(iti.head_accuracies_, out / "head_accuracies.png", iti.heads)
     write_json(out / "metrics.json", _fit_report(iti))
+    write_fit_report(out, iti, args.dataset, out / "head_accuracies.png")
     best = ", ".join(f"L{lay}H{h} {a:.3f}" for (lay, h), a in zip(iti.heads[:5], iti.fit_info_["val_accuracy"]))
     print(f"ITI: shifted {len(iti.heads)} heads by alpha={iti.alpha:g} std (best probes, validation accuracy: "
-          f"{best}). Wrote the diff, head_accuracies.png and metrics.json to {out} in {steps.elapsed():.0f} s. "
-          f"Next: intervene iti eval {args.model} {out} {args.dataset}")
+          f"{best}). Wrote the diff, report.html, head_accuracies.png and metrics.json to {out} in "
+          f"{steps.elapsed():.0f} s. Next: intervene iti eval {args.model} {out} {args.dataset}")
     return 0
 
 
