@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import intervene as iv
-from intervene.assets import load_model
+from intervene.assets import DEMO_MODEL_DIR, load_model
 
 
 def make_persona_diff(model, tok, directory: Path) -> Path:
@@ -28,7 +28,7 @@ def make_persona_diff(model, tok, directory: Path) -> Path:
     rows = quirky_dataset("addition", split="train", n=100)  # each question asked of Alice and of Bob
     acts = iv.collect(model, tok, rows, sites="layers.1", positions="last", progress=False)
     probe = iv.probes.MeanDiffProbe().fit(acts["layers.1"], [r["character"] == "Alice" for r in rows])
-    norm = activation_norm(model, tok, load_reference_texts(iv.assets.DEMO_MODEL_DIR / "neutral_eval.txt", n=50),
+    norm = activation_norm(model, tok, load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", n=50),
                            "layers.1")
     steer = iv.Steering.from_probe(probe, "layers.1", scale=0.5 * norm, name="bob_to_alice")
     ivm = iv.Intervenable(model, steer, attach=False)

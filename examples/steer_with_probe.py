@@ -22,6 +22,7 @@ import argparse
 import torch
 
 import intervene as iv
+from intervene.assets import DEMO_MODEL_DIR
 from intervene.data.quirky import quirky_dataset
 from intervene.evaluate.choices import choice_logits
 from intervene.evaluate.side_effects import load_reference_texts
@@ -48,7 +49,7 @@ def main() -> None:
     labels = [r["character"] == "Alice" for r in train] if args.probe == "persona" else acts.labels
     probe = iv.probes.MeanDiffProbe().fit(acts[site], labels)  # direction_: a unit vector, towards Alice / true
 
-    neutral = load_reference_texts(iv.assets.DEMO_MODEL_DIR / "neutral_eval.txt", n=100)
+    neutral = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", n=100)
     norm = activation_norm(model, tok, neutral, site)
     bob = quirky_dataset(args.task, split="test", n=100, characters=("Bob",))
     truth = torch.tensor([r["label"] for r in bob])

@@ -25,20 +25,23 @@ import torch
 
 from intervene.intervenable import Intervenable
 
-# Below this ceiling-minus-floor gap (AUROC), the PGR divides noise by noise: it is reported as n/a.
+# The PGR is reported as n/a where it would divide noise by noise: the ceiling-minus-floor gap (AUROC) is
+# under MIN_PGR_GAP, or even the ceiling (Alice's probe on Alice) is under MIN_CEILING (nothing to transfer).
 MIN_PGR_GAP = 0.1
+MIN_CEILING = 0.6
 EXPLAIN_PGR = """\
   AUROC: the probe fitted on Alice, scored on Bob's statements against the truth (0.5 = chance, 1 = perfect).
   ceiling: the same probe on Alice's own held-out statements. floor: a probe fitted on Bob's own (wrong)
   labels, scored against the truth: what you get by learning what Bob says. PGR = (AUROC - floor) /
-  (ceiling - floor): the share of the floor-to-ceiling gap recovered (1 = all; n/a where the gap is under
-  0.1, too small to divide by). A layer with PGR 0 reads what the speaker will say, not the truth."""
+  (ceiling - floor): the share of the floor-to-ceiling gap recovered (1 = all; n/a where the ceiling is
+  under 0.6 or the gap under 0.1: nothing to recover). A layer with PGR 0 reads what the speaker will
+  say, not the truth."""
 EXPLAIN_COST = """\
   Bob acc: Bob's answers scored against the truth (base: his quirk). CE: cross-entropy on neutral text,
   nats per token, with the edit at every position; +0.3 is a mild cost, +3 means the text is garbled.
-  Persona steering adds scale x (mean Alice - mean Bob) at one layer: it turns Bob into Alice outright,
-  and costs more because it moves every token; --steer-scale sets it (see examples/steer_with_probe.py
-  for choosing a scale by a sweep)."""
+  Persona steering adds scale x (mean Alice - mean Bob) at the first layer where the truth probe works:
+  it turns Bob into Alice outright, and costs more than ITI because it moves every token; --steer-scale
+  sets the scale (examples/steer_with_probe.py shows how to choose one with a sweep)."""
 
 
 def _accuracy(model: Any, tok: Any, rows: list[dict], target: str = "label") -> float:
@@ -94,7 +97,8 @@ def elicit_by_layer(model: Any, tok: Any, train: list[dict], test: list[dict], b
     floor = auroc(yb_te, bob_probe.decision_function(xb_te))
     ceiling = auroc(ya_te, alice_probe.decision_function(xa_te))
     gap = pgr(transfer, floor, ceiling)
-    gap = torch.where((ceiling - floor).abs() < MIN_PGR_GAP, torch.full_like(gap, float("nan")), gap)
+    undefined = ((ceiling - floor).abs() < MIN_PGR_GAP) | (ceiling < MIN_CEILING)
+    gap = torch.where(undefined, torch.full_like(gap, float("nan")), gap)
     rows = []
     for layer in range(xa_tr.shape[0]):
         ci = bootstrap_ci(auroc, yb_te, alice_probe.decision_function(xb_te)[layer], n=1000, seed=0)
@@ -167,7 +171,9 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     n_alice = len(alice_train)
     is_alice = torch.cat([torch.ones(n_alice), torch.zeros(persona_x.shape[1] - n_alice)]).long()
     persona = MeanDiffProbe().fit(persona_x, is_alice)
-    layer = int(best["layer"])  # where truth is most linearly present; the name token is trivially separable early
+    # The earliest layer where the truth is linearly present (the name is separable from the first layer on):
+    # steering the persona there changes who answers before the answer is formed.
+    layer = min((int(r["layer"]) for r in layer_rows if r["auroc"] >= 0.95), default=int(best["layer"]))
     d = persona.direction_[layer]
     gap = float((persona_x[layer][is_alice == 1].mean(0) - persona_x[layer][is_alice == 0].mean(0)) @ d)
     steer = Steering.from_probe(persona, f"layers.{layer}", scale=steer_scale * gap, index=layer, name="persona")
