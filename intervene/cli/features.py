@@ -147,6 +147,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-workers", type=int, default=4, help="concurrent requests (openai:)")
     p.add_argument("--rps", type=float, default=None, help="requests per second limit (openai:)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="local: generation length")
+    add_progress_argument(p)
 
 
 def demo_corpus(n_tokens: int, seed: int = 0) -> list[str]:
@@ -235,9 +236,46 @@ def _client(args: argparse.Namespace) -> Any:
     from intervene.features import make_client
 
     if args.client.startswith("local:"):
-        return make_client(args.client, max_new_tokens=args.max_new_tokens)
-    return make_client(args.client, model=args.client_model, api_key=os.environ.get(args.api_key_env) or None,
-                       max_workers=args.max_workers, requests_per_second=args.rps)
+        client = make_client(args.client, max_new_tokens=args.max_new_tokens)
+    else:
+        client = make_client(args.client, model=args.client_model, api_key=os.environ.get(args.api_key_env) or None,
+                             max_workers=args.max_workers, requests_per_second=args.rps)
+    return _with_progress(client, progress_of(args))
+
+
+def _with_progress(client: Any, progress: bool, chunk: int = 16) -> Any:
+    """``client`` with a progress bar over its requests: batches go to it ``chunk`` at a time (each chunk
+    still concurrent for HTTP clients), and the bar advances between chunks."""
+    from tqdm.auto import tqdm
+
+    from intervene.features.clients import Client
+
+    class WithProgress(Client):
+        def generate(self, messages: Any, max_tokens: int = 256) -> str:
+            return client.generate(messages, max_tokens)
+
+        def choice_probs(self, messages: Any, choices: Any) -> Any:
+            return client.choice_probs(messages, choices)
+
+        def _chunked(self, batch: Any, call: Any, desc: str) -> list:
+            out: list = []
+            with tqdm(total=len(batch), desc=desc, unit="request", disable=not progress or not batch) as bar:
+                for i in range(0, len(batch), chunk):
+                    out += call(batch[i:i + chunk])
+                    bar.update(len(batch[i:i + chunk]))
+            return out
+
+        def generate_many(self, batch: Any, max_tokens: int = 256) -> list:
+            return self._chunked(list(batch), lambda b: client.generate_many(b, max_tokens), "generating")
+
+        def choice_probs_many(self, batch: Any, choices: Any) -> list:
+            return self._chunked(list(batch), lambda b: client.choice_probs_many(b, choices), "scoring")
+
+        @property
+        def errors(self) -> list[str]:
+            return client.errors
+
+    return WithProgress()
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -256,6 +294,8 @@ def _explain(args: argparse.Namespace) -> int:
     for e in expl:
         print(f"latent {e.latent:>6}: {e.text}")
     skipped = len(latents) - len(expl)
+    print(f"Next: intervene features score {args.cache} --client {args.client} --out {args.out}; then "
+          f"intervene features report {args.cache} --explanations {args.out} --out {args.out}-html")
     print(f"{len(expl)} explanations -> {Path(args.out) / 'explanations'}" + (f" ({skipped} dead latents skipped)"
                                                                            if skipped else ""))
     if client.errors:
@@ -284,7 +324,8 @@ def _score(args: argparse.Namespace) -> int:
         vals = [r.metrics["balanced_accuracy"] for r in rs if r.metrics["balanced_accuracy"] is not None]
         mean = sum(vals) / len(vals) if vals else float("nan")
         print(f"{name}: mean balanced accuracy {mean:.3f} over {len(vals)} latents")
-    print(f"-> {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'scores_hist.png'}")
+    print(f"-> {Path(args.out) / 'summary.csv'}, {Path(args.out) / 'scores_hist.png'}. To browse them: "
+          f"intervene features report {args.cache} --explanations {args.explanations or args.out} --out DIR")
     if client.errors:
         print(f"{len(client.errors)} failed requests; first: {client.errors[0]}", file=sys.stderr)
     return 0

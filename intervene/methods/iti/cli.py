@@ -272,7 +272,7 @@ def _sweep(args: argparse.Namespace) -> int:
     n_settings = 1 + len(ks) * len([a for a in args.alphas if a != 0.0])
     steps(f"evaluating {n_settings} settings (base + K x alpha) on {len(rows)} rows and the reference texts")
     table = sweep(model, tok, iti, rows, _ref_texts(args), alphas=args.alphas, num_heads=ks,
-                  batch_size=args.batch_size, **kwargs)
+                  batch_size=args.batch_size, progress=progress_of(args), **kwargs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(table, out / "sweep.csv")
