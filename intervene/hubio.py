@@ -89,7 +89,8 @@ def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token
         raise DiffFormatError(f"{path} is a file; a diff is a directory holding {CONFIG_NAME}")
     repo_id = str(repo_or_dir)
     if looks_like_path(repo_id):
-        raise DiffNotFoundError(f"no such diff directory: {repo_id}")
+        raise DiffNotFoundError(f"no such diff directory: {repo_id} (a diff is a folder written by save_pretrained "
+                                "or `intervene ... fit`, or a Hub repo id)")
     if _offline():
         try:  # a diff fetched before is in the cache; anything else cannot be a Hub repo now
             return _snapshot(repo_id, revision, token)

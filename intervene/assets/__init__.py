@@ -52,7 +52,10 @@ def model_source(name: str | Path, revision: str | None = None) -> str:
         return str(path)
     if path.exists():
         raise FileNotFoundError(f"{name} is a file; a model is a directory holding config.json, or a Hub id")
-    check_hub_file(str(name), "config.json", "model", revision=revision)
+    try:
+        check_hub_file(str(name), "config.json", "model", revision=revision)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; a model is a local directory, a Hub id, or 'demo'") from None
     return str(name)
 
 

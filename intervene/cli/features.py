@@ -217,11 +217,10 @@ def _report_sources(args: argparse.Namespace, cache: Any) -> tuple[Any, Any]:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from intervene.features import LatentCache
     from intervene.features.dashboard import write_dashboard
     from intervene.features.report import parse_latents
 
-    cache = LatentCache(args.cache)
+    cache = _open_cache(args.cache)
     latents = None if args.latents is None else parse_latents(args.latents, cache.n_latents)
     model, sae = _report_sources(args, cache)
     index = write_dashboard(cache, args.out, latents=latents, max_latents=args.max_latents,
@@ -278,11 +277,20 @@ def _with_progress(client: Any, progress: bool, chunk: int = 16) -> Any:
     return WithProgress()
 
 
+def _open_cache(path: str) -> Any:
+    from intervene.features import LatentCache
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no such cache directory: {path} (write one with `intervene features cache "
+                                "MODEL SAE --out DIR`)")
+    return LatentCache(path)
+
+
 def _explain(args: argparse.Namespace) -> int:
-    from intervene.features import LatentCache, explain_latents
+    from intervene.features import explain_latents
     from intervene.features.report import parse_latents
 
-    cache = LatentCache(args.cache)
+    cache = _open_cache(args.cache)
     latents = parse_latents(None if args.latents == "all" else args.latents, cache.n_latents)
     ex_kw = dict(window=args.window, n_explain=args.n_explain, n_score=args.n_score,
                  n_nonactivating=args.n_nonactivating, hard=None if args.hard == "none" else args.hard,
@@ -304,10 +312,10 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from intervene.features import LatentCache, load_explanations, score_latents
+    from intervene.features import load_explanations, score_latents
     from intervene.features.report import parse_latents
 
-    cache = LatentCache(args.cache)
+    cache = _open_cache(args.cache)
     tok = cache.tokenizer()
     if tok is None:
         raise ValueError(f"{args.cache} holds no tokenizer")
