@@ -32,7 +32,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("demo", help="the end-to-end walkthrough on the shipped quirky model (offline, CPU)",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="intervene-demo-out", help="output folder (default intervene-demo-out)")
-    p.add_argument("--model", default="demo", help=f"{MODEL_HELP} (default demo)")
+    p.add_argument("--model", default="demo", help=f"{MODEL_HELP}; default demo")
     p.add_argument("--task", default="addition", choices=("addition", "comparison", "facts"),
                    help="which quirky task: sums, number comparisons, or facts about made-up people "
                         "(default addition)")

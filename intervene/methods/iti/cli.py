@@ -111,7 +111,7 @@ def register(subparsers: Any) -> None:
                            "Evaluate a saved ITI diff against the base model: truthfulness on DATASET (MC1/MC2 "
                            "for TruthfulQA rows, accuracy for quirky rows) and the side effects on reference "
                            "text (cross-entropy and KL, the edit at every position). Prints a summary and "
-                           "writes the numbers as JSON (default: DIFF/eval_<dataset>.json).", NOTE),
+                           "writes the numbers as JSON (default: DIFF/eval_<dataset>[_<character>].json).", NOTE),
                        formatter_class=RAW)
     _model_args(p)
     p.add_argument("diff", help="diff directory or Hub repo written by `iti fit`")
@@ -120,7 +120,7 @@ def register(subparsers: Any) -> None:
     _ref_args(p)
     p.add_argument("--alpha", type=float, default=None, help="override the diff's alpha")
     p.add_argument("--seed", type=int, default=0, help="seeds the row sample with --n (default 0)")
-    p.add_argument("--out", default=None, help="JSON file for the results (default: DIFF/eval_<dataset>.json, "
+    p.add_argument("--out", default=None, help="JSON file for the results (default: DIFF/eval_<dataset>[_<character>].json, "
                                                "or ./iti_eval_<dataset>.json for a Hub diff)")
     p.set_defaults(func=guard(_eval))
 
