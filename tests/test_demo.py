@@ -18,10 +18,21 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")
 
 
-def test_demo_quick_writes_sane_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
-    printed = capsys.readouterr()
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """One `intervene demo --quick --no-progress` for the tests below: (output folder, stdout, stderr)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    return out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_demo_quick_writes_sane_outputs(demo_run: tuple[Path, str, str]) -> None:
+    out, printed_out, printed_err = demo_run
     summary = json.loads((out / "summary.json").read_text())
     for name in ("auroc_by_layer.png", "auroc_by_layer.csv", "interventions.csv", "iti-diff/intervene_config.json",
                  "iti-diff/intervene_weights.safetensors", "iti-baked/model.safetensors", "iti-baked/config.json",
@@ -37,19 +48,18 @@ def test_demo_quick_writes_sane_outputs(tmp_path: Path, capsys: pytest.CaptureFi
     for r in summary["interventions"]:
         assert 0.0 <= r["bob_acc_truth"] <= 1.0 and r["kl"] >= 0.0
     # What a newcomer reads: floor and PGR explained, no progress bar under --no-progress.
-    assert "floor: a probe fitted on Bob's own (wrong)" in printed.out and "PGR = (AUROC - floor)" in printed.out
-    assert "Loading weights" not in printed.err and "Writing model shards" not in printed.err
+    assert "floor: a probe fitted on Bob's own (wrong)" in printed_out and "PGR = (AUROC - floor)" in printed_out
+    assert "Loading weights" not in printed_err and "Writing model shards" not in printed_err
     # The diff's card names no path of this machine and links nowhere it should not.
     card = (out / "iti-diff" / "README.md").read_text()
     assert str(DEMO_MODEL_DIR) not in card and "base_model:" not in card and "github.com/)" not in card
     assert "intervene.demo_model()" in card
 
 
-def test_demo_report_renders_in_a_real_browser(tmp_path: Path) -> None:
+def test_demo_report_renders_in_a_real_browser(demo_run: tuple[Path, str, str], tmp_path: Path) -> None:
     from tests.browser import browser, visit
 
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    out = demo_run[0]
     with browser() as b:
         v = visit(b, out / "report.html", tmp_path / "report.png")
     assert not v.errors and not v.requests and v.title.startswith("intervene demo")
