@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "intervene"
 
 # Lowest first. A module belongs to the entry that is the longest prefix of its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams")),
+    ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams",
+                    "intervene.autoload", "intervene.htmlpage")),
     ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.site_discovery",
                                        "intervene.site_probe", "intervene.hooks")),
     ("core: interventions", ("intervene.intervention", "intervene.registry")),

@@ -70,9 +70,14 @@ class _PerSite(Intervention):
             pat = self._pattern_for(concrete)
             v = self.vectors[pat]
             shape = site.shape
-            if shape is not None and v.numel() != int(torch.Size(shape).numel()):
+            # The site's own shape, or flat (a head site's [n_heads * head_dim]); anything else, e.g. a
+            # [1, hidden] vector with a batch dimension left on, is a mistake that must not broadcast.
+            if shape is not None and tuple(v.shape) != tuple(shape) and not (
+                    v.ndim == 1 and v.numel() == int(torch.Size(shape).numel())):
+                hint = ("; drop the leading dimension (v.squeeze(0) or v[0])" if v.ndim > 1 and v.shape[0] == 1
+                        and tuple(v.shape[1:]) in (tuple(shape), (int(torch.Size(shape).numel()),)) else "")
                 raise InterventionError(f"{self.name}: the vector for {concrete!r} has shape {tuple(v.shape)}, "
-                                        f"the site's activation is {tuple(shape)}")
+                                        f"the site's activation is {tuple(shape)}{hint}")
             self._key_of[concrete] = pat
             self._shape_of[concrete] = tuple(shape) if shape is not None else tuple(v.shape)
         self.invalidate()
