@@ -52,6 +52,21 @@ def _remedi() -> Registrar:
     return cli.register
 
 
+def _das() -> Registrar:
+    from intervene.methods.das import cli
+    return cli.register
+
+
+def _reft() -> Registrar:
+    from intervene.methods.reft import cli
+    return cli.register
+
+
+def _erase() -> Registrar:
+    from intervene.methods.leace import cli
+    return cli.register
+
+
 def _publish() -> Registrar:
     from intervene.cli import publish
     return publish.register
@@ -74,6 +89,9 @@ COMMANDS: dict[str, tuple[str, Callable[[], Registrar]]] = {
     "trace": ("causal tracing (ROME): where a model recalls facts", _patching),
     "patch": ("activation / attribution patching sweep over clean/corrupted pairs", _patching),
     "remedi": ("REMEDI learned representation editors: fit, evaluate", _remedi),
+    "das": ("distributed alignment search: fit a rotation, evaluate IIA", _das),
+    "reft": ("representation fine-tuning (LoReFT, DiReFT): fit, evaluate", _reft),
+    "erase": ("LEACE concept erasure: fit an eraser, erase the quirky speaker", _erase),
     "bake": ("write a diff into a copy of the model's weights (exact, or refused)", _publish),
     "push": ("upload a diff directory to the Hugging Face Hub as one commit", _publish),
     "features": ("SAE latents: cache activations, explain, score, and browse them as HTML", _features),
