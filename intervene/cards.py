@@ -25,6 +25,8 @@ def diff_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     meta = config.get("metadata") or {}
     fitted = "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) or "- (no fitting metadata recorded)"
     where = repo_id or "path/to/this/diff"
+    sha = (config.get("weights") or {}).get("sha256")
+    weights = f" (sha256 `{sha}`, checked on every load)" if sha else ""
     return f"""{_front_matter(base, ["intervene", "intervention", "steering"])}
 
 # Intervention diff{f' for {base}' if base else ''}
@@ -48,7 +50,7 @@ model = AutoModelForCausalLM.from_pretrained({base!r})
 ivm = Intervenable.load({where!r}, model)
 out = ivm.generate(**inputs, max_new_tokens=64)
 ```
-Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`.
+Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`{weights}.
 """
 
 
