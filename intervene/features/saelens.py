@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from intervene.errors import SAEFormatError
+from intervene.schemas.base import validate
+from intervene.schemas.sae import SAELensCfg, SAELensMeta, TopKKwargs
 
 ARCHS = ("standard", "gated", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
          "jumprelu_skip_transcoder")
@@ -83,7 +85,8 @@ def _upgrade_pre6(cfg: dict[str, Any]) -> dict[str, Any]:
         out["normalize_activations"] = "expected_average_only_in" if out["normalize_activations"] else "none"
     act = out.get("activation_fn") or "relu"
     if act == "topk":
-        k = (out.get("activation_fn_kwargs") or {}).get("k")
+        k = validate(TopKKwargs, out.get("activation_fn_kwargs") or {}, SAEFormatError, None,
+                     "activation_fn_kwargs").k
         if k is None:
             raise SAEFormatError("a pre-6.0 SAELens config with activation_fn 'topk' needs activation_fn_kwargs.k")
         out["architecture"], out["k"] = "topk", k
@@ -99,6 +102,7 @@ def _metadata(cfg: dict[str, Any], where: str) -> dict[str, Any]:
               "model_from_pretrained_kwargs"):
         if k in cfg and k not in meta:
             meta[k] = cfg[k]
+    validate(SAELensMeta, meta, SAEFormatError, where, "metadata")
     unknown = sorted(set(meta) - _MATH - NO_MATH_KEYS - {"intervene_site", "intervene_output_site"})
     if unknown:
         raise SAEFormatError(f"{where}: SAELens metadata keys {unknown} are not understood; refusing rather than "
@@ -132,6 +136,7 @@ def _cast(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[s
 def parse_saelens(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """SAE constructor arguments (plus ``transcoder``, ``hook``, ``output_hook``, ``model_class_name``) from
     SAELens tensors and config; ``SAEFormatError`` for anything not reproduced exactly."""
+    validate(SAELensCfg, cfg, SAEFormatError, where)
     if _version(cfg) < (6,):
         cfg = _upgrade_pre6(cfg)
     unknown = sorted(set(cfg) - _MATH - NO_MATH_KEYS)

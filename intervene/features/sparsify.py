@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from intervene.errors import SAEFormatError
+from intervene.schemas.base import validate
+from intervene.schemas.sae import SparsifyCfg
 
 _READ = {"activation", "k", "num_latents", "expansion_factor", "transcode", "skip_connection", "d_in", "hookpoint",
          "intervene_site"}
@@ -31,6 +33,7 @@ def parse_sparsify(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) 
     if unknown:
         raise SAEFormatError(f"{where}: sparsify cfg.json keys {unknown} are not understood; refusing rather than "
                              "ignoring them")
+    validate(SparsifyCfg, cfg, SAEFormatError, where)
     names = ("encoder.weight", "encoder.bias") if "encoder.weight" in t else ("W_enc", "b_enc")
     want = {*names, "W_dec", "b_dec"} | ({"W_skip"} if cfg.get("skip_connection") or "W_skip" in t else set())
     missing, extra = sorted(want - set(t)), sorted(set(t) - want)
