@@ -86,11 +86,12 @@ def atomic_write_bytes(path: Path, data: bytes | str, fsync: bool = True) -> Non
 def sweep_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
     """Remove the temporaries that killed writes of ``names`` left in ``directory``; returns them.
 
-    Call it only while holding :func:`dir_lock` exclusively: a concurrent writer's temporaries look
-    the same as a dead one's.
+    A name ending in ``*`` is a prefix (``"shard-*"``: the temporaries of every shard). Call it only
+    while holding :func:`dir_lock` exclusively: a concurrent writer's temporaries look the same as a
+    dead one's.
     """
     removed = []
-    wanted = tuple(f".{n}." for n in names)
+    wanted = tuple(f".{n[:-1]}" if n.endswith("*") else f".{n}." for n in names)
     try:
         entries = list(os.scandir(directory))
     except OSError:

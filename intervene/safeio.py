@@ -269,8 +269,8 @@ def parse_json(data: bytes | bytearray, error: type[InterveneFileError], where: 
     except UnicodeDecodeError as e:
         raise error.at(where, None, "UTF-8 text", note=str(e)) from None
     except json.JSONDecodeError as e:
-        raise error.at(where, None, "valid JSON", note=f"{e.msg} at line {e.lineno} column {e.colno}: "
-                                                      "corrupt or truncated") from None
+        raise error(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): corrupt or truncated",
+                    path=where, expected="valid JSON") from None
     except RecursionError:
         raise error.at(where, None, f"nesting at most {max_depth} deep") from None
     except ValueError as e:  # what else the parser may raise on hostile input
