@@ -145,6 +145,11 @@ class LatentCacheError(InterveneFileError, ValueError):
     """A latent cache is missing, corrupt, or was written with different settings."""
 
 
+class InteropError(InterveneFileError, InterventionError):
+    """A pyvene directory or a GGUF control vector holds something with no exact intervene equivalent, or that
+    does not fit the model (an ``InterventionError`` that also names the file and field)."""
+
+
 class UncheckedFileWarning(UserWarning):
     """A file was loaded without an integrity check (a format version that records no checksum)."""
 
