@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.errors import InterveneError, InterveneFileError
 
 
 def guard(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
@@ -28,10 +28,19 @@ def guard(fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespa
             command = getattr(args, "command", None) or ""
             sub = getattr(args, f"{command}_command", None)
             name = " ".join(p for p in ("intervene", command, sub) if p)
-            print(f"{name}: error: {e}", file=sys.stderr)
+            print(f"{name}: error: {one_line(e)}", file=sys.stderr)
             return 1
 
     return run
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line: its class for our file errors (they name file, field and expectation), newlines
+    and control characters folded so nothing read from a file can forge extra lines on the terminal."""
+    text = str(e) or type(e).__name__
+    if isinstance(e, InterveneFileError):
+        text = f"{type(e).__name__}: {text}"
+    return "".join(c if c.isprintable() else " " for c in " ".join(text.split()))
 
 
 def load_model_args(args: argparse.Namespace) -> tuple[Any, Any]:

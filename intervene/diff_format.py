@@ -50,7 +50,7 @@ from intervene.safeio import Root
 from intervene.schemas.base import validate
 from intervene.schemas.diff import DiffConfig
 from intervene.sites import block_path, config_value, family_of, head_shape
-from intervene.tensorfile import load_tensors
+from intervene.tensorfile import file_sha256, load_tensors
 
 CONFIG_NAME = "intervene_config.json"
 WEIGHTS_NAME = "intervene_weights.safetensors"
@@ -219,6 +219,21 @@ def _read_weights(root: Root, config: Mapping[str, Any]) -> tuple[dict[str, torc
             return tensors, None
     return tensors, (f"{root.path / WEIGHTS_NAME}: sha256: expected {record['sha256']} (recorded in {CONFIG_NAME}), "
                      f"got {sha}: the file is corrupt, or from another save")
+
+
+def committed_weights(directory: Path) -> Path:
+    """The weights file the config's checksum names: ``intervene_weights.safetensors``, or the staged file of a
+    save killed after its commit (for copying a diff elsewhere, e.g. ``intervene push``)."""
+    root = _root(Path(directory))
+    with dir_lock(root.real, exclusive=False):
+        record = read_config(directory).get("weights")
+        if record is None:
+            return root.path / WEIGHTS_NAME
+        for name in (WEIGHTS_NAME, _staged(record["sha256"])):
+            if root.exists(name) and file_sha256(root, name) == record["sha256"]:
+                return root.path / name
+    raise DiffFormatError.at(root.path / WEIGHTS_NAME, "sha256", f"{record['sha256']} (recorded in {CONFIG_NAME})",
+                             note="the file is corrupt, or from another save")
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
