@@ -191,6 +191,8 @@ def read_config(directory: Path) -> dict[str, Any]:
     cfg = validate(DiffConfig, raw, DiffFormatError, path)
     if cfg.format_version >= 2 and cfg.weights is None:
         raise DiffFormatError.at(path, "weights", "the weights file's sha256 and size (format version 2)")
+    if cfg.format_version < 2 and cfg.weights is not None:
+        raise DiffFormatError.at(path, "weights", "no weights record in a format version 1 config", "a record")
     names = [e.name for e in cfg.interventions]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -211,14 +213,16 @@ def _read_weights(root: Root, config: Mapping[str, Any]) -> tuple[dict[str, torc
     else:
         name = WEIGHTS_NAME
     tensors, _, sha = load_tensors(root, name, MAX_WEIGHTS_BYTES, digest=True)
-    if sha == record["sha256"]:
+    size = root.size(name)
+    if sha == record["sha256"] and size == record["bytes"]:
         return tensors, None
     if name == WEIGHTS_NAME and root.exists(_staged(record["sha256"])):
         tensors, _, sha = load_tensors(root, _staged(record["sha256"]), MAX_WEIGHTS_BYTES, digest=True)
-        if sha == record["sha256"]:
+        size = root.size(_staged(record["sha256"]))
+        if sha == record["sha256"] and size == record["bytes"]:
             return tensors, None
-    return tensors, (f"{root.path / WEIGHTS_NAME}: sha256: expected {record['sha256']} (recorded in {CONFIG_NAME}), "
-                     f"got {sha}: the file is corrupt, or from another save")
+    return tensors, (f"{root.path / WEIGHTS_NAME}: sha256: expected {record['sha256']} ({record['bytes']} bytes, "
+                     f"recorded in {CONFIG_NAME}), got {sha} ({size} bytes): the file is corrupt, or from another save")
 
 
 def committed_weights(directory: Path) -> Path:

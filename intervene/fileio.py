@@ -29,6 +29,20 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the platform allows (Linux), else set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _create(tmp: Path) -> None:
     # O_EXCL: never follow or reuse anything already there; 0o666: the umask decides the permissions.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
@@ -69,6 +83,8 @@ def atomic_write(path: Path, write: Callable[[str], object], fsync: bool = True)
     _create(tmp)
     try:
         write(str(tmp))
+        # Some writers (safetensors' save_file) recreate the file as 0600: give it the user's normal mode.
+        os.chmod(tmp, 0o666 & ~_umask())
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -320,8 +321,9 @@ def _drop_stale_parts(out: Path, index: dict[str, Any]) -> None:
     # A crash between writing a flush's parts and its index leaves parts the index does not
     # record; the resumed run rewrites them (with the same content), so remove them first.
     recorded = set(index["files"])
-    for f in (out / "shards").glob("*/*"):
-        if "/".join(f.parts[-3:]) not in recorded and (f.is_file() or f.is_symlink()):
+    for f in (out / "shards").glob("*/*.safetensors"):
+        if re.fullmatch(r"[0-9]{6}\.safetensors", f.name) and "/".join(f.parts[-3:]) not in recorded \
+                and (f.is_file() or f.is_symlink()):
             f.unlink()
 
 

@@ -115,13 +115,17 @@ def read_delphi_entries(raw_dir: str | Path, module: str) -> dict[str, Any]:
                     if (m := _SPLIT.match(name)) and len(name) < 64)
     if not splits:
         raise LatentCacheError(f"{root.path / module}: no {{start}}_{{end}}.safetensors splits", path=root.path / module)
+    n_splits = config.get("n_splits") if isinstance(config, dict) else None
+    if n_splits is not None and n_splits != len(splits):
+        raise LatentCacheError.at(root.path / module / "config.json", "n_splits", f"{len(splits)} (the split files "
+                                  "present)", n_splits, note="a split file is missing or extra")
     rows, cols, lats, vals, tokens = [], [], [], [], None
     prev_end = -1
     for start, end, name in splits:
         where = root.path / module / name
-        if start <= prev_end or end < start or end >= 1 << 24:
-            raise LatentCacheError.at(where, "name", f"a latent range after {prev_end} (splits are disjoint)",
-                                      [start, end])
+        if start != prev_end + 1 or end < start or end >= 1 << 24:
+            raise LatentCacheError.at(where, "name", f"the latent range starting at {prev_end + 1} (splits tile the "
+                                      "latents from 0: one is missing or they overlap)", [start, end])
         prev_end = end
         t, _, _ = load_tensors(root, f"{module}/{name}")
         loc, act = t.get("locations"), t.get("activations")
@@ -185,7 +189,7 @@ def import_delphi(raw_dir: str | Path, module: str, out_dir: str | Path, *, d_sa
     width = math.ceil(d_sae / max(1, n_shards))
     cfg = e["config"]
     index = {"format": FORMAT, "version": VERSION, "site": (cfg.get("intervene") or {}).get("site") or module,
-             "ctx_len": L, "n_seq": n_seq, "batch_size": int(cfg.get("batch_size") or 1), "buffer_size": 0,
+             "ctx_len": L, "n_seq": n_seq, "batch_size": n_seq, "buffer_size": 0,  # one "batch": the whole import
              "shard_width": width, "n_shards": math.ceil(d_sae / width), "d_sae": d_sae, "value_dtype": "float32",
              "encoder": {"kind": "delphi", "module": module}, "model": {"name_or_path": cfg.get("model_name")},
              "next_batch": 0, "n_parts": 0, "peak_buffer": 0, "done": False, "files": {}}

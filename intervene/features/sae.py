@@ -348,6 +348,9 @@ def load_sae_folder(folder: str | Path, site: str | None = None, output_site: st
                 raise SAEFormatError(f"{where}: a transcoder writing to {out_hook!r} (a norm's normalized value) "
                                      "is not supported")
     _check_tensors(parts, where, derived=True)
+    dtypes = {v.dtype for v in parts.values() if isinstance(v, torch.Tensor)}
+    if len(dtypes) > 1:  # the maps would mix precisions (or fail): SAELens casts to cfg dtype, sparsify has one
+        raise SAEFormatError.at(where, "tensors", "one floating dtype for every tensor", sorted(map(str, dtypes)))
     if not all(x is None or isinstance(x, str) for x in (site, output_site)):
         raise SAEFormatError.at(where, "hook", "a site name", site if not isinstance(site, str) else output_site)
     meta = {"layout": layout, "cfg": cfg, "hook_name": hook, "transcoder": transcoder}

@@ -228,6 +228,9 @@ class LatentCache:
             raise LatentCacheError.at(where, "positions/offsets", f"int64 [m] and int64 [{n_lat + 1}]",
                                       f"{pos.dtype} {list(pos.shape)}, {off.dtype} {list(off.shape)}")
         check_tensor(val, LatentCacheError, where, "values", (m,))
+        if str(val.dtype).removeprefix("torch.") != self.index["value_dtype"]:
+            raise LatentCacheError.at(where, "values", f"dtype {self.index['value_dtype']} (the index's value_dtype)",
+                                      str(val.dtype))
         if int(off[0]) != 0 or int(off[-1]) != m or bool((off.diff() < 0).any()):
             raise LatentCacheError.at(where, "offsets", f"non-decreasing CSR offsets from 0 to {m}")
         if m and (int(pos.min()) < 0 or int(pos.max()) >= self.n_tokens):
@@ -254,6 +257,11 @@ class LatentCache:
             if b > a:
                 pos.append(read_slice(self._root, name, header, "positions", a, b))
                 val.append(read_slice(self._root, name, header, "values", a, b))
+        count = int(self.stats["count"][int(latent)]) if self.index.get("done") else None
+        found = sum(int(x.numel()) for x in pos)
+        if count is not None and found != count:  # stats are checksummed: a part the index lost shows here
+            raise LatentCacheError.at(self.path, f"latent {latent}", f"{count} entries (stats.safetensors)", found,
+                                      note="a part is missing from the cache or its index")
         if not pos:
             return LatentActivations(int(latent), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
         p = torch.cat(pos)
