@@ -70,6 +70,9 @@ def read_index(root: Path | Root) -> dict[str, Any]:
     where = r.path / INDEX_NAME
     if len(set(index.sites)) != len(index.sites):
         raise ActivationCacheError.at(where, "sites", "distinct site names", index.sites)
+    extra = sorted(set(index.shapes) - set(index.sites) - {LENGTHS_KEY})
+    if extra:
+        raise ActivationCacheError.at(where, f"shapes.{extra[0]}", f"a shape per collected site {index.sites}", extra[0])
     names = [e.file for e in index.shards]
     if len(set(names)) != len(names):
         raise ActivationCacheError.at(where, "shards", "distinct shard files", names)
