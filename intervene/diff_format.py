@@ -102,7 +102,7 @@ def _staged(sha: str) -> str:
 
 def _recover(directory: Path) -> None:
     """Under the exclusive lock: finish a save killed after its commit, drop what killed saves left."""
-    sweep_temporaries(directory, (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME))
+    sweep_temporaries(directory, (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, STAGED_PREFIX + "*"))
     staged = [p for p in directory.glob(f"{STAGED_PREFIX}*.safetensors") if p.is_file() and not p.is_symlink()]
     if not staged:
         return
