@@ -28,6 +28,7 @@ import torch
 
 from intervene.errors import LatentCacheError
 from intervene.features.store import FORMAT, INDEX, TOKENS, VERSION, LatentCache
+from intervene.fileio import atomic_write_bytes
 from intervene.safeio import Root
 from intervene.schemas.base import validate
 from intervene.schemas.caches import DelphiConfig
@@ -63,7 +64,7 @@ def export_delphi(cache: LatentCache | str | Path, out_dir: str | Path, module: 
     Returns:
         the module directory.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as np_save
     from tqdm.auto import tqdm
 
     cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
@@ -83,14 +84,15 @@ def export_delphi(cache: LatentCache | str | Path, out_dir: str | Path, module: 
             vals.append(rec.values[keep].float())
         loc = torch.cat(locs).numpy() if locs else np.zeros((0, 3), np.int64)
         small = loc.size == 0 or (loc.max(0) < 2 ** 16).all()  # delphi's rule, with positions checked too
-        save_file({"locations": loc.astype(np.uint16 if small else np.uint32),
-                   "activations": torch.cat(vals).half().numpy() if vals else np.zeros(0, np.float16),
-                   "tokens": tokens}, str(folder / f"{start}_{end}.safetensors"))
+        data = np_save({"locations": loc.astype(np.uint16 if small else np.uint32),
+                        "activations": torch.cat(vals).half().numpy() if vals else np.zeros(0, np.float16),
+                        "tokens": tokens})
+        atomic_write_bytes(folder / f"{start}_{end}.safetensors", data)  # the user's umask, never half a file
     cfg = {"dataset_repo": "", "dataset_split": "", "dataset_name": "", "dataset_column": "text",
            "batch_size": int(cache.index.get("batch_size", 1)), "cache_ctx_len": L, "n_tokens": n_seq * L,
            "n_splits": len(bounds), "model_name": model_name or (cache.index.get("model") or {}).get("name_or_path"),
            "intervene": {"site": cache.site, "encoder": cache.index.get("encoder"), "threshold": threshold}}
-    (folder / "config.json").write_text(json.dumps(cfg, indent=4) + "\n")
+    atomic_write_bytes(folder / "config.json", json.dumps(cfg, indent=4) + "\n")
     return folder
 
 
