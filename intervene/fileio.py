@@ -106,7 +106,7 @@ def sweep_temporaries(directory: Path, names: Iterable[str]) -> list[Path]:
     while holding :func:`dir_lock` exclusively: a concurrent writer's temporaries look the same as a
     dead one's.
     """
-    removed = []
+    removed: list[Path] = []
     wanted = tuple(f".{n[:-1]}" if n.endswith("*") else f".{n}." for n in names)
     try:
         entries = list(os.scandir(directory))

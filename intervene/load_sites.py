@@ -58,7 +58,7 @@ def _probe(model: nn.Module, sites: dict[str, Site], path: str, field: str) -> d
         for name, s in sites.items():
             (add_input_hook if s.side == "input" else add_output_hook)(hooks, s.module, grab(name), name)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        kwargs = {"input_ids": torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)}
+        kwargs: dict[str, object] = {"input_ids": torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)}
         try:
             if "use_cache" in inspect.signature(model.forward).parameters:
                 kwargs["use_cache"] = False

@@ -57,7 +57,7 @@ def _loc(prefix: str, loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _expected(err: dict[str, Any]) -> str:
+def _expected(err: Any) -> str:  # a pydantic ErrorDetails
     kind, msg = err["type"], str(err["msg"])
     if kind == "missing":
         return "this required key"

@@ -38,9 +38,10 @@ class ProbeConfig(Strict):
 @functools.cache
 def params_model(cls: type) -> type[BaseModel]:
     """A strict model of ``cls.__init__``'s keyword parameters (their type hints and defaults)."""
-    hints = typing.get_type_hints(cls.__init__)
+    init = vars(cls).get("__init__") or getattr(cls, "__init__")  # noqa: B009 -- the class's own signature
+    hints = typing.get_type_hints(init)
     fields: dict[str, Any] = {}
-    for name, p in inspect.signature(cls.__init__).parameters.items():
+    for name, p in inspect.signature(init).parameters.items():
         if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = ... if p.default is inspect.Parameter.empty else p.default
