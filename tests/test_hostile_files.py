@@ -98,6 +98,8 @@ def test_params_are_strictly_typed(tmp_path: Path, field: str, value) -> None:
 
 @pytest.mark.parametrize("edit", [
     lambda c: c.update(format_version=True),
+    lambda c: (c.update(format_version=True), c.pop("weights")),  # pydantic's Literal[1] would take True
+    lambda c: (c.update(format_version=1.0), c.pop("weights")),
     lambda c: c.update(surprise=1),
     lambda c: c["interventions"][0].update(name="steer\n"),
     lambda c: c["interventions"][0].update(positions={"per_example": [[1.9]]}),

@@ -41,6 +41,12 @@ JSONObject = dict[str, Any]  # free-form (metadata, training records): already b
 FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
+def versions(lo: int, hi: int) -> Any:
+    """An integer version in ``lo..hi`` (pydantic's ``Literal[1, 2]`` accepts ``true`` and ``1.0`` even in
+    strict mode; a strict ``int`` with bounds does not)."""
+    return Annotated[int, Field(ge=lo, le=hi)]
+
+
 def pair(item: Any) -> Any:
     """A JSON list of exactly two ``item`` (strict mode refuses lists for tuples)."""
     return Annotated[list[item], Field(min_length=2, max_length=2)]

@@ -18,6 +18,7 @@ from intervene.schemas.base import (
     Strict,
     Text,
     Width,
+    versions,
 )
 
 MAX_SHARDS = 1 << 20
@@ -34,7 +35,7 @@ class ShardEntry(Strict):
 
 class ActivationIndex(Strict):
     format: Literal["intervene-activations"]
-    format_version: Literal[1]
+    format_version: versions(1, 1)  # type: ignore[valid-type]
     key: Sha256
     n: Count
     sites: Annotated[list[SiteName], Field(min_length=1, max_length=4096)]
@@ -63,7 +64,7 @@ class LatentIndex(Strict):
     model_config = ConfigDict(extra="forbid")
 
     format: Literal["intervene-latent-cache"]
-    version: Literal[1, 2]
+    version: versions(1, 2)  # type: ignore[valid-type]
     site: SiteName
     ctx_len: Width
     n_seq: PosInt

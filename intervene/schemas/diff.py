@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from intervene.schemas.base import Count, JSONObject, Name, Sha256, SiteName, Strict, Text, Width
+from intervene.schemas.base import Count, JSONObject, Name, Sha256, SiteName, Strict, Text, Width, versions
 
 MAX_INTERVENTIONS = 4096
 MAX_SITES = 4096
@@ -58,7 +58,7 @@ class Weights(Strict):
 
 
 class DiffConfig(Strict):
-    format_version: Literal[1, 2]
+    format_version: versions(1, 2)  # type: ignore[valid-type]
     library: Literal["intervene"] = "intervene"
     library_version: Text | None = None
     transformers_version: Text | None = None

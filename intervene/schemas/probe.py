@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from intervene.schemas.base import FLOAT_DTYPE_NAMES, Count, Name, Strict, Text, Width
+from intervene.schemas.base import FLOAT_DTYPE_NAMES, Count, Name, Strict, Text, Width, versions
 
 FORMAT = "intervene.probe"
 Scalar = int | float | bool | str | None
@@ -26,7 +26,7 @@ class TensorSpec(Strict):
 
 class ProbeConfig(Strict):
     format: Literal["intervene.probe"]
-    format_version: Literal[1]
+    format_version: versions(1, 1)  # type: ignore[valid-type]
     library_version: Text | None = None
     type: Name
     params: dict[str, Any]

@@ -7,9 +7,9 @@ provenance keys take any JSON value, and which keys are allowed at all is decide
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from intervene.schemas.base import Index, JSONObject, PosInt, Strict, Text, Width
 
@@ -73,7 +73,7 @@ class SparsifyCfg(Strict):
 
     activation: Literal["topk", "groupmax", "relu"] = "topk"
     k: PosInt = 32
-    num_latents: Width | Literal[0] = 0
+    num_latents: Annotated[int, Field(ge=0, le=1 << 24)] = 0
     expansion_factor: PosInt | None = None
     transcode: bool = False
     skip_connection: bool = False
