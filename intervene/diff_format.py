@@ -84,15 +84,16 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     return fp
 
 
-def check_fingerprint(saved: Mapping[str, Any], model: nn.Module) -> None:
-    """Raise ``IncompatibleModelError`` naming every shape that differs."""
+def check_fingerprint(saved: Mapping[str, Any], model: nn.Module, path: Path | None = None) -> None:
+    """Raise ``IncompatibleModelError`` naming every shape that differs (and the config file, when given)."""
     have = fingerprint(model)
     bad = [f"{k}: diff expects {saved[k]!r}, model has {have[k]!r}"
            for k in SHAPE_KEYS if saved.get(k) is not None and have.get(k) is not None and saved[k] != have[k]]
     if bad:
+        where = f"{path}: base_model: " if path is not None else ""
         raise IncompatibleModelError(
-            f"this diff was made for {saved.get('name_or_path') or 'another model'} and does not fit "
-            f"{have.get('name_or_path') or type(model).__name__}: " + "; ".join(bad))
+            f"{where}this diff was made for {saved.get('name_or_path') or 'another model'} and does not fit "
+            f"{have.get('name_or_path') or type(model).__name__}: " + "; ".join(bad), path=path, field="base_model")
 
 
 # ---- saving ----------------------------------------------------------------------------------------
@@ -255,11 +256,15 @@ def load_diff(directory: Path, model: nn.Module) -> tuple[list[Intervention], di
     root = _root(Path(directory))
     with dir_lock(root.real, exclusive=False):  # a concurrent save cannot be seen half done
         config = read_config(root.path)
-        check_fingerprint(config.get("base_model") or {}, model)
         path = root.path / CONFIG_NAME
+        check_fingerprint(config.get("base_model") or {}, model, path)
         plans = []
         for i, e in enumerate(config["interventions"]):
-            cls = lookup(e["type"])
+            try:
+                cls = lookup(e["type"])
+            except DiffFormatError as err:
+                raise DiffFormatError(f"{path}: interventions[{i}].type: {err}", path=path,
+                                      field=f"interventions[{i}].type", expected="a registered type") from None
             try:
                 positions = Positions.from_json(e.get("positions", "all"))
             except PositionsError as err:

@@ -90,7 +90,11 @@ def probe_from_state(config: Any, tensors: dict[str, torch.Tensor], where: str |
     with ``batch_shape``). ``where`` names the file in errors.
     """
     cfg = validate(ProbeConfig, config, ProbeFormatError, where)
-    cls = lookup_probe(cfg.type)
+    try:
+        cls = lookup_probe(cfg.type)
+    except ProbeFormatError as e:
+        raise ProbeFormatError(f"{where}: type: {e}" if where else str(e), path=where, field="type",
+                               expected="a registered probe type") from None
     params = validate(params_model(cls), cfg.params, ProbeFormatError, where, "params").model_dump(
         include=set(cfg.params))
     unknown = sorted(set(cfg.meta) - set(cls._meta_attrs))
