@@ -18,12 +18,15 @@ from intervene.errors import (
     DiffFormatError,
     DiffNotFoundError,
     IncompatibleModelError,
+    InteropError,
     InterveneError,
+    InterveneFileError,
     InterventionError,
     NotBakeableError,
     PositionsError,
     SAEFormatError,
     SiteError,
+    UncheckedFileWarning,
     UnsupportedModelError,
 )
 from intervene.features.sae import SAE
@@ -50,9 +53,10 @@ from intervene.version import __version__
 
 __all__ = [
     "ITI", "SAE", "Activations", "DiffFormatError", "DiffNotFoundError", "DirectionalAblation", "Family",
-    "ITIConfig", "IncompatibleModelError", "Intervenable", "InterveneError", "Intervention", "InterventionError",
+    "ITIConfig", "IncompatibleModelError", "InteropError", "Intervenable", "InterveneError", "InterveneFileError",
+    "Intervention", "InterventionError",
     "LatentClamp", "MethodSpec", "NotBakeableError", "Positions", "PositionsError", "Remedi", "RemediConfig",
-    "SAEFormatError", "Site", "SiteError", "Steering", "UnsupportedModelError", "__version__",
+    "SAEFormatError", "Site", "SiteError", "Steering", "UncheckedFileWarning", "UnsupportedModelError", "__version__",
     "bake_and_push", "collect", "demo_model", "expand_sites", "load_sae", "probes", "register",
     "register_family", "register_method", "registered_methods", "registered_types", "resolve_site",
     "resolve_sites", "site_names", "steering_from_sae",
