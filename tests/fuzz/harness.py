@@ -294,6 +294,8 @@ def report(results: list[Result]) -> str:
                      f"{sum(not r.ok for r in rs):>7}{max(r.seconds for r in rs):>7.2f}")
     c = Counter(r.status for r in results)
     lines.append(f"{'total':<40}{len(results):>7}{c['named']:>7}{c['loaded']:>7}{sum(not r.ok for r in results):>7}")
+    kinds = Counter(r.mutation.split(":")[0] for r in results)
+    lines.append("mutations: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
     expect = Counter(r.expect.split(':')[0] for r in results)
     lines.append("expectations: " + ", ".join(f"{k} {v}" for k, v in sorted(expect.items())))
     for r in results:
