@@ -38,6 +38,25 @@ def _audit(event: str, args: tuple) -> None:
 sys.addaudithook(_audit)  # inert unless _KILL_AT is set (it is only in children)
 
 
+class _Stuck(BaseException):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _hard_timeout():
+    """The parent too has a deadline: a blocked lock or load raises instead of hanging CI."""
+    def stuck(signum, frame):
+        raise _Stuck(f"test exceeded {4 * DEADLINE_S}s")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(int(4 * DEADLINE_S))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _ivm(seed: int) -> iv.Intervenable:
     g = torch.Generator().manual_seed(seed)
     model = tiny_model("llama")

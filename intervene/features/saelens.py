@@ -149,8 +149,8 @@ def parse_saelens(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -
     """SAE constructor arguments (plus ``transcoder``, ``hook``, ``output_hook``, ``model_class_name``) from
     SAELens tensors and config; ``SAEFormatError`` for anything not reproduced exactly."""
     validate(SAELensCfg, cfg, SAEFormatError, where)
-    # null sizes mean "not recorded" (SAELens writes them so for some runs): read them as absent
-    cfg = {k: v for k, v in cfg.items() if not (v is None and k in ("d_in", "d_sae", "d_out", "k", "dtype"))}
+    # a null k or dtype means "not set" (sizes may not be null: the schema refused that)
+    cfg = {k: v for k, v in cfg.items() if not (v is None and k in ("k", "dtype"))}
     if _version(cfg) < (6,):
         cfg = _upgrade_pre6(cfg)
     unknown = sorted(set(cfg) - _MATH - NO_MATH_KEYS)

@@ -20,9 +20,10 @@ class SAELensCfg(Strict):
     model_config = ConfigDict(extra="allow")  # the parser refuses keys it does not list
 
     architecture: Text = "standard"
-    d_in: Width | None = None
-    d_sae: Width | None = None
-    d_out: Width | None = None
+    # sizes may be absent, but not null: no SAELens version writes null there
+    d_in: Width = None  # type: ignore[assignment]
+    d_sae: Width = None  # type: ignore[assignment]
+    d_out: Width = None  # type: ignore[assignment]
     dtype: Text | None = None
     apply_b_dec_to_input: bool = True
     normalize_activations: Text | bool | None = None
@@ -77,7 +78,7 @@ class SparsifyCfg(Strict):
     expansion_factor: PosInt | None = None
     transcode: bool = False
     skip_connection: bool = False
-    d_in: Width | None = None
+    d_in: Width = None  # type: ignore[assignment]  # absent allowed, null not (sparsify always writes it)
     hookpoint: Text | None = None
     intervene_site: Text | None = None
     normalize_decoder: bool | None = None
