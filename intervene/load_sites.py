@@ -2,8 +2,9 @@
 
 A diff may name any module path (``lm_head``, ``model.layers.3.mlp.act_fn:output``). For canonical
 sites and a few module types the width is known from the model's structure; for the rest it is
-measured by one tiny forward pass (two tokens, temporary capture hooks that change nothing, removed
-in ``finally``), run only when a file names such a site. So every tensor's shape is checked by
+measured by one tiny forward pass (two tokens, in eval mode and without gradients, temporary capture
+hooks that change nothing, removed in ``finally``; each module's training flag restored), run only when
+a file names such a site. So every tensor's shape is checked by
 ``bind`` *before* anything is attached: a vector that does not fit ``lm_head``'s output fails at
 load time, not at the first forward, and a site whose activation an intervention cannot edit (one
 that never runs, or does not produce a ``[batch, seq, ...]`` tensor) is refused.
@@ -64,8 +65,14 @@ def _probe(model: nn.Module, sites: dict[str, Site], path: str, field: str) -> d
                 kwargs["use_cache"] = False
         except (TypeError, ValueError):
             pass
-        with torch.no_grad():
-            model(**kwargs)
+        modes = {m: m.training for m in model.modules()}
+        try:  # eval mode: a training-mode forward could update running statistics (batch norms)
+            model.eval()
+            with torch.no_grad():
+                model(**kwargs)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
     except Exception as e:  # a trial run: whatever fails means the sites cannot be checked
         raise IncompatibleModelError(f"{path}: {field}: could not measure the activations at {sorted(sites)} with a "
                                      f"trial forward pass ({type(e).__name__}: {str(e)[:200]})", path=path,
