@@ -327,6 +327,11 @@ def _drop_stale_parts(out: Path, index: dict[str, Any]) -> None:
             f.unlink()
 
 
+def _progress(n_parts: int, next_batch: int) -> str:
+    # one metadata key: safetensors writes several in a hash map's order, which would break byte-identical resumes
+    return f"parts={n_parts} next_batch={next_batch}"
+
+
 def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch.Tensor]:
     from intervene.tensorfile import load_tensors
 
@@ -334,9 +339,15 @@ def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch
     if rec is not None and (out / STATS).exists():
         root = Root(out, LatentCacheError)
         t, meta, sha = load_tensors(root, STATS, digest=True)
-        if sha == rec["sha256"] and meta.get("n_parts") == str(index["n_parts"]) and set(t) == {"count", "max", "sum"} \
-                and all(v.shape == (d_sae,) for v in t.values()):
+        if sha == rec["sha256"]:  # the stats this index recorded: they must agree on the progress
+            progress = _progress(index["n_parts"], index["next_batch"])
+            if meta.get("progress") != progress or set(t) != {"count", "max", "sum"} \
+                    or any(v.shape != (d_sae,) for v in t.values()):
+                raise LatentCacheError.at(out / INDEX, "next_batch", f"the progress its checksummed stats record "
+                                          f"({meta.get('progress')})", progress,
+                                          note="the resume state is inconsistent; pass overwrite=True to start over")
             return t
+        # else: a run stopped between writing the stats and the index: rebuild them from the parts
     stats = {"count": torch.zeros(d_sae, dtype=torch.int64), "max": torch.full((d_sae,), -math.inf),
              "sum": torch.zeros(d_sae, dtype=torch.float64)}
     if index["n_parts"]:  # stats of an interrupted flush: rebuild them from the parts on disk
@@ -375,7 +386,7 @@ def _flush(out: Path, buf: _Buffer, index: dict[str, Any], stats: dict[str, torc
         _accumulate(stats, lat, val)
     index["n_parts"] = part + 1
     index["next_batch"] = next_batch
-    _save(out / STATS, stats, metadata={"n_parts": str(index["n_parts"])}, index=index)
+    _save(out / STATS, stats, metadata={"progress": _progress(index["n_parts"], next_batch)}, index=index)
     _write_json(out / INDEX, index)
     buf.positions.clear()
     buf.latents.clear()
