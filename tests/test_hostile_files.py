@@ -292,3 +292,31 @@ def test_cli_prints_one_line(tmp_path: Path, capsys) -> None:
     assert guard(run)(argparse.Namespace(command="demo")) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "DiffFormatError" in err and CONFIG_NAME in err
+
+
+def test_a_resume_state_claiming_more_progress_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import intervene.features.cache as cache_mod
+    from intervene.features import cache_latents
+    from tests.test_sae import rand_sae
+
+    model, sae, tokens = tiny_model("llama"), rand_sae(), torch.randint(3, 96, (8, 8))
+    real, calls = cache_mod._run_model, {"n": 0}
+
+    class Stop(BaseException):
+        pass
+
+    def flaky(m, ids):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise Stop
+        real(m, ids)
+
+    monkeypatch.setattr(cache_mod, "_run_model", flaky)
+    with pytest.raises(Stop):
+        cache_latents(model, sae, tokens, tmp_path / "c", batch_size=2, buffer_size=1, progress=False)
+    monkeypatch.setattr(cache_mod, "_run_model", real)
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    index["next_batch"] += 1  # would skip a batch: the cache would silently miss its activations
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(LatentCacheError, match="next_batch"):
+        cache_latents(model, sae, tokens, tmp_path / "c", batch_size=2, buffer_size=1, progress=False)
