@@ -43,6 +43,8 @@ def diff_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     else:
         title = f" for a local model ({local})" if local else ""
         load = f"model = AutoModelForCausalLM.from_pretrained('path/to/{local or 'base-model'}')"
+    sha = (config.get("weights") or {}).get("sha256")
+    weights = f" (sha256 `{sha}`, checked on every load)" if sha else ""
     return f"""{_front_matter(base, ["intervene", "intervention", "steering"])}
 
 # Intervention diff{title}
@@ -67,7 +69,7 @@ from intervene import Intervenable
 ivm = Intervenable.load({where!r}, model)
 out = ivm.generate(**inputs, max_new_tokens=64)
 ```
-Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`.
+Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`{weights}.
 """
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from intervene.errors import InterveneError
+from intervene.errors import InterveneError, InterveneFileError
 
 # Exceptions of the HTTP stack under huggingface_hub / transformers (httpx, requests, urllib3), matched
 # by module so that nothing here imports them (--help stays fast).
@@ -32,9 +32,14 @@ def command_name(args: argparse.Namespace) -> str:
     return " ".join(p for p in ("intervene", command, sub) if p)
 
 
-def one_line(text: str) -> str:
-    """``text`` on one line (the messages of transformers and huggingface_hub span several)."""
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+def one_line(text: object) -> str:
+    """``text`` (often an error) on one line: the messages of transformers and huggingface_hub span several,
+    and newlines or control characters read from a file must not forge extra lines on the terminal. Our file
+    errors keep their class name (they name the file, the field and what was expected)."""
+    words = str(text) or type(text).__name__
+    if isinstance(text, InterveneFileError):
+        words = f"{type(text).__name__}: {words}"
+    return "".join(c if c.isprintable() else " " for c in " ".join(words.split()))
 
 
 def error_message(e: BaseException) -> str | None:

@@ -234,14 +234,21 @@ def elicit(cfg: ElicitConfig, out: str | Path | None = None, model: Any = None, 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], dict[int, Any]]:
     """A run's config and its probes by layer."""
+    from intervene.errors import ProbeFormatError, ProbeNotFoundError
     from intervene.probes import load_probe
+    from intervene.safeio import Root
 
     run = Path(run)
     path = run / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not an elicit run (no config.json)")
-    config = json.loads(path.read_text())
-    probes = {int(layer): load_probe(run / rel) for layer, rel in config["probes"].items()}
+        raise ProbeNotFoundError(f"{run} is not an elicit run (no config.json)", path=path)
+    root = Root(run, ProbeFormatError)  # the run's files, and only those: a probe path may not lead out
+    config = root.read_json("config.json")
+    table = config.get("probes") if isinstance(config, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
+                                              for k, v in table.items()):
+        raise ProbeFormatError.at(path, "probes", "an object {layer: probe path inside the run}", table)
+    probes = {int(layer): load_probe(root.resolve(rel, f"probes.{layer}")) for layer, rel in table.items()}
     return config, probes
 
 

@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent / "intervene"
 # Lowest first. A module belongs to the entry that is the longest prefix of its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams",
-                    "intervene.autoload", "intervene.htmlpage")),
+                    "intervene.autoload", "intervene.htmlpage", "intervene.safeio", "intervene.schemas", "intervene.tensorfile")),
     ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.site_discovery",
                                        "intervene.site_probe", "intervene.hooks")),
     ("core: interventions", ("intervene.intervention", "intervene.registry")),
-    ("core: diffs and baking", ("intervene.cards", "intervene.diff_format", "intervene.hubio", "intervene.bake")),
+    ("core: diffs and baking", ("intervene.cards", "intervene.load_sites", "intervene.diff_format", "intervene.hubio",
+                                "intervene.bake")),
     ("core: the engine", ("intervene.intervenable",)),
     ("substrate", ("intervene.assets", "intervene.data", "intervene.probes", "intervene.activations")),
     ("toolkits", ("intervene.evaluate", "intervene.features", "intervene.publish", "intervene.command",

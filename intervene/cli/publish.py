@@ -103,7 +103,14 @@ def run_bake(args: argparse.Namespace) -> int:
 
 def run_push(args: argparse.Namespace) -> int:
     from intervene.cards import diff_card
-    from intervene.diff_format import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
+    from intervene.diff_format import (
+        CARD_NAME,
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        committed_weights,
+        read_config,
+        read_weights,
+    )
     from intervene.hubio import upload_dir
 
     src = Path(args.diff)
@@ -111,10 +118,11 @@ def run_push(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no such diff directory: {args.diff}")
     config = read_config(src)  # a diff, not some other folder: checked before anything is uploaded
     read_weights(src)
+    weights = committed_weights(src)
     require_token(args.token)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            shutil.copy2(src / name, Path(tmp) / name)
+        shutil.copy2(src / CONFIG_NAME, Path(tmp) / CONFIG_NAME)
+        shutil.copy2(weights, Path(tmp) / WEIGHTS_NAME)  # the checked file (a killed save's may be staged)
         card = src / CARD_NAME
         if card.is_file():
             shutil.copy2(card, Path(tmp) / CARD_NAME)
