@@ -89,7 +89,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], Registrar]]] = {
     "trace": ("causal tracing (ROME): where a model recalls facts", _patching),
     "patch": ("activation / attribution patching sweep over clean/corrupted pairs", _patching),
     "remedi": ("REMEDI learned representation editors: fit, evaluate", _remedi),
-    "das": ("distributed alignment search: fit a rotation, evaluate IIA", _das),
+    "das": ("distributed alignment search: fit, evaluate (IIA)", _das),
     "reft": ("representation fine-tuning (LoReFT, DiReFT): fit, evaluate", _reft),
     "erase": ("LEACE concept erasure: fit an eraser, erase the quirky speaker", _erase),
     "bake": ("write a diff into a copy of the model's weights (exact, or refused)", _publish),

@@ -25,7 +25,7 @@ from intervene.methods.das.config import DASConfig
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
 
 
@@ -39,11 +39,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     top = subparsers.add_parser("das", help="distributed alignment search: fit, evaluate (IIA)",
-                                description=__doc__.splitlines()[0])
+                                description='Distributed alignment search (Geiger et al. 2023): learn a rotation whose first k dimensions, interchanged between a base and a source prompt, carry a causal variable; report the interchange intervention accuracy (IIA) on held-out pairs against a random rotation.')
     sub = top.add_subparsers(dest="das_command", metavar="DAS_COMMAND")
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
-    p = sub.add_parser("fit", help="train a rotation; write the diff and metrics.json")
+    p = sub.add_parser("fit", help="train a rotation; write the diff and metrics.json", description='Train a rotation; write the diff and metrics.json.')
     _model_args(p)
     p.add_argument("data", help="quirky:<task> or a .jsonl of pairs")
     p.add_argument("--site", required=True, help="where to interchange, e.g. layers.0 or layers.0.heads")
@@ -52,15 +52,15 @@ def register(subparsers: Any) -> None:
     _data_args(p)
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=guard(_fit))
 
-    p = sub.add_parser("eval", help="IIA of a saved DAS on held-out pairs")
+    p = sub.add_parser("eval", help="IIA of a saved DAS on held-out pairs", description='IIA of a saved DAS on held-out pairs.')
     _model_args(p)
     p.add_argument("diff", help="diff directory or Hub repo written by `das fit`")
     p.add_argument("data", help="quirky:<task> (its test questions) or a .jsonl of pairs")
     _data_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data sample (default 0)")
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
     p.set_defaults(func=guard(_eval))
 

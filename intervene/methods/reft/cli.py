@@ -22,7 +22,7 @@ from intervene.methods.reft.config import ReFTConfig
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
 
 
@@ -37,11 +37,11 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     top = subparsers.add_parser("reft", help="representation fine-tuning (LoReFT, DiReFT): fit, evaluate",
-                                description=__doc__.splitlines()[0])
+                                description='Representation fine-tuning (Wu et al. 2024): train a LoReFT or DiReFT edit at one site with the model frozen, so each prompt is answered with its target; report accuracy per character and the CE cost on reference text.')
     sub = top.add_subparsers(dest="reft_command", metavar="REFT_COMMAND")
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
-    p = sub.add_parser("fit", help="train a LoReFT / DiReFT; write the diff and metrics.json")
+    p = sub.add_parser("fit", help="train a LoReFT / DiReFT; write the diff and metrics.json", description='Train a LoReFT / DiReFT; write the diff and metrics.json.')
     _model_args(p)
     p.add_argument("data", help="quirky:<task> or a .jsonl of {text, target} rows")
     p.add_argument("--site", required=True, help="where to edit, e.g. layers.1 or layers.0.heads")
@@ -50,10 +50,10 @@ def register(subparsers: Any) -> None:
     _data_args(p)
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=guard(_fit))
 
-    p = sub.add_parser("eval", help="accuracy against the truth per character, and CE/KL on reference text")
+    p = sub.add_parser("eval", help="accuracy against the truth per character, and CE/KL on reference text", description='Accuracy against the truth per character, and CE/KL on reference text.')
     _model_args(p)
     p.add_argument("diff", help="diff directory or Hub repo written by `reft fit`")
     p.add_argument("data", help="quirky:<task> (its test questions)")
