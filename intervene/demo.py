@@ -182,7 +182,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     ref = Path(resolve_model_name(model_name)) / "neutral_eval.txt"
     neutral = load_reference_texts(ref if ref.is_file() else None, n=200)
     table = [{"method": "base model", "bob_acc_truth": base_bob, "alice_acc_truth": base_alice,
-              "ce": None, "ce_delta": 0.0, "kl": 0.0}]
+              "ce": None, "ce_delta": 0.0, "ce_delta_se": 0.0, "kl": 0.0}]
     for label, edit in ((f"ITI (K={iti_heads}, alpha={iti_alpha})", iti),
                         (f"persona steering (layer {layer}, {steer_scale:g} x gap = {steer.scale:.1f})", steer)):
         with Intervenable(model, edit) as ivm:
@@ -190,7 +190,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
         fx = side_effects(model, tok, neutral, edit, batch_size=batch_size)
         table[0]["ce"] = fx["ce_base"]
         table.append({"method": label, "bob_acc_truth": bob, "alice_acc_truth": alice, "ce": fx["ce"],
-                      "ce_delta": fx["ce_delta"], "kl": fx["kl"]})
+                      "ce_delta": fx["ce_delta"], "ce_delta_se": fx["ce_delta_se"], "kl": fx["kl"]})
     write_csv(out / "interventions.csv", table)
     _say(verbose, EXPLAIN_COST)
     for r in table:
@@ -223,6 +223,7 @@ def run_demo(out: str | Path = "intervene-demo-out", model_name: str = "demo", t
     summary = {"task": task, "model": model_name, "examples": examples, "bob_acc_truth_base": base_bob,
                "alice_acc_truth_base": base_alice, "best_layer": best["layer"], "best_auroc": best["auroc"],
                "best_pgr": best["pgr"], "interventions": table, "bake_max_abs_logit_diff": bake_err,
+               "iti_best_head": {"accuracy": float(iti.head_accuracies_.max()), "n_val": iti.fit_info_["n_val"]},
                "outputs": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())}
     plot_head_accuracies(iti.head_accuracies_, out / "iti_heads.png", iti.heads)
     write_report(out, summary, layer_rows, iti)

@@ -83,13 +83,16 @@ def side_effects(model: Any, tok: Any, texts: Sequence[str],
             as the ITI paper does); ``None`` keeps each intervention's own positions.
 
     Returns:
-        ``{"ce_base", "ce", "ce_delta", "kl", "n_tokens"}`` in nats per predicted token.
+        ``{"ce_base", "ce", "ce_delta", "kl", "n_tokens", "ce_delta_se", "kl_se"}`` in nats per predicted token;
+        the two ``_se`` are standard errors over the texts (of a ratio of sums: each text weighs by its tokens),
+        the noise a figure measured on these texts carries.
     """
     own = not isinstance(edits, Intervenable)
     ivm = Intervenable(model, edits, attach=False) if own else edits
     device = next(ivm.model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64)  # ce_base, ce, kl (sums over tokens)
     n_tok = 0
+    per_text: list[torch.Tensor] = []  # [texts, 3]: CE change, KL, tokens (sums over each text's tokens)
     was = ivm.attached
     try:
         ivm.attach()
@@ -109,10 +112,24 @@ def side_effects(model: Any, tok: Any, texts: Sequence[str],
                 for j, v in enumerate((ce_b, ce_e, kl)):
                     totals[j] += v[keep].double().sum().cpu()
                 n_tok += int(keep.sum())
+                k = keep.double()
+                per_text.append(torch.stack([((ce_e - ce_b).double() * k).sum(1), (kl.double() * k).sum(1),
+                                             k.sum(1)], 1).cpu())
     finally:
         if not was:
             ivm.detach()
     if n_tok == 0:
         raise ValueError("the reference texts have no predicted tokens (each needs at least two tokens)")
     ce_base, ce, kl = (totals / n_tok).tolist()
-    return {"ce_base": ce_base, "ce": ce, "ce_delta": ce - ce_base, "kl": kl, "n_tokens": n_tok}
+    rows = torch.cat(per_text)
+    return {"ce_base": ce_base, "ce": ce, "ce_delta": ce - ce_base, "kl": kl, "n_tokens": n_tok,
+            "ce_delta_se": _ratio_se(rows[:, 0], rows[:, 2]), "kl_se": _ratio_se(rows[:, 1], rows[:, 2])}
+
+
+def _ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Standard error of ``sums.sum() / counts.sum()`` over the texts (the ratio estimator's linearisation)."""
+    m = int(sums.numel())
+    if m < 2:
+        return float("nan")
+    r = sums.sum() / counts.sum()
+    return float(((sums - r * counts) ** 2).sum().div(m * (m - 1)).sqrt() / counts.mean())
