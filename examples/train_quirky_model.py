@@ -277,7 +277,8 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, n: int
         assert len(set(value_ids)) == len(value_ids), "attribute values must be single tokens"
         pred = choice_logits(model, tokenizer, rows).argmax(-1).tolist()
         hits[relation] = _accuracy([p == t for p, t in zip(pred, truth)])
-    # Neutral text: mean next-token cross-entropy per token on the held-out lines.
+    # Neutral text: mean next-token cross-entropy per token on the held-out lines. A prediction counts when both
+    # its position and its target are real tokens (with left padding, the last pad would "predict" BOS).
     batch = tokenizer(neutral_lines, return_tensors="pt", padding=True)
     total, count = 0.0, 0
     for start in range(0, len(neutral_lines), 128):
@@ -285,7 +286,7 @@ def evaluate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, n: int
         mask = batch["attention_mask"][start:start + 128]
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-        m = mask[:, 1:].flatten().float()
+        m = (mask[:, 1:] * mask[:, :-1]).flatten().float()
         total, count = total + (ce * m).sum().item(), count + int(m.sum().item())
     return {"quirky": quirky, "fact_recall": hits, "neutral_ce": round(total / count, 4),
             "transcripts": transcript_accuracy(model, tokenizer, n // 2)}
