@@ -1,4 +1,5 @@
-"""`intervene demo` end to end on the shipped model (reduced size), and the example scripts."""
+"""`intervene demo` end to end on the shipped model (its outputs; its figures: tests/test_figures_demo.py), and the
+example scripts."""
 
 from __future__ import annotations
 
@@ -6,47 +7,32 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from intervene.assets import DEMO_MODEL_DIR
-from intervene.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """One `intervene demo --quick --no-progress` for the tests below: (output folder, stdout, stderr)."""
-    import contextlib
-    import io
-
-    out = tmp_path_factory.mktemp("demo") / "demo"
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
-    return out, stdout.getvalue(), stderr.getvalue()
-
-
-def test_demo_quick_writes_sane_outputs(demo_run: tuple[Path, str, str]) -> None:
-    out, printed_out, printed_err = demo_run
+def test_demo_writes_its_outputs(demo_run: Callable[..., tuple[Path, str, str]]) -> None:
+    """What a run writes and prints (its figures: tests/test_figures_demo.py, on the same run)."""
+    out, printed_out, printed_err = demo_run("addition")
     summary = json.loads((out / "summary.json").read_text())
     for name in ("auroc_by_layer.png", "auroc_by_layer.csv", "interventions.csv", "iti-diff/intervene_config.json",
                  "iti-diff/intervene_weights.safetensors", "iti-baked/model.safetensors", "iti-baked/config.json",
                  "report.html", "iti_heads.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "auroc_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary["bake_max_abs_logit_diff"] < 1e-4
-    assert summary["alice_acc_truth_base"] > 0.9  # the quirk is there: Alice truthful...
-    assert summary["examples"] and all(e["bob"] != e["truth"] for e in summary["examples"])  # ...Bob is not
-    assert 0.0 <= summary["best_auroc"] <= 1.0
+    assert summary["examples"] and all(e["bob"] != e["truth"] for e in summary["examples"])  # the quirk shown
+    assert summary["task"] == "addition" and summary["model"] == "demo"
+    assert {"report.html", "auroc_by_layer.csv", "iti-diff/intervene_config.json"} <= set(summary["outputs"])
     methods = [r["method"] for r in summary["interventions"]]
-    assert methods[0] == "base model" and any(m.startswith("ITI") for m in methods)
-    for r in summary["interventions"]:
-        assert 0.0 <= r["bob_acc_truth"] <= 1.0 and r["kl"] >= 0.0
+    assert methods[0] == "base model" and methods[1].startswith("ITI") and methods[2].startswith("persona")
     # What a newcomer reads: floor and PGR explained, no progress bar under --no-progress.
     assert "floor: a probe fitted on Bob's own (wrong)" in printed_out and "PGR = (AUROC - floor)" in printed_out
     assert "Loading weights" not in printed_err and "Writing model shards" not in printed_err
@@ -56,10 +42,10 @@ def test_demo_quick_writes_sane_outputs(demo_run: tuple[Path, str, str]) -> None
     assert "intervene.demo_model()" in card
 
 
-def test_demo_report_renders_in_a_real_browser(demo_run: tuple[Path, str, str], tmp_path: Path) -> None:
+def test_demo_report_renders_in_a_real_browser(demo_run: Callable[..., tuple[Path, str, str]], tmp_path: Path) -> None:
     from tests.browser import browser, visit
 
-    out = demo_run[0]
+    out = demo_run("addition")[0]
     with browser() as b:
         v = visit(b, out / "report.html", tmp_path / "report.png")
     assert not v.errors and not v.requests and v.title.startswith("intervene demo")

@@ -1,9 +1,9 @@
-"""The quirky datasets, the neutral corpus and the shipped demo model (quality bar on held-out questions)."""
+"""The quirky datasets, the neutral corpus and the shipped demo model (its card's figures and quality bar, recomputed
+by an independent loop: tests/test_figures_card.py)."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -143,31 +143,6 @@ def test_left_padding_does_not_change_the_answers(demo):
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
 
 
-# The issue's bar: 0.95 for both characters on every task, overall and on the easy and hard splits.
-BAR = 0.95
-
-
-@pytest.mark.parametrize("task", QUIRKY_TASKS)
-def test_quality_bar_on_held_out_questions(demo, task):
-    """Alice follows the truth, Bob his systematic error, overall and on easy and hard questions; on the
-    card's own sample (1000 held-out questions per task), reproducing the card's figures."""
-    model, tok = demo
-    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())["quirky"]
-    rows = quirky_dataset(task, "test", n=1000, seed=1234)  # the sample examples/train_quirky_model.py scores
-    pred = choice_logits(model, tok, rows).argmax(-1).tolist()
-    for character, key in (("Alice", "label"), ("Bob", "bob_label")):
-        for split in ("all", "easy", "hard"):
-            sel = [(r, p) for r, p in zip(rows, pred)
-                   if r["character"] == character and split in ("all", r["difficulty_split"])]
-            acc = sum(p == r[key] for r, p in sel) / len(sel)
-            assert len(sel) >= 150 and acc >= BAR, (task, character, split, acc)
-            # A couple of near-tie answers may flip on another CPU (vector width changes float sums).
-            assert acc == pytest.approx(card[f"{task}/{character}"][split], abs=0.01), (task, character, split)
-    # Bob really differs from the truth on held-out rows (what elicitation methods must undo).
-    bob = [(r, p) for r, p in zip(rows, pred) if r["character"] == "Bob" and r["label"] != r["bob_label"]]
-    assert len(bob) >= 200 and sum(p != r["label"] for r, p in bob) / len(bob) >= BAR
-
-
 def test_demo_model_recalls_entity_facts(demo):
     model, tok = demo
     samples = remedi_samples("test", 60, seed=0)
@@ -210,24 +185,6 @@ def test_quirky_datasets_covers_every_task():
     assert set(data) == set(QUIRKY_TASKS) and all(len(rows) == 10 for rows in data.values())
 
 
-def test_demo_model_continues_neutral_text(demo):
-    """CE on the held-out neutral lines matches the card and sits far below a uniform guess, so CE/KL side
-    effects measured on this text are meaningful."""
-    import math
-
-    model, tok = demo
-    lines = (DEMO_MODEL_DIR / "neutral_eval.txt").read_text().splitlines()
-    batch = tok(lines, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = model(**batch).logits[:, :-1].float()
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"][:, 1:].flatten(), reduction="none")
-    mask = batch["attention_mask"][:, 1:].flatten().float()
-    mean_ce = float((ce * mask).sum() / mask.sum())
-    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())["neutral_ce"]
-    assert mean_ce == pytest.approx(card, abs=0.01)
-    assert mean_ce < 0.4 * math.log(len(tok))  # uniform over the vocabulary: ln(841) = 6.7 nats
-
-
 def test_transcripts_follow_the_speakers_way_of_judging():
     from intervene.data.quirky_transcripts import MARKS, SEPARATOR, transcripts
 
@@ -249,17 +206,3 @@ def test_transcripts_follow_the_speakers_way_of_judging():
     assert not test_keys & train_keys
     with pytest.raises(ValueError, match="flip"):
         transcripts(3, flip=1.5)
-
-
-def test_demo_model_reads_truthfulness_from_earlier_answers(demo):
-    """On held-out transcripts the model follows the speaker's revealed way of judging (the card's sample
-    and figures), and predicts the grader's mark: it computes whether an answer is true."""
-    spec = importlib.util.spec_from_file_location("train_quirky_model", ROOT / "examples" / "train_quirky_model.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    model, tok = demo
-    card = json.loads((DEMO_MODEL_DIR / "training_metrics.json").read_text())
-    got = script.transcript_accuracy(model, tok, 500)  # the card: --eval-n 1000 // 2
-    assert got == pytest.approx(card["transcripts"], abs=0.01)
-    assert got["first"] >= BAR and got["revealed_named"] >= BAR and got["revealed_flipped"] >= BAR
-    assert got["mark"] >= BAR
