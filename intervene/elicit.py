@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from intervene.activations.distributed import is_main_process
 from intervene.assets import load_model
 from intervene.data.contrast import ContrastPairs, make_contrast_pairs, question_id
 from intervene.data.loaders import dataset_slug, load_dataset_rows
@@ -224,7 +225,7 @@ def elicit(cfg: ElicitConfig, out: str | Path | None = None, model: Any = None, 
     tp, tn = features(model, tok, test, layers, cfg)
     results = eval_rows(probes, tp, tn, labels_for(test, "truth"), cfg.n_bootstrap, cfg.seed)
     run_dir = Path(out) if out is not None else None
-    if run_dir is not None:
+    if run_dir is not None and is_main_process():  # under torchrun every rank holds the same probes; one writes
         from intervene.diff_format import fingerprint
 
         _save_run(run_dir, cfg, probes, results, {"n_train": len(train), "n_test": len(test), "layers": layers,
@@ -276,7 +277,9 @@ def evaluate_run(run: str | Path, model_name: str, dataset: str, character: str 
     layers = sorted(probes)
     xp, xn = features(model, tok, pairs, layers, cfg)
     results = eval_rows({k: probes[k] for k in layers}, xp, xn, labels_for(pairs, against), cfg.n_bootstrap, cfg.seed)
-    path = write_csv(Path(run) / f"eval_{name or eval_name(dataset, character, against)}.csv", results, EVAL_COLUMNS)
+    path = Path(run) / f"eval_{name or eval_name(dataset, character, against)}.csv"
+    if is_main_process():
+        write_csv(path, results, EVAL_COLUMNS)
     return results, path
 
 
@@ -307,5 +310,6 @@ def sweep(models: Sequence[str], datasets: Sequence[str], cfg: ElicitConfig, out
             summary.append({"model": model_name, "dataset": ds, "net": cfg.net, "best_layer": best["layer"],
                             **{k: best[k] for k in EVAL_COLUMNS[1:]}, "run_dir": str(run_dir)})
         del model, tok
-    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    if is_main_process():
+        write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     return summary

@@ -262,6 +262,7 @@ def test_pyvene_dimensions_and_sources(tmp_path: Path) -> None:
     from intervene.interop.pyvene import export_pyvene, import_pyvene
 
     model = tiny_model("llama")
+    hooks = count_hooks(model)  # transformers may have installed its own output-capturing hooks already
     export_pyvene(iv.Intervenable(model, iv.Steering({"layers.1": v32()}), attach=False), tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     for dim in (0, -1, 33):
@@ -274,7 +275,7 @@ def test_pyvene_dimensions_and_sources(tmp_path: Path) -> None:
         torch.save({"source_representation": src}, tmp_path / "p" / f"intkey_{key}.bin")
         with pytest.raises((DiffFormatError, InteropError)):
             import_pyvene(tmp_path / "p", model)
-    assert count_hooks(model) == 0
+    assert count_hooks(model) == hooks
 
 
 def test_cli_prints_one_line(tmp_path: Path, capsys) -> None:

@@ -285,3 +285,50 @@ class ShardReader:
                 t = self._read(key, [entry])[0]
                 parts.append(t[lo - entry["start"]: hi - entry["start"]])
         return torch.cat(parts) if parts else self._empty(key)
+
+
+def rank_dir(root: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its block of a cache (merged into ``root`` by rank 0)."""
+    return root / f"rank-{rank:03d}-of-{world:03d}"
+
+
+def merge_rank_caches(root: Path, world: int, header: dict[str, Any]) -> None:
+    """Rank 0, once every rank has finished its block: link the ranks' shards into ``root`` in row order and
+    write one complete index, as a single process would have. Idempotent: a rerun after a crash redoes it.
+
+    The shards' bytes are not copied (hard links; a copy where links are not supported) and keep the sha256
+    and size their rank recorded, so the result is checked exactly like a single-process cache.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    offset = 0
+    shapes: dict[str, Any] = {}
+    with dir_lock(root, exclusive=True):
+        for rank in range(world):
+            sub = rank_dir(root, rank, world)
+            index = read_index(sub)
+            if not index.get("complete"):
+                raise ActivationCacheError(f"{sub} is incomplete: rank {rank} did not finish its block",
+                                           path=sub / INDEX_NAME, field="complete")
+            check_shard_files(sub, index)
+            shapes = shapes or index["shapes"]
+            for entry in index["shards"]:
+                name = f"shard-{len(shards):05d}.safetensors"
+                target = root / name
+                if os.path.lexists(target):
+                    target.unlink()
+                try:
+                    os.link(sub / entry["file"], target)
+                except OSError:  # a file system without hard links
+                    import shutil
+
+                    shutil.copyfile(sub / entry["file"], target)
+                shards.append({**entry, "file": name, "start": entry["start"] + offset,
+                               "stop": entry["stop"] + offset})
+            offset += index["n"]
+        if offset != header["n"]:
+            raise ActivationCacheError(f"the ranks' blocks hold {offset} rows, the data has {header['n']}",
+                                       path=root, field="n")
+        index = {"format": FORMAT, "format_version": FORMAT_VERSION, **header, "shapes": shapes,
+                 "shards": shards, "complete": True}
+        atomic_write_bytes(root / INDEX_NAME, json.dumps(index, indent=1) + "\n")

@@ -34,6 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from intervene.activations.cache import rank_dir
+from intervene.activations.distributed import barrier, ranks
+from intervene.features.cache_files import progress_note, save_recorded, write_json
+from intervene.features.cache_ranks import final_stats, merge_rank_caches
 from intervene.features.encoders import LatentEncoder
 from intervene.features.store import (
     FORMAT,
@@ -45,7 +49,7 @@ from intervene.features.store import (
     LatentCacheError,
     read_latent_index,
 )
-from intervene.fileio import atomic_write_bytes, dir_lock, sweep_temporaries
+from intervene.fileio import dir_lock, sweep_temporaries
 from intervene.safeio import Root
 
 __all__ = ["LatentCache", "LatentCacheError", "cache_latents", "token_rows"]
@@ -87,23 +91,6 @@ def token_rows(corpus: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor, to
 
 # ---- small helpers ---------------------------------------------------------------------------
 
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-          index: dict[str, Any] | None = None) -> None:
-    """Write a safetensors file atomically; record its size and sha256 in ``index["files"]`` (relative name)."""
-    from safetensors.torch import save
-
-    data = save(tensors, metadata=metadata)
-    atomic_write_bytes(path, data)
-    if index is not None:
-        rel = "/".join(path.parts[-3:]) if path.parent.parent.name == "shards" else path.name
-        index.setdefault("files", {})[rel] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
-    atomic_write_bytes(path, text)
 
 
 def _digest_tensors(tensors: Sequence[torch.Tensor]) -> str:
@@ -181,9 +168,6 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
     Returns:
         the finished :class:`LatentCache`.
     """
-    from intervene.hooks import HookSet, add_input_hook, add_output_hook
-    from intervene.sites import resolve_site
-
     out = Path(out_dir)
     site = site or getattr(encoder, "site", None)
     if site is None:
@@ -200,17 +184,56 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
                 "encoder_digest": _digest_tensors([t for t in getattr(encoder, "state_dict", dict)().values()
                                                    if isinstance(t, torch.Tensor)]),
                 "model": _model_id(model)}
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    group = ranks(dev)
+    n_batches = math.ceil(n_seq / batch_size)
+    if (out / INDEX).is_file() and _finished(out, settings):  # done earlier, by one process or several
+        return LatentCache(out)
+    run = dict(model=model, encoder=encoder, tokens=tokens, tokenizer=tokenizer, site=site, batch_size=batch_size,
+               buffer_size=buffer_size, value_dtype=value_dtype, resume=resume, overwrite=overwrite)
+    if not group.distributed:
+        _cache_block(out, settings, range(n_batches), progress=progress, **run)
+        return LatentCache(out)
+    # Data-parallel: each rank caches a contiguous block of the batches, rank 0 links the blocks together.
+    block = group.block(n_batches)
+    _cache_block(rank_dir(out, group.rank, group.world), {**settings, "block": [block.start, block.stop]}, block,
+                 progress=progress and group.main, **run)
+    barrier(group)
+    if group.main:
+        merge_rank_caches(out, group.world, settings, tokens, tokenizer)
+    barrier(group)
+    return LatentCache(out)
+
+
+def _finished(out: Path, settings: dict[str, Any]) -> bool:
+    try:
+        index = read_latent_index(Root(out, LatentCacheError))
+    except LatentCacheError:
+        return False
+    return bool(index.get("done")) and {k: index.get(k) for k in settings} == json.loads(json.dumps(settings))
+
+
+def _cache_block(out: Path, settings: dict[str, Any], batches: range, *, model: nn.Module, encoder: LatentEncoder,
+                 tokens: torch.Tensor, tokenizer: Any, site: str, batch_size: int, buffer_size: int,
+                 value_dtype: torch.dtype, resume: bool, overwrite: bool, progress: bool) -> None:
+    """Cache ``batches`` of ``tokens`` into ``out`` (the whole run, or one rank's block), resumably."""
+    from intervene.hooks import HookSet, add_input_hook, add_output_hook
+    from intervene.sites import resolve_site
+
+    n_seq, ctx_len = tokens.shape
+    d_sae = int(settings["d_sae"])
+    whole = batches.start == 0 and batches.stop == math.ceil(n_seq / batch_size)
     out.mkdir(parents=True, exist_ok=True)
     # One writer per cache (the kernel releases the lock if the process dies); then what a killed
     # run left half-written can be removed.
     with dir_lock(out, exclusive=True):
         _sweep(out)
-        index = _start(out, settings, resume, overwrite)
+        index = _start(out, settings, resume, overwrite, first_batch=batches.start)
         index["encoder_source"] = encoder.describe().get("source")
         if index.get("done"):
-            return LatentCache(out)
-        if index["n_parts"] == 0 and index["next_batch"] == 0:
-            _save(out / TOKENS, {"tokens": tokens}, index=index)
+            return
+        if index["n_parts"] == 0 and index["next_batch"] == batches.start and whole:  # a block's merge writes them
+            save_recorded(out / TOKENS, {"tokens": tokens}, index=index)
             if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
                 tokenizer.save_pretrained(str(out / "tokenizer"))
         stats = _load_stats(out, index, d_sae)
@@ -224,13 +247,14 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
         hooks = HookSet()
         (add_input_hook if resolved.side == "input" else add_output_hook)(hooks, resolved.module, grab, site)
         buf = _Buffer([], [], [])
-        n_batches = math.ceil(n_seq / batch_size)
+        n_batches = batches.stop
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         enc_dev = _encoder_device(encoder)
         chunk = max(1, (1 << 24) // max(1, d_sae))  # token rows per dense encode: ~64 MB of float32
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_batches, initial=index["next_batch"], disable=not progress, unit="batch", desc="caching latents")
+        bar = tqdm(total=len(batches), initial=index["next_batch"] - batches.start, disable=not progress, unit="batch",
+                   desc="caching latents")
         try:
             for b in range(index["next_batch"], n_batches):
                 ids = tokens[b * batch_size:(b + 1) * batch_size].to(device=dev, dtype=torch.long)
@@ -256,9 +280,11 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
         finally:
             hooks.remove()
             bar.close()
+        if whole:  # the stats as a merge computes them, so one process and several give the same bits
+            save_recorded(out / STATS, final_stats(out, index), metadata={"progress": progress_note(index["n_parts"], n_batches)},
+                  index=index)
         index["done"] = True
-        _write_json(out / INDEX, index)
-        return LatentCache(out)
+        write_json(out / INDEX, index)
 
 
 def _remove(path: Path) -> None:
@@ -289,7 +315,8 @@ def _check_tree(out: Path) -> None:
             raise LatentCacheError.at(d, None, "a real folder of the cache", note="a symlink is refused")
 
 
-def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any]:
+def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool, first_batch: int = 0
+           ) -> dict[str, Any]:
     path = out / INDEX
     if path.exists() or path.is_symlink():
         try:
@@ -311,9 +338,9 @@ def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -
         for name in (INDEX, TOKENS, STATS, "shards", "tokenizer"):
             _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    index = {"format": FORMAT, "version": VERSION, **settings, "next_batch": 0, "n_parts": 0,
+    index = {"format": FORMAT, "version": VERSION, **settings, "next_batch": first_batch, "n_parts": 0,
              "peak_buffer": 0, "done": False, "files": {}}
-    _write_json(path, index)
+    write_json(path, index)
     return index
 
 
@@ -327,11 +354,6 @@ def _drop_stale_parts(out: Path, index: dict[str, Any]) -> None:
             f.unlink()
 
 
-def _progress(n_parts: int, next_batch: int) -> str:
-    # one metadata key: safetensors writes several in a hash map's order, which would break byte-identical resumes
-    return f"parts={n_parts} next_batch={next_batch}"
-
-
 def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch.Tensor]:
     from intervene.tensorfile import load_tensors
 
@@ -340,7 +362,7 @@ def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch
         root = Root(out, LatentCacheError)
         t, meta, sha = load_tensors(root, STATS, digest=True)
         if sha == rec["sha256"]:  # the stats this index recorded: they must agree on the progress
-            progress = _progress(index["n_parts"], index["next_batch"])
+            progress = progress_note(index["n_parts"], index["next_batch"])
             if meta.get("progress") != progress or set(t) != {"count", "max", "sum"} \
                     or any(v.shape != (d_sae,) for v in t.values()):
                 raise LatentCacheError.at(out / INDEX, "next_batch", f"the progress its checksummed stats record "
@@ -380,14 +402,14 @@ def _flush(out: Path, buf: _Buffer, index: dict[str, Any], stats: dict[str, torc
             local = lat[a:b] - lo
             offsets = torch.zeros(hi - lo + 1, dtype=torch.int64)
             offsets[1:] = torch.bincount(local, minlength=hi - lo).cumsum(0)
-            _save(out / "shards" / f"{s:05d}" / f"{part:06d}.safetensors",
+            save_recorded(out / "shards" / f"{s:05d}" / f"{part:06d}.safetensors",
                   {"positions": pos[a:b].contiguous(), "values": val[a:b].contiguous(), "offsets": offsets},
                   index=index)
         _accumulate(stats, lat, val)
     index["n_parts"] = part + 1
     index["next_batch"] = next_batch
-    _save(out / STATS, stats, metadata={"progress": _progress(index["n_parts"], next_batch)}, index=index)
-    _write_json(out / INDEX, index)
+    save_recorded(out / STATS, stats, metadata={"progress": progress_note(index["n_parts"], next_batch)}, index=index)
+    write_json(out / INDEX, index)
     buf.positions.clear()
     buf.latents.clear()
     buf.values.clear()

@@ -174,7 +174,9 @@ def import_delphi(raw_dir: str | Path, module: str, out_dir: str | Path, *, d_sa
 
     ``d_sae`` defaults to one past delphi's last split (delphi does not record the width).
     """
-    from intervene.features.cache import _Buffer, _flush, _remove, _save, _write_json
+    from intervene.features.cache import _Buffer, _flush, _remove
+    from intervene.features.cache_files import save_recorded as _save
+    from intervene.features.cache_files import write_json as _write_json
 
     e = read_delphi_entries(raw_dir, module)
     d_sae = int(d_sae or e["width"])

@@ -63,8 +63,11 @@ def read_latent_index(root: Root) -> dict[str, Any]:
         raise LatentCacheError.at(where, "n_shards", f"ceil(d_sae / shard_width) = "
                                   f"{math.ceil(idx.d_sae / idx.shard_width)}", idx.n_shards)
     n_batches = math.ceil(idx.n_seq / idx.batch_size)
-    if idx.next_batch > n_batches or idx.n_parts > n_batches + 1 or (idx.done and idx.next_batch != n_batches):
-        raise LatentCacheError.at(where, "next_batch", f"progress within {n_batches} batches",
+    first, last = (0, n_batches) if idx.block is None else (idx.block[0], idx.block[1])
+    if not 0 <= first <= last <= n_batches:
+        raise LatentCacheError.at(where, "block", f"a batch range within [0, {n_batches}]", idx.block)
+    if not first <= idx.next_batch <= last or idx.n_parts > last - first + 1 or (idx.done and idx.next_batch != last):
+        raise LatentCacheError.at(where, "next_batch", f"progress within batches [{first}, {last})",
                                   [idx.next_batch, idx.n_parts, idx.done])
     if idx.version >= 2:
         if idx.files is None:

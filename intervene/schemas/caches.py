@@ -84,6 +84,8 @@ class LatentIndex(Strict):
     peak_buffer: Count = 0
     done: bool
     files: dict[str, FileRecord] | None = None
+    # a rank's block of a data-parallel run: batches [first, last) (intervene/features/cache_ranks.py)
+    block: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = None
 
 
 # ---- delphi ---------------------------------------------------------------------------------------------
