@@ -12,17 +12,19 @@ largest per-head difference in validation accuracy and the overlap of the top-K 
 
 scikit-learn runs with its BLAS limited to one thread (``threadpoolctl``), which is its fastest
 setting for these small problems here (multi-threaded BLAS on shared cores can be 10-100x slower).
-Both wall and CPU time are printed: on a machine shared with other jobs the wall-clock ratio
-depends on how many cores each run actually got. L-BFGS's step count grows with the conditioning
+The headline is the speed-up at equal CPU: ours on one thread against scikit-learn on one thread
+(wall time of each, and the ratio of CPU times). Ours on torch's default threads is printed after it,
+marked as using more CPU than scikit-learn, so not a like-for-like ratio; on a machine shared with other
+jobs that wall-clock ratio also depends on how many cores each run actually got. L-BFGS's step count grows with the conditioning
 of the features (``--floor 0.3``: ~75 steps, the default: ~160); the batched solver's
 preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it. Ours runs ``--repeat``
 times (on torch's threads, then on one), alternating with as many parts of scikit-learn's loop.
 
-Measured (2 shared cores, load average 4.2-4.5, other jobs leaving about one core): 8.6 s wall /
-4.5 s CPU for the 1,024 heads (4.5 s CPU on one thread), scikit-learn 87 s / 53 s: 10x wall, 12x CPU
-time, top-48 overlap 47/48, validation accuracies within 0.012. At one core each the wall ratio is the
-CPU ratio, ~12x; >= 20x needs the second core: with it, 20.0x (3.7 s wall / 6.9 s CPU against 75 s,
-load ~3). The solver this file timed before the family was unified: 17.6x in this session's first run
+Measured (2 shared cores, load average 4.2-4.5, other jobs leaving about one core), the headline at
+equal CPU (one thread each): 4.5 s CPU for the 1,024 heads against scikit-learn's 53 s, ~12x; top-48
+overlap 47/48, validation accuracies within 0.012. Not at equal CPU (ours on 2 threads, scikit-learn on
+1): 8.6 s wall against 87 s, 10x on that loaded machine, 20.0x on a quieter one (3.7 s wall / 6.9 s CPU
+against 75 s, load ~3). The solver this file timed before the family was unified: 17.6x in this session's first run
 (2.6 s against 46 s, load ~4); alternating with it (3 runs each, load ~5), 4.9 s vs 5.5 s wall,
 4.1 s vs 4.6 s CPU, the same top-48.
 """
@@ -147,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     top_ours = set(rank_heads(acc_ours.reshape(shape), k))
     top_sk = set(rank_heads(acc_sk.reshape(shape), k))
     diff = (acc_ours - acc_sk).abs()
-    print(f"speed-up      : {t_sk / t_ours:7.1f}x wall, {cpu_sk / cpu_ours:.1f}x CPU time, "
-          f"{t_sk / t_one:.1f}x at 1 thread each")
+    print(f"speed-up at equal CPU (1 thread each; the headline): {t_sk / t_one:.1f}x wall, "
+          f"{cpu_sk / cpu_one:.1f}x CPU time")
+    print(f"  not at equal CPU: ours on {args.jobs or threads} threads, scikit-learn on 1: {t_sk / t_ours:.1f}x wall, "
+          f"{cpu_sk / cpu_ours:.1f}x CPU time")
     print(f"load average at the end {_load():.1f}")
     print(f"validation accuracy: max |diff| {float(diff.max()):.4f}, mean |diff| {float(diff.mean()):.5f}, "
           f"range [{float(acc_sk.min()):.3f}, {float(acc_sk.max()):.3f}]")
