@@ -137,6 +137,11 @@ PROSE: tuple[Prose, ...] = (
              r"an 8-layer 512-wide Llama at `layers\.1`: ratio (?P<ratio1>[\d.]+) \((?P<rss1>\d+) vs "
              r"(?P<rss1_pyvene>\d+) MiB\), at `layers\.6`: ratio (?P<ratio6>[\d.]+) \((?P<rss6>\d+) vs "
              r"(?P<rss6_pyvene>\d+) MiB\)\.", "readme.bench.trainable", BENCH + "trainable_throughput.py"),
+    Prose(R, r"\(e\.g\. 4 x 80 GB, bf16 weights ~140 GB\)", None,
+          "setting: an example hardware layout (70e9 parameters x 2 bytes)"),
+    Prose(R, r"On 2 shared cores \(load average (?P<load>[\d.]+)\), `benchmarks/collect_distributed\.py` measures "
+             r"(?P<speedup>[\d.]+)x for 2 ranks over 1 process\.", "readme.bench.distributed",
+          BENCH + "collect_distributed.py"),
     # docs/patching.md
     Prose(P, r"hand-written hooks \(≤ (?P<tol>1e-6) in float32\)", "docs.interchange",
           "asserts tests/test_patching.py::test_interchange_equals_two_runs_by_hand"),
