@@ -117,6 +117,13 @@ def ci95(lower: float, upper: float, what: str) -> Bound:
     return Bound((upper - lower) / 2, f"half-width of the 95% interval of {what}")
 
 
+def bootstrap(stat: dict, what: str) -> Bound:
+    """A mean reported with a percentile-bootstrap 95% interval (``{"estimate", "lower", "upper", "n"}``): its
+    half-width, floor 3/n (a mean of 0/1 scores that is 0 or 1 has a zero-width interval)."""
+    return Bound(max((stat["upper"] - stat["lower"]) / 2, 3 / stat["n"]),
+                 f"half-width of the 95% bootstrap interval over {stat['n']} {what} (floor 3/n)")
+
+
 def spearman(rho: float, n: int) -> Bound:
     """A rank correlation over ``n`` cells: two Fisher-z standard errors mapped back, (1 - rho^2)·2/sqrt(n-3)."""
     return Bound(2 * (1 - rho * rho) / math.sqrt(max(n - 3, 1)), f"2 Fisher-z SE of a Spearman rho on n={n}")
@@ -265,9 +272,11 @@ def check(fig_id: str, measured: float, bound: Bound, op: str = "=") -> None:
     magnitude (within a factor of 3)."""
     r = reported(fig_id)
     slack = bound.tol + r.half_unit
-    ok = {"=": abs(measured - r.value) <= slack, "<=": measured <= r.value + slack,
-          ">=": measured >= r.value - slack,
-          "~": measured > 0 and abs(math.log10(measured / r.value)) <= math.log10(3)}[op]
+    if op == "~":  # only this one divides (a reported 0 is never an order of magnitude)
+        ok = measured > 0 and r.value > 0 and abs(math.log10(measured / r.value)) <= math.log10(3)
+    else:
+        ok = {"=": abs(measured - r.value) <= slack, "<=": measured <= r.value + slack,
+              ">=": measured >= r.value - slack}[op]
     log = os.environ.get("FIGURES_LOG")
     if log:
         with open(log, "a") as f:
@@ -316,5 +325,5 @@ def constants_in(node_id: str) -> set[object]:
     return {n.value for fn in nodes for n in ast.walk(fn) if isinstance(n, ast.Constant)}
 
 
-__all__ = ["Bound", "Reported", "auroc", "binomial", "check", "checked_ids", "ci95", "exact", "index",
+__all__ = ["Bound", "Reported", "auroc", "binomial", "bootstrap", "check", "checked_ids", "ci95", "exact", "index",
            "mean_of", "parse", "pgr", "reported", "spearman", "constants_in", "unclaimed"]

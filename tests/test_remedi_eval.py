@@ -20,6 +20,7 @@ from intervene.methods.remedi.evaluate import (
 )
 from intervene.methods.remedi.inspect import attribute_scores, classification_metrics, inspect_attributes
 from intervene.methods.remedi.intervention import Remedi
+from tests.figure_docs import bootstrap, check
 from tests.test_remedi import CITIES, ENTITIES, make_samples, make_tokenizer, random_remedi
 from tests.tiny_models import tiny_model
 
@@ -189,13 +190,21 @@ def test_demo_model_held_out_facts() -> None:
     inspection = inspect_attributes(editor, model, tok, quirky_items("test"))
     print("demo REMEDI (edited, unedited):",
           {k: (round(v["estimate"], 3), round(un[k]["estimate"], 3)) for k, v in ed.items()}, inspection)
-    # Measured on the shipped model: efficacy 0.938 (unedited 0.000), paraphrase 0.906 (0.000),
-    # neighborhood 0.917 = unedited; inspection 0.857 (54 of 63) against 0.159 (identity) and 0.143 (shuffled).
-    assert ed["efficacy_score"]["estimate"] >= 0.9 and un["efficacy_score"]["estimate"] <= 0.1
-    assert ed["paraphrase_score"]["estimate"] >= 0.8 and un["paraphrase_score"]["estimate"] <= 0.1
-    # Held-out neighbors (other entities) keep their facts: the edit lands on the sample's entity only.
-    assert report["neighborhood_rows_edited"] == 0
-    assert ed["neighborhood_score"] == un["neighborhood_score"] and un["neighborhood_score"]["estimate"] >= 0.7
+    # The README's REMEDI row (48 held-out edits): each figure within the half-width of its 95% bootstrap interval
+    # over the edits (floor 3/n). Measured: efficacy 0.938 (unedited 0.000), paraphrase 0.906 (0.000),
+    # neighborhood 0.917 = unedited, with the edit at the neighbor 0.035 (unedited 0.917); inspection 0.857
+    # (54 of 63) against 0.159 (identity) and 0.143 (shuffled).
+    for name in ("efficacy", "paraphrase", "neighborhood"):
+        check(f"readme.remedi.facts.{name}", ed[f"{name}_score"]["estimate"], bootstrap(ed[f"{name}_score"], "edits"))
+    check("readme.remedi.facts.transfer", ed["neighborhood_transfer_score"]["estimate"],
+          bootstrap(ed["neighborhood_transfer_score"], "edits"))
+    check("readme.remedi.facts.transfer_unedited", un["neighborhood_transfer_score"]["estimate"],
+          bootstrap(un["neighborhood_transfer_score"], "edits"))
+    # Without the edit the new attribute is never preferred (the edit, not the prompt, moves the model).
+    assert un["efficacy_score"]["upper"] <= 3 / 48 and un["paraphrase_score"]["upper"] <= 3 / 48
+    # "neighborhood" equals the unedited model by construction: no neighborhood prompt mentions the edited
+    # entity, so the edit lands nowhere (what the README says; the transfer figure is the one that can differ).
+    assert report["neighborhood_rows_edited"] == 0 and ed["neighborhood_score"] == un["neighborhood_score"]
     # Inspection: the learned editor reads the true attribute far above chance and above both controls.
     assert inspection["learned"]["accuracy"] >= 0.75
     assert inspection["learned"]["accuracy"] > max(inspection["identity"]["accuracy"],
