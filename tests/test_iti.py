@@ -15,6 +15,7 @@ from intervene.errors import InterventionError, NotBakeableError
 from intervene.methods.iti.fit import build_examples, head_directions, rank_heads, split_by_group
 from intervene.methods.iti.intervention import ITI
 from intervene.probes.solvers import fit_head_probes
+from tests.figure_docs import Bound, binomial, check
 from tests.tiny_models import tiny_model
 
 # The o_proj (attention output projection) of each family, by hand: the reference hooks sit here.
@@ -382,14 +383,10 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
 
 
 # ---- the shipped quirky demo model ---------------------------------------------------------------
-# Measured on the shipped model, ITI fitted on Alice's training rows (100 questions per task, each with both
-# answers, labelled by the answer's truth), K=8, alpha=1.5, edit at every position: Bob against the truth
-# addition 0.22 -> 0.63, comparison 0.43 -> 0.56, facts 0.62 -> 0.75; Alice stays at 1.00; CE +0.33 nats
-# on neutral text (the ITI paper reports +0.32 on LLaMA-7B). Best head probe 0.94 (layer 2). The bounds
-# leave a margin.
-ALICE_GAIN_ADDITION, ALICE_MEAN_GAIN, ALICE_MAX_CE_DELTA = 0.25, 0.15, 0.5
-# Speaker contrast (comparison, K=8, alpha=1): Bob 0.43 -> 0.8+, CE +1.95; a regression guard, not a claim.
-SPEAKER_GAIN, SPEAKER_MAX_CE_DELTA = 0.3, 2.5
+# ITI fitted on Alice alone (the README's ITI rows, per task at `intervene demo`'s setting) is guarded by
+# tests/test_figures_demo.py on the demo's own run; here, its control and the speaker contrast.
+N_HELD_OUT = 150  # held-out questions per character, as the demo and the README's ITI paragraph use
+N_NEUTRAL = 200  # neutral texts for the CE cost, as the demo uses
 
 
 def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> dict[str, float]:
@@ -400,7 +397,7 @@ def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> d
     from intervene.evaluate.choices import choice_logits
     from intervene.evaluate.side_effects import load_reference_texts, side_effects
 
-    test = quirky_dataset(task, "test", n=100, seed=1)
+    test = quirky_dataset(task, "test", n=N_HELD_OUT, seed=1)
 
     def acc(who: str, edit=None) -> float:
         rows = [r for r in test if r["character"] == who]
@@ -412,9 +409,10 @@ def _demo_check(model, tok, iti, task: str = "comparison", ce: bool = True) -> d
            "alice_after": acc("Alice", iti)}
     if iti.head_accuracies_ is not None:
         res["max_head_acc"] = float(iti.head_accuracies_.max())
-    if ce:  # the same neutral text for every task: measured once per intervention
-        refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", 60)
-        res["ce_delta"] = side_effects(model, tok, refs, iti, batch_size=60)["ce_delta"]
+    if ce:
+        refs = load_reference_texts(DEMO_MODEL_DIR / "neutral_eval.txt", N_NEUTRAL)
+        fx = side_effects(model, tok, refs, iti, batch_size=64)
+        res["ce_delta"], res["ce_delta_se"] = fx["ce_delta"], fx["ce_delta_se"]
     return res
 
 
@@ -427,36 +425,27 @@ def demo():
     return demo_model()
 
 
-def test_quirky_demo_model_iti_fitted_on_alice_makes_bob_truthful(demo):
-    """The issue's scientific check. ITI fitted on Alice's prompts alone, each followed by a true and a
-    false answer (TruthfulQA's format), raises Bob's accuracy against the truth on held-out questions of
-    every task, leaves Alice's answers alone and costs a few tenths of a nat of CE on neutral text.
-
-    Why it can: the model reads, from the answers so far, whether a speaker judges truthfully (quirky
-    transcripts), so it computes at each answer token whether that answer is true. The mass-mean
-    direction of those heads is "the answers here are true"; shifted along it, Bob judges as a truthful
-    speaker would."""
-    from intervene.data.quirky import QUIRKY_TASKS, quirky_dataset
+def test_quirky_demo_model_iti_random_direction_changes_nothing(demo):
+    """The control of the README's ITI row: the demo's fit (Alice's 300 training questions of addition, K=8,
+    alpha=1.5) with a random direction instead of the mass-mean one leaves Bob where he was against the truth
+    (within two binomial standard errors of his base accuracy on the 150 held-out questions), where the
+    learned direction moves him 0.207 -> 0.613 (tests/test_figures_demo.py)."""
+    from intervene.data.quirky import quirky_dataset
 
     model, tok = demo
-    rows = [r for t in QUIRKY_TASKS for r in quirky_dataset(t, "train", n=100, characters=("Alice",), seed=0)]
-    iti = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64)
-    assert float(iti.head_accuracies_.max()) >= 0.85
-    res = {t: _demo_check(model, tok, iti, t, ce=t == "addition") for t in QUIRKY_TASKS}
-    print("ITI fitted on Alice:", res)
-    gains = [r["bob_after"] - r["bob_before"] for r in res.values()]
-    assert min(gains) > 0.05 and sum(gains) / len(gains) >= ALICE_MEAN_GAIN
-    assert gains[QUIRKY_TASKS.index("addition")] >= ALICE_GAIN_ADDITION
-    assert all(r["alice_after"] >= 0.95 for r in res.values())
-    assert res["addition"]["ce_delta"] < ALICE_MAX_CE_DELTA
-    # The control: a random direction with the same heads and scale changes nothing.
+    rows = [r for r in quirky_dataset("addition", "train", n=300, seed=0) if r["character"] == "Alice"]
     rand = ITI.fit(model, tok, rows, num_heads=8, alpha=1.5, batch_size=64, direction="random", seed=0)
-    assert abs(_demo_check(model, tok, rand, "addition", ce=False)["bob_after"] - res["addition"]["bob_before"]) < 0.1
+    res = _demo_check(model, tok, rand, "addition", ce=False)
+    print("ITI, random direction:", res)
+    assert abs(res["bob_after"] - res["bob_before"]) <= binomial(res["bob_before"], N_HELD_OUT).tol
+    assert res["alice_after"] >= 1.0 - binomial(1.0, N_HELD_OUT).tol  # Alice stays truthful (3/n)
 
 
 def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
     """ITI fitted on the truthful-vs-untruthful speaker contrast (the same training questions asked of
-    Alice and of Bob) also turns Bob, at a larger CE cost with the edit at every position."""
+    Alice and of Bob) also turns Bob, at a larger CE cost with the edit at every position: the README's
+    "Bob 0.43 -> 0.99 on comparison at K=8, alpha=1 (150 held-out questions), for +2.06 nats of CE" (bounds: two
+    binomial standard errors on the 150 questions, two standard errors of the CE change over the 200 texts)."""
     from intervene.data.quirky import quirky_dataset, speaker_contrast
 
     model, tok = demo
@@ -464,14 +453,20 @@ def test_quirky_demo_model_iti_speaker_contrast_makes_bob_truthful(demo):
     iti = ITI.fit(model, tok, rows, num_heads=8, alpha=1.0, batch_size=64)
     res = _demo_check(model, tok, iti)
     print("ITI on the speaker contrast:", res)
-    assert res["max_head_acc"] >= 0.95  # heads that carry the speaker to the answer position
-    assert res["bob_after"] >= res["bob_before"] + SPEAKER_GAIN and res["alice_after"] >= 0.85
-    assert res["ce_delta"] < SPEAKER_MAX_CE_DELTA
-    # The same heads and alpha with the edit only at the answer position: Bob still turns and Alice's
-    # answers do not move.
+    check("readme.iti.speaker.before", res["bob_before"], binomial(res["bob_before"], N_HELD_OUT))
+    check("readme.iti.speaker.after", res["bob_after"], binomial(res["bob_after"], N_HELD_OUT))
+    check("readme.iti.speaker.ce", res["ce_delta"], Bound(2 * res["ce_delta_se"], "2 SE of a mean CE change "
+                                                         f"over the {N_NEUTRAL} neutral texts"))
+    # Heads that carry the speaker to the answer position: a speaker probe near perfect on its validation split.
+    assert res["max_head_acc"] >= 0.95
+    # Alice, already truthful, stays so: within 3/n of her base 1.000 (measured 0.987).
+    assert res["alice_after"] >= 1.0 - binomial(1.0, N_HELD_OUT).tol
+    # The same heads and alpha with the edit only at the answer position: Bob still turns (measured 0.99, within
+    # 2 SE of the every-position figure) and Alice's answers do not move (1.000; 3/n).
     last = _demo_check(model, tok, ITI(iti.heads, iti.directions_, iti.sigma_, alpha=1.0, positions="last"),
                        ce=False)
-    assert last["bob_after"] >= last["bob_before"] + SPEAKER_GAIN and last["alice_after"] >= 0.98
+    assert abs(last["bob_after"] - res["bob_after"]) <= binomial(res["bob_after"], N_HELD_OUT).tol, last
+    assert last["alice_after"] >= 1.0 - binomial(1.0, N_HELD_OUT).tol
 
 
 def test_cli_fits_on_the_speaker_contrast(demo, tmp_path):
