@@ -74,8 +74,8 @@ def scale_sweep(model: Any, tok: Any, steering: Steering, scales: Sequence[float
     ``effect`` is any number you want to move (an accuracy, a probability, a probe score), computed by
     calling the model it is given. The cost, on ``ref_texts`` with the edit at every position, is
     ``ce_delta`` (nats per token over the base model) and ``kl``; without ``ref_texts`` it is not
-    measured. Returns one row per scale: ``{"scale", "effect", "ce_delta", "kl"}``. The steering's own
-    scale is restored afterwards.
+    measured. Returns one row per scale: ``{"scale", "effect", "ce_delta", "kl", "ce_delta_se"}`` (the last:
+    the standard error of ``ce_delta`` over the texts). The steering's own scale is restored afterwards.
     """
     from intervene.evaluate.side_effects import side_effects
     from intervene.intervenable import Intervenable
@@ -87,11 +87,12 @@ def scale_sweep(model: Any, tok: Any, steering: Steering, scales: Sequence[float
             steering.scale = float(s)
             with Intervenable(model, [steering]) as ivm:
                 value = float(effect(ivm.model))
-            row = {"scale": float(s), "effect": value, "ce_delta": float("nan"), "kl": float("nan")}
+            row = {"scale": float(s), "effect": value, "ce_delta": float("nan"), "kl": float("nan"),
+                   "ce_delta_se": float("nan")}
             if ref_texts:
                 fx = side_effects(model, tok, list(ref_texts), steering, batch_size=batch_size) if s != 0 else \
-                    {"ce_delta": 0.0, "kl": 0.0}
-                row.update(ce_delta=float(fx["ce_delta"]), kl=float(fx["kl"]))
+                    {"ce_delta": 0.0, "kl": 0.0, "ce_delta_se": 0.0}
+                row.update(ce_delta=float(fx["ce_delta"]), kl=float(fx["kl"]), ce_delta_se=float(fx["ce_delta_se"]))
             rows.append(row)
     finally:
         steering.scale = original
