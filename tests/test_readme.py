@@ -10,6 +10,7 @@ Offline and on the demo model only; the runnable blocks are sized to keep this u
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from intervene.assets import DEMO_MODEL_DIR
+from tests.figure_docs import Bound, binomial, check, exact
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -41,15 +43,55 @@ def test_the_readme_has_code_to_test() -> None:
     assert langs.count("python") >= 2 and any(what == "run" for _, what, _ in BLOCKS)
 
 
+# After a block, what the figure checks below read (the block's own variables, printed as JSON on one line).
+FIGURE_PROBES = {
+    "activation_norm(": 'json.dumps({"norm": float(norm), "n_bob": len(bob), "rows": rows})',
+    "print(grid.top(2))": 'json.dumps({"top": grid.top(1)[0], "se": float(grid.per_pair[grid.rows.index(grid.top(1)[0][0]), '
+                          'grid.positions.index(grid.top(1)[0][1])].std() / len(pairs) ** 0.5 / abs(grid.clean - grid.corrupted)), '
+                          '"n": len(pairs)})',
+    "from intervene.methods.das import iia": 'json.dumps({"n_test": len(quirky_dataset("addition", split="test", n=40))})',
+}
+
+
 @needs_demo
 def test_python_blocks_run(tmp_path: Path) -> None:
-    code = "\n\n".join(c for lang, what, c in BLOCKS if lang == "python" and what != "skip")
-    (tmp_path / "readme.py").write_text(code)
+    """The python blocks run in order, and the figures they print are what the README says they print (bounds:
+    two binomial standard errors on the snippet's questions, two SE of a CE change over its texts)."""
+    blocks = [c for lang, what, c in BLOCKS if lang == "python" and what != "skip"]
+    parts = ["import json as __json"]
+    for code in blocks:
+        parts.append(code)
+        for key, expr in FIGURE_PROBES.items():
+            if key in code:
+                parts.append(f"print('@@figures', {expr.replace('json.dumps', '__json.dumps')}, flush=True)")
+    (tmp_path / "readme.py").write_text("\n\n".join(parts))
     r = subprocess.run([sys.executable, "readme.py"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "Bob says: True | steered: False" in " ".join(r.stdout.split())  # what the README says it prints
     assert (tmp_path / "my-diff" / "intervene_config.json").is_file()
+    lines = r.stdout.splitlines()
+    probes = [json.loads(x.split(" ", 1)[1]) for x in lines if x.startswith("@@figures ")]
+    assert len(probes) == len(FIGURE_PROBES), r.stdout[-2000:]
+    scale, sweep_top, das = probes
+    # "# 34.0 on the demo model": a mean over the 50 texts' tokens, deterministic: the rounding only.
+    check("readme.scale.norm", scale["norm"], exact("deterministic on the README's 50 neutral texts"))
+    n = scale["n_bob"]
+    by_fraction = {round(row["scale"] / scale["norm"], 2): row for row in scale["rows"]}
+    for fraction, name in ((0.0, "0"), (0.25, "25"), (0.4, "40"), (0.75, "75")):
+        row = by_fraction[fraction]
+        check(f"readme.scale.bob{name}", row["effect"], binomial(row["effect"], n))
+        if fraction:
+            check(f"readme.scale.ce{name}", row["ce_delta"],
+                  Bound(2 * row["ce_delta_se"], "2 SE of a mean CE change over the 50 neutral texts"))
+    assert "chosen:" in r.stdout and f"'scale': {by_fraction[0.4]['scale']}" in r.stdout  # choose_scale picks 0.4 x
+    (site, _, score) = sweep_top["top"]
+    assert site == "layers.0.attn"
+    check("readme.sweep_snippet.recovery", score,
+          Bound(2 * sweep_top["se"], f"2 SE of a mean over {sweep_top['n']} pairs, normalised"))
+    # The DAS snippet prints one number, its held-out IIA on the speaker-swap pairs of 40 questions.
+    iia = float(lines[lines.index(next(x for x in lines if x.startswith("@@figures") and "n_test" in x)) - 1])
+    check("readme.das_snippet.iia", iia, binomial(iia, das["n_test"]))
 
 
 @needs_demo
