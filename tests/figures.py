@@ -155,10 +155,10 @@ PROSE: tuple[Prose, ...] = (
              r"(?P<later>[\d.]+)\.", "docs.trace", TRACE),
     Prose(P, r"24 pairs\): patching layer 0's attention output at the answer position recovers (?P<attn0>[\d.]+); "
              r"every state at the name token ≤ (?P<name>[\d.]+)\.", "docs.bob_error",
-          "tests/test_patching_demo.py::test_bobs_error_enters_at_the_answer_through_layer_0_attention"),
+          "tests/test_patching_demo.py::test_attribution_agrees_with_real_patching_on_every_task"),
     Prose(P, r"Over all 314 addition pairs, head 2 of layer 0 at the answer position carries (?P<head2>[\d.]+) of the "
              r"effect\.", "docs.head2",
-          "tests/test_patching_demo.py::test_one_head_carries_the_speaker_and_patching_its_alice_mean_makes_bob_truthful"),
+          "tests/test_patching_demo.py::test_one_head_carries_the_speaker"),
     Prose(P, r"takes Bob from (?P<addition>[\d.]+) / (?P<comparison>[\d.]+) / (?P<facts>[\d.]+) to (?P<after>[\d.]+) "
              r"against the truth on addition / comparison / facts \(150 held-out questions each\), Alice "
              r"(?P<alice>[\d.]+) throughout\. At every position instead, it costs (?P<ce>[\d.]+) nats", "docs.patch",

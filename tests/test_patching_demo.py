@@ -9,12 +9,11 @@ import sys
 from collections import Counter
 
 import pytest
-import torch
 
 import intervene as iv
 from intervene.data.quirky import quirky_dataset, speaker_pairs
-from intervene.evaluate.choices import choice_logits
 from intervene.methods.patching import agreement, attribution_patching, logit_diff, sweep
+from tests.figure_docs import Bound, check, spearman
 
 
 @pytest.fixture(scope="module")
@@ -34,45 +33,60 @@ def _metric(tok, pairs):
     return logit_diff(*first)
 
 
-def test_bobs_error_enters_at_the_answer_through_layer_0_attention(demo) -> None:
-    """Measured (24 addition pairs): patching Alice's layer-0 attention output at the answer position recovers
-    0.9997 of the logit difference, every state at the name token <= 0.0005, block outputs at the answer
-    position >= 0.9997 at every layer. AtP agrees: Spearman 0.986 over the 49 live cells, 1.0 mean top-3."""
+def _cell(res, row: str, col: int) -> tuple[float, Bound]:
+    """A cell's normalised score and two standard errors of it over the pairs (the denominator held fixed)."""
+    i = res.rows.index(row)
+    x = res.per_pair[i, col]
+    se = float(x.std()) / len(x) ** 0.5 / abs(res.clean - res.corrupted)
+    return float(res.scores[i, col]), Bound(2 * se, f"2 SE of a mean over {len(x)} pairs, normalised")
+
+
+def test_attribution_agrees_with_real_patching_on_every_task(demo) -> None:
+    """docs/patching.md on 24 Alice -> Bob pairs per task (the most common template and length): where Bob's error
+    enters (addition: layer 0's attention output at the answer position recovers ~1 of the logit difference, the
+    name token nothing), and how attribution patching ranks the same cells (Spearman over the live cells, bound:
+    two Fisher-z standard errors; the layers.0.attn cell it misses, bound: two SE over the pairs)."""
     model, tok = demo
-    pairs = _pairs(tok, "addition")
     kw = dict(sites=["layers.*", "layers.*.attn", "layers.*.mlp"], tokenizer=tok, progress=False)
-    clean, corrupted, metric = [p["clean"] for p in pairs], [p["corrupted"] for p in pairs], _metric(tok, pairs)
-    res = sweep(model, clean, corrupted, metric, **kw)
-    last = len(res.positions) - 1
-    name = [j for j, t in enumerate(res.tokens or []) if t.strip() == "Bob"]
-    assert name, res.tokens
-    assert float(res.scores[res.rows.index("layers.0.attn"), last]) > 0.99
-    assert float(res.scores[:, name].abs().max()) < 0.01
-    assert float(res.scores[:4, last].min()) > 0.99  # layers.0..3 at the answer position
-    est = attribution_patching(model, clean, corrupted, metric, **kw)
-    agree = agreement(est, res)
-    assert agree["spearman_live"] > 0.95 and agree["mean_top_overlap"] >= 0.9
+    rhos = []
+    for task in ("addition", "comparison", "facts"):
+        pairs = _pairs(tok, task)
+        clean, corrupted, metric = [p["clean"] for p in pairs], [p["corrupted"] for p in pairs], _metric(tok, pairs)
+        res = sweep(model, clean, corrupted, metric, **kw)
+        est = attribution_patching(model, clean, corrupted, metric, **kw)
+        agree = agreement(est, res)
+        rhos.append((agree["spearman_live"], agree["live_cells"]))
+        if task != "addition":
+            continue
+        # The three largest cells of each site agree (measured: all of them on addition; 0.86 on comparison).
+        assert agree["mean_top_overlap"] == 1.0, agree
+        last = len(res.positions) - 1
+        name = [j for j, t in enumerate(res.tokens or []) if t.strip() == "Bob"]
+        assert name, res.tokens
+        real, bound = _cell(res, "layers.0.attn", last)
+        check("docs.bob_error.attn0", real, bound)
+        check("docs.atp.real", real, bound)
+        check("docs.atp.atp", *_cell(est, "layers.0.attn", last))
+        worst = max(((r, j) for r in res.rows for j in name), key=lambda c: abs(_cell(res, *c)[0]))
+        value, bound = _cell(res, *worst)
+        check("docs.bob_error.name", abs(value), bound, op="<=")
+        assert float(res.scores[:4, last].min()) > 0.99  # layers.0..3 at the answer position: the answer is formed
+    (lo, n_lo), (hi, n_hi) = min(rhos), max(rhos)
+    check("docs.atp.lo", lo, spearman(lo, n_lo))
+    check("docs.atp.hi", hi, spearman(hi, n_hi))
 
 
-def test_one_head_carries_the_speaker_and_patching_its_alice_mean_makes_bob_truthful(demo) -> None:
-    """Head 2 of layer 0 at the answer position carries 0.84 of the effect (measured over 314 addition pairs,
-    every template). A saved, constant patch — Alice's mean of that head at the last token — takes Bob from
-    0.21 to 1.00 against the truth on addition (0.46 -> 1.00 comparison, 0.55 -> 1.00 facts), Alice 1.00."""
+def test_one_head_carries_the_speaker(demo) -> None:
+    """Over all 314 addition pairs (every template), head 2 of layer 0 at the answer position carries most of the
+    effect (docs/patching.md; bound: two SE over the pairs). Patching Alice's mean of that head into Bob's runs:
+    tests/test_figures_edits.py, at the setting the README reports."""
     model, tok = demo
     pairs = speaker_pairs(quirky_dataset("addition", split="test", n=400, seed=0))
+    assert len(pairs) == 314
     heads = sweep(model, [p["clean"] for p in pairs], [p["corrupted"] for p in pairs], _metric(tok, pairs),
                   sites=["layers.0.heads"], positions=[-1], tokenizer=tok, progress=False)
-    assert int(heads.scores[:, 0].argmax()) == 2 and float(heads.scores[2, 0]) > 0.7
-    alice = [r for r in quirky_dataset("addition", split="train", n=200, seed=0) if r["character"] == "Alice"]
-    acts = iv.collect(model, tok, alice, sites="layers.0.heads", positions="last", progress=False)
-    patch = iv.Patch.mean(acts, positions="last", heads=[2])
-    test = quirky_dataset("addition", split="test", n=300, seed=1)
-    bob = [r for r in test if r["character"] == "Bob"]
-    truth = torch.tensor([r["alice_label"] for r in bob])
-    before = float((choice_logits(model, tok, bob).argmax(-1) == truth).double().mean())
-    with iv.Intervenable(model, [patch]):
-        after = float((choice_logits(model, tok, bob).argmax(-1) == truth).double().mean())
-    assert before < 0.35 and after > 0.97
+    assert int(heads.scores[:, 0].argmax()) == 2
+    check("docs.head2.head2", *_cell(heads, heads.rows[2], 0))
 
 
 def test_cli_patch_writes_grids_and_agreement(demo, tmp_path) -> None:

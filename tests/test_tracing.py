@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import intervene as iv
 from intervene.methods.patching import noise_level, trace, trace_dataset
 from intervene.methods.patching.cli import trace_items
 from intervene.methods.patching.tracing import BUCKETS, buckets, subject_tokens
+from tests.figure_docs import Bound, check, mean_of
 
 PROMPT, SUBJECT, ANSWER = "Pel'elm works as a", "Pel'elm", " tailor"
 
@@ -101,18 +103,33 @@ def test_buckets_follow_rome() -> None:
 
 def test_demo_model_recalls_facts_at_the_entitys_last_token_in_block_0(demo) -> None:
     """The trace agrees with the REMEDI work: block 0 (its MLP) at the entity's last token is where the
-    fact enters; later states of the subject carry nothing. Measured on 40 facts: hidden AIE 0.097 ± 0.038
-    (95%) at (last subject token, layer 0), MLP 0.094 ± 0.036, every later subject state <= 0.005,
-    total effect 0.70; bounds sit ~1.5 half-widths below."""
+    fact enters; later states of the subject carry nothing. docs/patching.md's and the README's figures on 40
+    facts, each within its 95% interval over the facts (the half-width the trace reports; for the intervals
+    themselves, two standard errors of an SD estimated from 40 facts, 2/sqrt(2·39) of it)."""
     model, tok = demo
-    res = trace_dataset(model, tok, trace_items("quirky:facts", 40), window=1, progress=False)
-    assert res.n == 40 and res.skipped == 0 and res.total_effect > 0.55
+    res = trace_dataset(model, tok, trace_items("quirky:facts", 40), window=1, progress=False, keep=True)
+    assert res.n == 40 and res.skipped == 0
+    totals = [t.total_effect for t in res.traces]
+    check("docs.trace.total", res.total_effect, mean_of(totals, "facts"))
     subject = [0, 1, 2]  # first / middle / last subject token buckets
-    for kind in ("hidden", "mlp"):
-        a = res.aie[kind]
-        assert float(a[2, 0]) > 0.04, kind
-        assert res.peak_within(kind, subject) == ("last subject token", 0)
-        assert float(torch.nan_to_num(a[subject, 1:]).abs().max()) < 0.03, kind
+    last_subject = 2
+    for kind in ("hidden", "mlp", "attn"):
+        aie, ci = float(res.aie[kind][last_subject, 0]), float(res.ci[kind][last_subject, 0])
+        check(f"docs.trace.{kind}", aie, Bound(ci, "the 95% interval over the 40 facts"))
+        if kind != "attn":
+            check(f"docs.trace.{kind}_ci", ci, Bound(2 * ci / math.sqrt(2 * 39), "2 SE of a 95% half-width "
+                                                     "estimated from 40 facts"))
+            assert res.peak_within(kind, subject) == ("last subject token", 0)
+    check("readme.trace.aie", float(res.aie["hidden"][last_subject, 0]),
+          Bound(float(res.ci["hidden"][last_subject, 0]), "the 95% interval over the 40 facts"))
+    # "every later subject state <= 0.008": the largest AIE of the subject's states after layer 0, any kind
+    # (measured 0.0084: the first subject token's hidden state at layer 1), may exceed it by its own 95% half-width.
+    later = {k: torch.nan_to_num(res.aie[k][subject, 1:]) for k in ("hidden", "mlp", "attn")}
+    kind, cell = max(((k, divmod(int(v.argmax()), v.shape[1])) for k, v in later.items()),
+                     key=lambda kc: float(later[kc[0]][kc[1]]))
+    worst = float(later[kind][cell])
+    check("docs.trace.later", worst, Bound(float(res.ci[kind][subject][cell[0], 1 + cell[1]]),
+                                           "the 95% interval of the largest later cell"), op="<=")
     assert float(res.aie["attn"][2, 0]) < float(res.aie["mlp"][2, 0])  # the MLP, not attention, adds the fact
 
 
