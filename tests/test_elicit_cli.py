@@ -11,6 +11,7 @@ import torch
 
 from intervene.cli import main
 from intervene.elicit import EVAL_COLUMNS, ElicitConfig, elicit, read_csv
+from tests.figure_docs import auroc as auroc_bound
 from tests.test_collect import word_tokenizer
 from tests.tiny_models import tiny_model
 
@@ -131,8 +132,17 @@ def test_demo_model_elicits_alice_truth(tmp_path) -> None:
                  "--max-examples", "300", "200", "--n-bootstrap", "100", "--out", str(out), "--no-progress",
                  "--batch-size", "64"]) == 0
     rows = read_csv(out / "eval.csv")
-    # Contrast-pair features sit on the appended answer token, where this model only partly encodes
-    # whether the answer is right (measured 0.80 at layer 3; chance is 0.5; the prompt's last token,
-    # which the demo probes, reaches 0.99).
-    assert max(r["auroc"] for r in rows) > 0.7
+    # The held-out contrast pairs the run scored, for the AUROC's two class sizes.
+    from intervene.data.loaders import load_dataset_rows
+    from intervene.elicit import _pairs
+
+    cfg = ElicitConfig(model="demo", dataset="quirky:addition", character="Alice", max_test=200)
+    labels = _pairs(load_dataset_rows("quirky:addition", "test", 200, cfg.seed, "Alice"), cfg, "test").labels
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    # Measured with the current demo model: 1.000 at the best layer (the bootstrap interval [1.000, 1.000]). At an
+    # AUROC of 1 the Hanley-McNeil standard error vanishes; the bound is the floor 3/min(n_pos, n_neg) (one pair
+    # ranked past every other). This was > 0.7 (an earlier model measured 0.80 on these answer-token features).
+    best = max(r["auroc"] for r in rows)
+    assert best >= 1.0 - auroc_bound(1.0, n_pos, n_neg).tol, (best, n_pos, n_neg)
     torch.manual_seed(0)  # keep global RNG use deterministic for later tests

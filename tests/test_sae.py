@@ -323,8 +323,13 @@ def test_demo_sae_reconstructs_the_demo_model() -> None:
     layer = int(sae.site.split(".")[1])
     with torch.no_grad():
         h = model(**batch, output_hidden_states=True).hidden_states[layer + 1][batch["attention_mask"].bool()]
-    fvu = ((sae(h) - h) ** 2).sum() / ((h - h.mean(0)) ** 2).sum()
-    assert fvu < 0.35, f"FVU {fvu:.3f}"
+        err, var = ((sae(h) - h) ** 2).sum(1), ((h - h.mean(0)) ** 2).sum(1)
+    fvu = float(err.sum() / var.sum())
+    se = float(((err - fvu * var) / var.mean()).std()) / len(err) ** 0.5  # a ratio of means: its linearisation
+    # Measured 0.0296 (SE 0.0018) on these 326 held-out tokens, the SAE's training figure being 0.0229 (cfg.json,
+    # recomputed in tests/test_figures_card.py); a worse reconstruction than 2 SE above it is a regression.
+    # (This was < 0.35, ten times the measurement.)
+    assert fvu <= 0.0296 + 2 * se, f"FVU {fvu:.4f} (SE {se:.4f})"
 
 
 def test_latent_clamp_refuses_groupmax_saes() -> None:
