@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent / "intervene"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams")),
     ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.site_discovery",
-                                       "intervene.site_probe", "intervene.hooks")),
+                                       "intervene.site_probe", "intervene.site_block", "intervene.site_residual",
+                                       "intervene.site_chain", "intervene.hooks")),
     ("core: interventions", ("intervene.intervention", "intervene.registry")),
     ("core: diffs and baking", ("intervene.cards", "intervene.diff_format", "intervene.hubio", "intervene.bake")),
     ("core: the engine", ("intervene.intervenable",)),

@@ -191,9 +191,10 @@ def test_bake_refusals_name_the_reason(model_type: str, site: str, why: str) -> 
 
 
 @pytest.mark.parametrize(("model_type", "site", "why"), [
-    ("mamba", "layers.1.attn", "writes one thing into the residual"),
+    ("zamba", "layers.1.mlp", "reach the residual only through it"),  # the shared transformer feeds Mamba
     ("jetmoe", "layers.1.heads", "is not a Linear layer"),
-    ("doge", "layers.1.mlp", "no two submodule outputs add up"),
+    ("granitemoehybrid", "layers.1.mlp", "split across block_sparse_moe, shared_mlp"),
+    ("longcat_flash", "layers.1.attn", "token mixers after per-position ones"),  # two attention + MLP pairs
 ])
 def test_unresolved_parts_raise_site_error_naming_why(model_type: str, site: str, why: str) -> None:
     model = build(model_type)

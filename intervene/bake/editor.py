@@ -34,11 +34,27 @@ from intervene.bake.layout import (
     writer_paths,
 )
 from intervene.errors import NotBakeableError
-from intervene.site_discovery import config_of
+from intervene.site_discovery import LayerParts, config_of
 from intervene.site_probe import input_embeddings, weight_of
+from intervene.site_residual import gain_tensor
 from intervene.sites import hidden_size, num_layers
 
 _seq = itertools.count()
+
+
+def _not_plain(parts: LayerParts) -> str | None:
+    """Why block arithmetic is not ``c0 * in + c1 * attn + c2 * mlp`` with constants (``None`` when it is)."""
+    if parts.attn is None or parts.mlp is None:
+        return "has no attention and MLP writer pair"
+    if parts.extra:
+        return f"adds {', '.join(parts.extra)} besides its attention and MLP"
+    if parts.normed or parts.resid_gain is None:
+        return "normalises the residual itself"
+    if parts.offset:
+        return "adds a constant besides its writers"
+    if not all(isinstance(g, float) for g in (parts.attn_gain, parts.mlp_gain, parts.resid_gain)):
+        return "scales its residual per channel"
+    return None
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,10 @@ class WeightEditor:
         if any(self.layout.arithmetic(self.source, i).post_norm for i in range(self.n_layers)):
             raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
                                    "projection of the writers keeps it orthogonal to r")
+        for i in range(self.n_layers):
+            if (problem := _not_plain(self.layout.arithmetic(self.source, i))) is not None:
+                raise NotBakeableError(f"{why}: block {i} {problem}, so projecting its attention and MLP writers "
+                                       "does not keep the residual stream orthogonal to r")
         self._push(Loc("embed"), _Op(r, None, 9, why))
         for i in range(self.n_layers):
             for part in ("attn", "mlp"):
@@ -183,16 +203,29 @@ class WeightEditor:
             self._check_width(op, self.hidden)
             key = self._block_of(loc, op)
             if loc.kind == "resid":
-                # the residual after block i is what its last writer added to: fold there (order > 0)
-                parts = self.layout.arithmetic(self.source, key[0])
-                if parts.post_norm:
-                    raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
-                                           "LayerNorm's output, which no writer's bias can shift")
-                if parts.mlp_gain != 1.0 and op.c is not None:  # the block scales the writer's output
-                    op = _Op(op.r, op.c / parts.mlp_gain, op.order, op.why, op.seq)
+                key, op = self._last_writer(key[0], op)
             self._out.setdefault(key, []).append(op)
         else:
             self._in.setdefault(self._block_of(loc, op), []).append(op)
+
+    def _last_writer(self, layer: int, op: _Op) -> tuple[tuple[int, Part], _Op]:
+        """The residual after block ``layer`` is what its last writer added to: ``(that writer, the edit in
+        its units)``. The MLP, or the one branch of a block that has no MLP (a Mamba block)."""
+        parts = self.layout.arithmetic(self.source, layer)
+        if parts.post_norm:
+            raise NotBakeableError(f"{op.why}: block {layer} is post-LN, so the residual after it is a "
+                                   "LayerNorm's output, which no writer's bias can shift")
+        part: Part = "mlp"
+        if parts.mlp is None and "mlp" in parts.absent and parts.attn is not None and not parts.extra:
+            part = "attn"
+        elif not parts.mlp_last:
+            raise NotBakeableError(f"{op.why}: block {layer} adds {', '.join(parts.extra)} after its MLP, which would "
+                                   "also see a constant added at the MLP's output, so no writer's bias shifts only "
+                                   "the residual after the block")
+        gain = parts.attn_gain if part == "attn" else parts.mlp_gain
+        if gain != 1.0 and op.c is not None:  # the block scales the writer's output (per channel, maybe)
+            op = _Op(op.r, op.c / gain_tensor(gain, op.c.numel()), op.order, op.why, op.seq)
+        return (layer, part), op
 
     @staticmethod
     def _block_of(loc: Loc, op: _Op) -> tuple[int, Part]:
@@ -255,7 +288,9 @@ class WeightEditor:
                 oflag = None if ow is None else self._bias_flag(ow, other)
                 if ow is not None and (ow.bias is not None or oflag is not None):
                     gains = self.layout.arithmetic(self.source, i)
-                    b = b * getattr(gains, f"{part}_gain") / getattr(gains, f"{other}_gain")  # in the partner's units
+                    ratio = gain_tensor(getattr(gains, f"{part}_gain"), b.numel()) / gain_tensor(
+                        getattr(gains, f"{other}_gain"), b.numel())
+                    b = b * ratio.to(b.device)  # in the partner's units
                     shift[opath] = shift[opath] + b if opath in shift else b
                     drop.add(path)
                     units.setdefault(opath, ((i, other), [], []))

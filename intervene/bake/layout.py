@@ -248,9 +248,21 @@ class Loc:
     order: int = 0
 
 
+class _Writers(dict):
+    """``{part: path}`` of the writers that resolved; looking up one that did not raises why."""
+
+    def __init__(self, found: dict, why: dict[str, str]) -> None:
+        super().__init__(found)
+        self.why = why
+
+    def __missing__(self, part: str) -> str:
+        raise NotBakeableError(self.why.get(part, f"no {part} writer"))
+
+
 def writer_paths(model: nn.Module, layer: int) -> dict[Part, str]:
     """Module paths (on ``model``) of block ``layer``'s attention and MLP writers: what they output is
-    added to the residual. Raises ``NotBakeableError`` where the structure did not resolve."""
+    added to the residual. Looking up one that did not resolve (a Mamba block has no MLP) raises
+    ``NotBakeableError`` saying why."""
     return _paths(model, layer, proj=False, strict=True)
 
 
@@ -264,13 +276,15 @@ def _paths(model: nn.Module, layer: int, proj: bool, strict: bool) -> dict:
     bpath, _ = block_path(model, layer)
     p = layer_parts(model, layer)
     out: dict = {}
+    why: dict[str, str] = {}
     for part in ("attn", "mlp"):
         rel = getattr(p, f"{part}_proj") if proj else getattr(p, part)
         if rel is None and strict:
-            raise NotBakeableError(f"block {layer} of {type(model).__name__}: its {part} writer did not resolve "
-                                   f"({p.missing.get(part, 'unknown')})")
+            why[part] = (f"block {layer} of {type(model).__name__}: its {part} writer did not resolve "
+                         f"({p.missing.get(part, 'unknown')})")
+            continue
         out[part] = None if rel is None else f"{bpath}.{rel}"
-    return out
+    return _Writers(out, why) if strict else out
 
 
 def locate(model: nn.Module, site: Site) -> Loc:

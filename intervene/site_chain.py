@@ -1,0 +1,443 @@
+"""Blocks the two-writer check cannot explain: the residual followed through the block, step by step.
+
+A block's residual passes through *states*: its input, the values its submodules read (the next
+branch's pre-norm reads the residual after the last add) and its output. A *chain* is a path of states
+from input to output whose every step is an exact identity on the recorded float32 values::
+
+    state_{k+1} = r * base + sum_j g_j * writer_j (+ c)
+
+``base`` is the state itself or the output of a module reading it (MiniMax normalises the residual
+before adding to it); the writers are submodule outputs that finished before the new state is read and
+that no other submodule transforms, each in its own branch of the block and used once; ``r`` / ``g`` are constants or per-channel
+vectors (learned residual gates), ``c`` a per-channel constant (a bias added outside the writer, as in
+GPT-NeoX-Japanese). Scaled and gated residuals (Beam, Doge, Ergo, Zaya, MiniMax), a third writer
+(Gemma-4's per-layer input, Falcon-H1's Mamba beside attention) and one-writer blocks (Mamba,
+Nemotron-H) all come out as chains; a chain is used only when it is the only one (up to skipped states).
+
+Which writer is attention and which the MLP is then measured rather than read off names: with every
+state held at its recorded value except at position 0, a branch whose output still moves at later
+positions *mixes tokens* (attention, or a state-space / convolutional mixer in its place); one that does
+not acts on each position alone (an MLP). Among several token mixers the attention branch is the one
+inside which a softmax over key positions ran. Accepted layouts: token mixers (one attention among
+them) followed by per-position branches, the first of which is the MLP and any later one an extra
+writer; two branches in sequence, the first mixing tokens and the second computing no attention (the
+two-writer check's convention, attention then MLP: RWKV's channel mix shifts tokens by one); or a
+single branch, in which case the part it is not is *absent* from that block (recorded apart from
+"could not resolve", and only when nothing else in the block computes a branch).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from intervene import site_probe as probe
+from intervene.site_block import held_rerun, position0_noise
+from intervene.site_residual import Gain, Group, gain_tensor, pick, projection, top
+
+MAX_WRITERS_PER_STEP = 3
+MAX_FITS = 4000  # per block: beyond this the block is refused as too tangled to check
+
+
+@dataclass(frozen=True)
+class Step:
+    """One checked update of a block's residual: ``target = resid * base + Σ gains[j] * writers[j] (+ offset)``.
+
+    ``target``: ``"output"`` (the block's) or ``"{path}:input"`` (the first module reading that state);
+    ``base``: ``"input"`` (the block's), ``"{path}:input"`` (the previous state) or ``"{path}:output"``
+    (a module reading the previous state, e.g. a norm). Paths are relative to the block; ``writers``
+    are module paths whose outputs are added.
+    """
+
+    target: str
+    base: str
+    writers: tuple[str, ...]
+    gains: tuple[Gain, ...]
+    resid: Gain
+    offset: tuple[float, ...] | None = None
+
+
+@dataclass
+class _Point:
+    """A residual state: a value the block reads (or its input / output), and who reads it."""
+
+    value: torch.Tensor
+    read: float  # when first read: -1 for the block's input, inf for its output
+    readers: list[str]
+    name: str
+
+
+@dataclass(frozen=True)
+class _Fit:
+    resid: Gain
+    gains: tuple[Gain, ...]
+    offset: tuple[float, ...] | None
+
+
+# ---- exact fits of one step ---------------------------------------------------------------------
+def _gain(v: torch.Tensor) -> Gain:
+    """A per-channel coefficient vector as one constant when it is one (exactly 1.0 for 1)."""
+    mean = float(v.mean())
+    if float(v.max() - v.min()) <= 1e-6 * max(abs(mean), 1.0):
+        return 1.0 if abs(mean - 1.0) <= 1e-6 else mean
+    return tuple(float(c) for c in v)
+
+
+def fit_step(target: torch.Tensor, base: torch.Tensor, writers: list[torch.Tensor], tol: float) -> _Fit | None:
+    """``target = r * base + Σ g_j * writers_j (+ c)`` to within ``tol`` at every element, trying the
+    simplest form first: a plain sum, constants, then per-channel vectors, each without and with a
+    per-channel offset ``c``. Every coefficient must be clearly nonzero: a writer scaled by nothing, or a
+    residual that is dropped, is not what the step says."""
+    h = target.shape[-1]
+    t = target.reshape(-1, h)
+    cols = torch.stack([base.reshape(-1, h)] + [w.reshape(-1, h) for w in writers], -1)  # [tokens, h, k]
+    k = cols.shape[-1]
+    d = t - cols.sum(-1)
+    if float(d.abs().max()) <= tol:
+        return _Fit(1.0, (1.0,) * (k - 1), None)
+    for per_channel, offset in ((False, False), (False, True), (True, False), (True, True)):
+        if per_channel and t.shape[0] < 2 * (k + offset):
+            continue  # too few tokens to pin down per-channel coefficients
+        coef, c = _solve(t, cols, per_channel, offset)
+        if coef is None or bool((coef.abs() < 1e-3).any()):
+            continue
+        fitted = (cols * coef).sum(-1) + (torch.zeros(h, dtype=t.dtype) if c is None else c)
+        if float((fitted - t).abs().max()) > tol or _degenerate(cols, per_channel, offset):
+            continue
+        # report a per-channel vector as one constant where it is one, if that still fits
+        gains = [_gain(coef[:, j]) for j in range(k)]
+        off = None if c is None else _gain(c)
+        fitted = torch.stack([gain_tensor(g, h) * cols[..., j] for j, g in enumerate(gains)]).sum(0) + (
+            torch.zeros(h, dtype=t.dtype) if off is None else gain_tensor(off, h))
+        if float((fitted - t).abs().max()) > tol:
+            gains = [tuple(float(v) for v in coef[:, j]) for j in range(k)]
+            off = None if c is None else tuple(float(v) for v in c)
+        return _Fit(gains[0], tuple(gains[1:]), None if off is None else tuple(gain_tensor(off, h).tolist()))
+    return None
+
+
+def _solve(t: torch.Tensor, cols: torch.Tensor, per_channel: bool,
+           offset: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Least squares (normal equations: at most five unknowns, and the fit is checked afterwards) for
+    the coefficients (``[h, k]``, equal rows unless per channel) and the offset (``[h]``); ``None``
+    when the columns are degenerate."""
+    n, h, k = cols.shape
+    if per_channel:
+        a = cols.permute(1, 0, 2)  # [h, tokens, k]
+        if offset:
+            a = torch.cat([a, torch.ones(h, n, 1, dtype=a.dtype)], -1)
+        sol = _normal(a, t.t().unsqueeze(-1))
+        if sol is None:
+            return None, None
+        return sol[:, :k, 0], (sol[:, k, 0] if offset else None)
+    if offset:  # constants for the columns, a free offset per channel: fit on per-channel-centred values
+        tc, cc = t - t.mean(0), cols - cols.mean(0)
+        sol = _normal(cc.reshape(-1, k), tc.reshape(-1, 1))
+        if sol is None:
+            return None, None
+        coef = sol[:, 0]
+        return coef.expand(h, k), t.mean(0) - (cols.mean(0) * coef).sum(-1)
+    sol = _normal(cols.reshape(-1, k), t.reshape(-1, 1))
+    return (None, None) if sol is None else (sol[:, 0].expand(h, k), None)
+
+
+def _degenerate(cols: torch.Tensor, per_channel: bool, offset: bool) -> bool:
+    """Whether a column is (to rounding) a combination of the others, so that the coefficients are not
+    determined: a residual state offered as a writer of the step that produces it, say."""
+    n, h, k = cols.shape
+    a = cols.permute(1, 0, 2) if per_channel else cols.reshape(1, -1, k)  # [batches, rows, k]
+    if offset:
+        a = a - a.mean(1, keepdim=True)
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    sv = torch.linalg.svdvals(a)
+    return bool((sv[:, -1] <= 1e-5 * sv[:, 0]).any())
+
+
+def _normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``argmin |a s - b|`` by the normal equations (batched), ``None`` if ``aᵀa`` is singular."""
+    sol, info = torch.linalg.solve_ex(a.mT @ a, a.mT @ b)
+    return None if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()) else sol
+
+
+# ---- states, writers and the chain --------------------------------------------------------------
+def _points(rec: probe.Record, i: int, x: torch.Tensor, y: torch.Tensor) -> list[_Point]:
+    """The block's input, every distinct residual-shaped value a submodule reads (in reading order),
+    and its output."""
+    pts = [_Point(x, -1.0, [], "input")]
+    pre = f"{i}/"
+    for key in sorted((k for k in rec.inp if k.startswith(pre)), key=lambda k: rec.read[k]):
+        v, rel = rec.inp[key], key[len(pre):]
+        if v.shape != x.shape:
+            continue
+        p = next((p for p in pts if torch.equal(p.value, v)), None)
+        if p is None:
+            pts.append(_Point(v, float(rec.read[key]), [rel], f"{rel}:input"))
+        else:
+            p.readers.append(rel)
+    pts.append(_Point(y, math.inf, [], "output"))
+    return pts
+
+
+def _candidates(rec: probe.Record, i: int, found_groups: list[Group], pts: list[_Point], x: torch.Tensor,
+                y: torch.Tensor, tol: float) -> list[Group]:
+    """Groups that may be writers: visible, not the block's input or output, and read by no submodule
+    that transforms them (a value something reads is a state or an intermediate, not a final write)."""
+    out = []
+    for g in found_groups:
+        if g.value.shape != x.shape or float(g.value.abs().max()) <= 100 * tol:
+            continue
+        if torch.equal(g.value, x) or torch.equal(g.value, y):
+            continue
+        # read inside the block by something that transforms it (a post-norm reading o_proj, the MLP
+        # reading a norm): an intermediate, not a write. Gates that compute the next residual from it
+        # and the residual (Ergo's, Zaya's residual scaling) read two residual-shaped tensors: they do count.
+        readers = [r for p in pts[1:-1] if torch.equal(p.value, g.value) for r in p.readers]
+        if any(r not in g.members and f"{i}/{r}" not in rec.combines for r in readers):
+            continue
+        out.append(g)
+    return out
+
+
+def _bases(rec: probe.Record, i: int, state: _Point, cands: list[Group], before: float) -> list[tuple[str, torch.Tensor]]:
+    """What a step may add to: the state itself, or the output of a module reading it (not a writer)."""
+    out = [(state.name, state.value)]
+    for rel in state.readers:
+        key = f"{i}/{rel}"
+        o = rec.out.get(key)
+        if o is None or o.shape != state.value.shape or rec.order[key] >= before:
+            continue
+        if any(torch.equal(o, v) for _, v in out) or any(torch.equal(o, c.value) for c in cands):
+            continue
+        out.append((f"{rel}:output", o))
+    return out
+
+
+Chain = list[tuple[_Point, str, tuple[Group, ...], _Fit]]  # (target state, base name, writers, fit)
+
+
+def find_chains(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], x: torch.Tensor,
+                y: torch.Tensor, tol: float) -> tuple[list[Chain], list[_Point], str]:
+    """Every chain from the block's input to its output (at most a few), the states, and a note when
+    the search gave up."""
+    pts = _points(rec, i, x, y)
+    cands = _candidates(rec, i, found_groups, pts, x, y, tol)
+    tops = {id(c): top(pick(c, block), block) for c in cands}
+    chains: list[Chain] = []
+    budget = [MAX_FITS]
+
+    def go(state: _Point, used: tuple[Group, ...], steps: Chain) -> None:
+        if state is pts[-1]:
+            chains.append(steps)
+            return
+        for t in (p for p in pts if p.read > state.read):
+            for bname, bval in _bases(rec, i, state, cands, t.read):
+                # any writer not used yet that finished before the target is read: a shortcut branch
+                # (LongCat-Flash's MoE) may be computed long before it is added
+                window = [c for c in cands if c.order < t.read and all(c is not u for u in used)
+                          and tops[id(c)] not in {tops[id(u)] for u in used}]
+                for size in range(1, min(MAX_WRITERS_PER_STEP, len(window)) + 1):
+                    for ws in itertools.combinations(window, size):
+                        if len(chains) > 4 or budget[0] <= 0:
+                            return
+                        if len({tops[id(w)] for w in ws}) < size:
+                            continue
+                        budget[0] -= 1
+                        f = fit_step(t.value, bval, [w.value for w in ws], tol)
+                        if f is not None:
+                            go(t, used + ws, steps + [(t, bname, ws, f)])
+
+    go(pts[0], (), [])
+    return chains, pts, ("" if budget[0] > 0 else f"gave up after {MAX_FITS} candidate steps")
+
+
+# ---- which writer is which ----------------------------------------------------------------------
+def mixes_tokens(block: nn.Module, i: int, call: tuple[tuple, dict], h: int, rec: probe.Record,
+                 states: list[_Point], writers: list[str], tol: float) -> dict[str, bool | None]:
+    """``{writer: mixes tokens?}`` from one re-run with every state's readers held at the recorded value
+    plus noise at position 0: a per-position branch's output does not move at later positions, a token
+    mixer's does (``None``: the noise did not reach it, or no clear answer)."""
+    hold: dict[str, torch.Tensor] = {}
+    for s in states:
+        held = position0_noise(s.value)  # one draw per state, shared by all its readers
+        hold.update({f"{i}/{rel}": held for rel in s.readers})
+    seen = held_rerun(block, i, call, h, hold)
+    out: dict[str, bool | None] = {}
+    for w in writers:
+        base, moved = rec.out.get(f"{i}/{w}"), seen.get(f"{i}/{w}")
+        if base is None or moved is None or moved.shape != base.shape:
+            out[w] = None
+            continue
+        delta, scale = (moved - base).abs(), float(base.abs().max())
+        if float(delta[:, 0].max()) <= 100 * tol:
+            out[w] = None  # position 0 itself did not move: the held states do not feed this writer
+        elif float(delta[:, 1:].max()) <= 1e-5 * scale:
+            out[w] = False
+        elif float(delta[:, 1:].max()) > 1e-3 * scale:
+            out[w] = True
+        else:
+            out[w] = None
+    return out
+
+
+@dataclass
+class _Writer:
+    group: Group
+    name: str
+    step: int
+    gain: Gain
+    mixes: bool | None
+    attention: bool
+
+
+def assign(block: nn.Module, i: int, ws: list[_Writer]) -> tuple[dict[str, _Writer | None], dict[str, str], set[str]]:
+    """``({"attn", "mlp"}: writer or None, {part: why unresolved}, parts absent by structure)`` from the
+    measured kinds (see the module docstring for the layouts accepted)."""
+    listing = ", ".join(f"{w.name} ({'mixes tokens' if w.mixes else 'per position' if w.mixes is False else '?'})"
+                        for w in ws)
+    if len(ws) == 2 and ws[0].step < ws[1].step and ws[0].mixes and not ws[1].attention:
+        # two branches in sequence: the two-writer check's convention (attention, then the MLP), checked
+        # here: the first mixes tokens and the second computes no attention (RWKV's channel mix shifts
+        # tokens by one, yet it is the MLP)
+        return {"attn": ws[0], "mlp": ws[1]}, {}, set()
+    unclear = [w.name for w in ws if w.mixes is None]
+    if unclear:
+        why = f"block {i}: could not tell whether {', '.join(unclear)} mixes tokens (its branches: {listing})"
+        return {}, {"attn": why, "mlp": why}, set()
+    mixers, pos = [w for w in ws if w.mixes], [w for w in ws if not w.mixes]
+    first_pos = min((w.step for w in pos), default=math.inf)
+    if any(w.step > first_pos for w in mixers):
+        why = (f"block {i} writes {len(ws)} branches into its residual, token mixers after per-position ones "
+               f"({listing}); the attention and MLP sites need attention branches followed by an MLP")
+        return {}, {"attn": why, "mlp": why}, set()
+    got: dict[str, _Writer | None] = {"attn": None, "mlp": None}
+    missing: dict[str, str] = {}
+    absent: set[str] = set()
+    attention = [w for w in mixers if w.attention]
+    if len(mixers) == 1:
+        got["attn"] = mixers[0]
+    elif len(attention) == 1:
+        got["attn"] = attention[0]
+    elif mixers:
+        missing["attn"] = (f"block {i} has {len(mixers)} token-mixing branches ({listing}) and "
+                           f"{len(attention)} of them compute attention, so none is the attention branch")
+    else:
+        absent.add("attn")
+        names = ", ".join(f"{w.name} ({type(block.get_submodule(w.name)).__name__})" for w in pos)
+        missing["attn"] = (f"block {i} has no attention: what writes its residual, {names}, acts on each "
+                           "position alone")
+    firsts = [w for w in pos if w.step == first_pos]
+    if len(firsts) == 1:
+        got["mlp"] = firsts[0]
+    elif firsts:
+        missing["mlp"] = (f"block {i}'s per-position branch is split across {', '.join(w.name for w in firsts)}, "
+                          "added together in one step, and no submodule outputs their sum")
+    else:
+        absent.add("mlp")
+        names = ", ".join(f"{w.name} ({type(block.get_submodule(w.name)).__name__})" for w in mixers)
+        missing["mlp"] = (f"block {i} has no MLP: what writes its residual, {names}, mixes tokens (attention, or "
+                          "a state-space or recurrent mixer in its place) and nothing acts on each position alone")
+    return got, missing, absent
+
+
+def unexplained(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], ws: list[_Writer],
+                chain: Chain, pts: list[_Point], tol: float) -> list[str]:
+    """Branches the block computes that are neither writers nor inside one, nor feed one, nor a state:
+    when there are any, a part missing from the residual is not absent from the architecture (Zamba's
+    shared transformer feeds its Mamba mixer instead of writing the residual)."""
+    roots: set[str] = set()
+    for w in ws:
+        roots.update(w.group.members)
+        win = rec.inp.get(f"{i}/{w.name}")
+        roots.update(m for g in found_groups if win is not None and torch.equal(g.value, win) for m in g.members)
+
+    def under(rel: str) -> bool:
+        return any(rel == r or rel.startswith(r + ".") for r in roots)
+
+    states = [pts[0].value] + [t.value for t, *_ in chain]
+    out = []
+    for g in found_groups:
+        if float(g.value.abs().max()) <= 100 * tol or all(under(m) for m in g.members):
+            continue
+        if any(torch.equal(g.value, s) for s in states):
+            continue
+        readers = [r for p in pts if torch.equal(p.value, g.value) for r in p.readers]
+        if readers and all(under(r) for r in readers):
+            continue  # a pre-norm: it feeds a writer
+        name = top(pick(g, block), block)
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], x: torch.Tensor,
+                  y: torch.Tensor, tol: float, call: tuple[tuple, dict] | None,
+                  h: int) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(found, missing)`` for block ``i`` as :func:`intervene.site_discovery._writers` returns them,
+    from its unique chain; the reason in ``missing`` when there is none, or several."""
+    chains, pts, gave_up = find_chains(rec, i, block, found_groups, x, y, tol)
+    sets = {frozenset(id(g) for _, _, ws, _ in c for g in ws) for c in chains}
+    if len(sets) != 1 or call is None:
+        why = (f"block {i}: no submodule outputs add up to its output minus its input, nor reconstruct it step by "
+               f"step from the values it reads (constants or per-channel gains{'; ' + gave_up if gave_up else ''})"
+               if not chains else
+               f"block {i}: several sets of submodule outputs reconstruct its output from its input")
+        return {}, {"attn": why, "mlp": why}
+    chain = max(chains, key=len)  # the same writers; the most states checked along the way
+    names = [pick(g, block) for _, _, ws, _ in chain for g in ws]
+    kinds = mixes_tokens(block, i, call, h, rec, [pts[0]] + [t for t, *_ in chain[:-1]], names, tol)
+    ws = []
+    for k, (_, _, groups_k, f) in enumerate(chain):
+        for g, gain in zip(groups_k, f.gains):
+            name = pick(g, block)
+            win = rec.inp.get(f"{i}/{name}")
+            feeding = [m for gg in found_groups if win is not None and torch.equal(gg.value, win) for m in gg.members]
+            attention = any(f"{i}/{m}" in rec.attention for m in g.members + feeding)
+            ws.append(_Writer(g, name, k, gain, kinds.get(name), attention))
+    got, missing, absent = assign(block, i, ws)
+    if absent and (others := unexplained(rec, i, block, found_groups, ws, chain, pts, tol)):
+        part = "attention" if "attn" in absent else "MLP"
+        for p in absent:
+            missing[p] = (f"block {i} writes only {', '.join(w.name for w in ws)} into its residual, but also "
+                          f"computes {', '.join(others)}, which reach the residual only through it, so no {part} "
+                          "branch of its own writes the residual stream")
+        absent = set()
+    found: dict[str, Any] = {
+        "post_norm": False, "absent": absent, "offset": any(f.offset is not None for *_, f in chain),
+        "normed": any(b.endswith(":output") for _, b, _, _ in chain),
+        "extra": tuple(w.name for w in ws if w is not got.get("attn") and w is not got.get("mlp")),
+        "steps": tuple(Step(t.name, b, tuple(pick(g, block) for g in gs), f.gains, f.resid, f.offset)
+                       for t, b, gs, f in chain),
+        "resid_gain": _resid_gain(chain, x.shape[-1]),
+    }
+    gains: list[Gain] = [1.0, 1.0]
+    for k, part in enumerate(("attn", "mlp")):
+        w = got.get(part)
+        if w is None:
+            continue
+        found[part], gains[k] = w.name, w.gain
+        if part == "attn":
+            found["attention"] = w.attention  # the config's attention head count applies only then
+        proj, why = projection(rec, i, block, found_groups, w.name)
+        if proj is None:
+            missing[f"{part}_proj"] = why
+        else:
+            found[f"{part}_proj"] = proj
+        if part == "mlp":
+            found["mlp_last"] = w.step == len(chain) - 1
+    found["gains"] = tuple(gains)
+    return found, missing
+
+
+def _resid_gain(chain: Chain, h: int) -> Gain | None:
+    """How the block's input reaches its output along the chain (``None`` through a norm)."""
+    if any(b.endswith(":output") for _, b, _, _ in chain):
+        return None
+    total = torch.ones(h, dtype=torch.float64)
+    for *_, f in chain:
+        total = total * gain_tensor(f.resid, h)
+    return _gain(total)
