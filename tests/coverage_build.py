@@ -179,9 +179,12 @@ def tiny_config(model_type: str) -> Any:
     return cfg
 
 
-def build(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` (fp32, eval, eager attention)."""
+def build(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` (fp32, eval, eager attention); ``overrides``
+    are set on the shrunk config (residual multipliers a test wants away from 1, say)."""
     cfg = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():
