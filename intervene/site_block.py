@@ -98,8 +98,11 @@ def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
     def sub_pre(key: str) -> PreHook:
         def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             stack.append(key)
-            if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
+            t = module_input(args, kwargs, h)
+            if key not in rec.inp and t is not None and (r := as_resid(t, h)) is not None:
                 rec.inp[key], rec.read[key] = r, next(tick)
+                # to re-run this module alone; its input cloned, as the block may add into it later
+                rec.sub_args[key] = replace_input(args, kwargs, t.detach().clone())
                 tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
                 if sum(as_resid(v, h) is not None for v in tensors) >= 2:
                     rec.combines.add(key)
@@ -172,6 +175,31 @@ def held_rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int,
         for handle in handles:
             handle.remove()
     return seen
+
+
+def module_mixes(block: nn.Module, i: int, rel: str, rec: Record, h: int) -> bool | None:
+    """Does submodule ``rel`` of block ``i``, run alone on the call :func:`rerun` recorded, mix tokens: with
+    its input changed at position 0 only, does its output move at later positions? (``None``: no
+    recorded call, it failed alone, or no clear answer.)"""
+    call = rec.sub_args.get(f"{i}/{rel}")
+    t = None if call is None else module_input(*call, h)
+    if call is None or t is None:
+        return None
+    mod = block.get_submodule(rel)
+    moved = position0_noise(t.detach().double().reshape(BATCH, -1, h)).reshape(t.shape).to(t.dtype)
+    args, kwargs = replace_input(*call, moved)
+    try:
+        with float32_view(block), torch.no_grad(), eval_mode(mod):
+            a = as_resid(first_tensor(mod(*call[0], **call[1])), h)
+            b = as_resid(first_tensor(mod(*args, **kwargs)), h)
+    except Exception:  # noqa: BLE001 - a module that cannot run alone gives no answer, not a guess
+        return None
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    d, scale = (b - a).abs(), float(a.abs().max())
+    if float(d[:, 1:].max()) <= 1e-5 * scale:
+        return False
+    return True if float(d[:, 1:].max()) > 1e-3 * scale else None
 
 
 def position0_noise(t: torch.Tensor, seed: int = 2) -> torch.Tensor:

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from intervene import site_probe as probe
-from intervene.site_block import held_rerun, position0_noise
-from intervene.site_residual import Gain, Group, gain_tensor, pick, projection, top
+from intervene.site_block import held_rerun, module_mixes, position0_noise
+from intervene.site_residual import Gain, Group, gain_tensor, is_linear, pick, projection, top
 
 MAX_WRITERS_PER_STEP = 3
 MAX_FITS = 4000  # per block: beyond this the block is refused as too tangled to check
@@ -257,30 +257,34 @@ def find_chains(rec: probe.Record, i: int, block: nn.Module, found_groups: list[
 
 # ---- which writer is which ----------------------------------------------------------------------
 def mixes_tokens(block: nn.Module, i: int, call: tuple[tuple, dict], h: int, rec: probe.Record,
-                 states: list[_Point], writers: list[str], tol: float) -> dict[str, bool | None]:
-    """``{writer: mixes tokens?}`` from one re-run with every state's readers held at the recorded value
-    plus noise at position 0: a per-position branch's output does not move at later positions, a token
-    mixer's does (``None``: the noise did not reach it, or no clear answer)."""
+                 states: list[_Point], roots: dict[str, list[str]], tol: float) -> dict[str, bool | None]:
+    """``{writer: mixes tokens?}`` from two measurements that must agree.
+
+    The branch as a whole: one re-run with every state's readers held at the recorded value plus noise at
+    position 0; a per-position branch's output does not move at later positions, a token mixer's does.
+    Its modules alone (``roots[writer]``: the writer's outermost module, and for a post-norm the one whose
+    output it normalises): re-run with their own input moved at position 0. A branch mixes tokens if one
+    of its modules does; it acts per position only if its modules do and the held re-run agrees (a
+    writer reading an intermediate that is not a state, e.g. Reformer's feed-forward reading attention's
+    output, moves there for the upstream branch's sake: no answer then, and the block is refused).
+    """
     hold: dict[str, torch.Tensor] = {}
     for s in states:
         held = position0_noise(s.value)  # one draw per state, shared by all its readers
         hold.update({f"{i}/{rel}": held for rel in s.readers})
     seen = held_rerun(block, i, call, h, hold)
     out: dict[str, bool | None] = {}
-    for w in writers:
-        base, moved = rec.out.get(f"{i}/{w}"), seen.get(f"{i}/{w}")
-        if base is None or moved is None or moved.shape != base.shape:
-            out[w] = None
-            continue
-        delta, scale = (moved - base).abs(), float(base.abs().max())
-        if float(delta[:, 0].max()) <= 100 * tol:
-            out[w] = None  # position 0 itself did not move: the held states do not feed this writer
-        elif float(delta[:, 1:].max()) <= 1e-5 * scale:
-            out[w] = False
-        elif float(delta[:, 1:].max()) > 1e-3 * scale:
+    for w, mods in roots.items():
+        # a Linear acts on the last axis, so on each position alone, whatever it reads
+        alone = [False if is_linear(block.get_submodule(m)) else module_mixes(block, i, m, rec, h) for m in mods]
+        if any(a is True for a in alone):
             out[w] = True
-        else:
-            out[w] = None
+            continue
+        base, moved = rec.out.get(f"{i}/{w}"), seen.get(f"{i}/{w}")
+        per_position = (all(a is False for a in alone) and base is not None and moved is not None
+                        and moved.shape == base.shape and float((moved - base)[:, 0].abs().max()) > 100 * tol
+                        and float((moved - base)[:, 1:].abs().max()) <= 1e-5 * float(base.abs().max()))
+        out[w] = False if per_position else None
     return out
 
 
@@ -306,7 +310,9 @@ def assign(block: nn.Module, i: int, ws: list[_Writer]) -> tuple[dict[str, _Writ
         return {"attn": ws[0], "mlp": ws[1]}, {}, set()
     unclear = [w.name for w in ws if w.mixes is None]
     if unclear:
-        why = f"block {i}: could not tell whether {', '.join(unclear)} mixes tokens (its branches: {listing})"
+        why = (f"block {i}: could not tell whether {', '.join(unclear)} mixes tokens (its modules alone and the "
+               f"block with its residual held disagree, e.g. it reads another branch's output rather than the "
+               f"residual; its branches: {listing})")
         return {}, {"attn": why, "mlp": why}, set()
     mixers, pos = [w for w in ws if w.mixes], [w for w in ws if not w.mixes]
     first_pos = min((w.step for w in pos), default=math.inf)
@@ -388,15 +394,21 @@ def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: lis
                f"block {i}: several sets of submodule outputs reconstruct its output from its input")
         return {}, {"attn": why, "mlp": why}
     chain = max(chains, key=len)  # the same writers; the most states checked along the way
-    names = [pick(g, block) for _, _, ws, _ in chain for g in ws]
-    kinds = mixes_tokens(block, i, call, h, rec, [pts[0]] + [t for t, *_ in chain[:-1]], names, tol)
+    roots: dict[str, list[str]] = {}
+    feeding: dict[str, list[str]] = {}  # members of the group a writer reads (o_proj's for a post-norm)
+    for _, _, groups_k, _ in chain:
+        for g in groups_k:
+            name = pick(g, block)
+            win = rec.inp.get(f"{i}/{name}")
+            src = next((gg for gg in found_groups if win is not None and torch.equal(gg.value, win)), None)
+            feeding[name] = src.members if src is not None and not is_linear(block.get_submodule(name)) else []
+            roots[name] = [_outermost(g.members)] + ([_outermost(feeding[name])] if feeding[name] else [])
+    kinds = mixes_tokens(block, i, call, h, rec, [pts[0]] + [t for t, *_ in chain[:-1]], roots, tol)
     ws = []
     for k, (_, _, groups_k, f) in enumerate(chain):
         for g, gain in zip(groups_k, f.gains):
             name = pick(g, block)
-            win = rec.inp.get(f"{i}/{name}")
-            feeding = [m for gg in found_groups if win is not None and torch.equal(gg.value, win) for m in gg.members]
-            attention = any(f"{i}/{m}" in rec.attention for m in g.members + feeding)
+            attention = any(f"{i}/{m}" in rec.attention for m in g.members + feeding[name])
             ws.append(_Writer(g, name, k, gain, kinds.get(name), attention))
     got, missing, absent = assign(block, i, ws)
     if absent and (others := unexplained(rec, i, block, found_groups, ws, chain, pts, tol)):
@@ -431,6 +443,10 @@ def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: lis
             found["mlp_last"] = w.step == len(chain) - 1
     found["gains"] = tuple(gains)
     return found, missing
+
+
+def _outermost(members: list[str]) -> str:
+    return min(members, key=lambda r: r.count("."))
 
 
 def _resid_gain(chain: Chain, h: int) -> Gain | None:

@@ -110,6 +110,7 @@ class Record:
     read: dict[str, int] = field(default_factory=dict)  # when it started (same clock as ``order``)
     attention: set[str] = field(default_factory=set)  # modules running during an attention softmax
     combines: set[str] = field(default_factory=set)  # modules called with two residual-shaped tensors
+    sub_args: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # each descendant's first call
     embed_out: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other embeddings' outputs (positions)
     logits: torch.Tensor | None = None

@@ -195,6 +195,9 @@ def test_bake_refusals_name_the_reason(model_type: str, site: str, why: str) -> 
     ("jetmoe", "layers.1.heads", "is not a Linear layer"),
     ("granitemoehybrid", "layers.1.mlp", "split across block_sparse_moe, shared_mlp"),
     ("longcat_flash", "layers.1.attn", "token mixers after per-position ones"),  # two attention + MLP pairs
+    # reversible: the feed-forward reads attention's output, not the residual, so it moves with the residual
+    # held although it acts per position: not called attention (nor MLP) on that evidence
+    ("reformer", "layers.1.attn", "could not tell whether feed_forward.output.dense mixes tokens"),
 ])
 def test_unresolved_parts_raise_site_error_naming_why(model_type: str, site: str, why: str) -> None:
     model = build(model_type)
