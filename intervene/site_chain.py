@@ -103,6 +103,8 @@ def fit_step(target: torch.Tensor, base: torch.Tensor, writers: list[torch.Tenso
     for per_channel, offset in ((False, False), (False, True), (True, False), (True, True)):
         if per_channel and t.shape[0] < 2 * (k + offset):
             continue  # too few tokens to pin down per-channel coefficients
+        if per_channel and h > _SCREEN and not _fits(t[:, :_SCREEN], cols[:, :_SCREEN], offset, tol):
+            continue  # each channel is its own fit: a few channels that fail settle it, cheaply
         coef, c = _solve(t, cols, per_channel, offset)
         if coef is None or bool((coef.abs() < 1e-3).any()):
             continue
@@ -119,6 +121,18 @@ def fit_step(target: torch.Tensor, base: torch.Tensor, writers: list[torch.Tenso
             off = None if c is None else tuple(float(v) for v in c)
         return _Fit(gains[0], tuple(gains[1:]), None if off is None else tuple(gain_tensor(off, h).tolist()))
     return None
+
+
+_SCREEN = 16  # channels tried first in a per-channel fit
+
+
+def _fits(t: torch.Tensor, cols: torch.Tensor, offset: bool, tol: float) -> bool:
+    """Whether a per-channel fit on these channels is within ``tol``."""
+    coef, c = _solve(t, cols, True, offset)
+    if coef is None:
+        return False
+    fitted = (cols * coef).sum(-1) + (0.0 if c is None else c)
+    return float((fitted - t).abs().max()) <= tol
 
 
 def _solve(t: torch.Tensor, cols: torch.Tensor, per_channel: bool,

@@ -216,8 +216,9 @@ def test_unsupported_structures_raise_naming_why(model_type: str, why: str) -> N
         resolve_site(build(model_type), "layers.0")
 
 
-def test_probe_leaves_the_model_as_it_was() -> None:
-    model = build("cohere").train()  # dropout on: the probe must switch it off and back
+@pytest.mark.parametrize("model_type", ["cohere", "falcon_h1", "mamba"])  # two writers; a chain; one writer
+def test_probe_leaves_the_model_as_it_was(model_type: str) -> None:
+    model = build(model_type).train()  # dropout on: the probe must switch it off and back
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     discover(model)
