@@ -7,17 +7,18 @@ from input to output whose every step is an exact identity on the recorded float
     state_{k+1} = r * base + sum_j g_j * writer_j (+ c)
 
 ``base`` is the state itself or the output of a module reading it (MiniMax normalises the residual
-before adding to it); the writers are submodule outputs that finished before the new state is read and
-that no other submodule transforms, each in its own branch of the block and used once; ``r`` / ``g`` are constants or per-channel
-vectors (learned residual gates), ``c`` a per-channel constant (a bias added outside the writer, as in
-GPT-NeoX-Japanese). Scaled and gated residuals (Beam, Doge, Ergo, Zaya, MiniMax), a third writer
+before adding to it); the writers are submodule outputs that finished before the new state is read,
+that no other submodule transforms, each in its own branch of the block and used once; ``r`` / ``g``
+are constants or per-channel vectors (learned residual gates), ``c`` a per-channel constant (a bias
+added outside the writer, as in GPT-NeoX-Japanese); :mod:`intervene.site_fit` checks each step. Scaled and gated residuals (Beam, Doge, Ergo, Zaya, MiniMax), a third writer
 (Gemma-4's per-layer input, Falcon-H1's Mamba beside attention) and one-writer blocks (Mamba,
 Nemotron-H) all come out as chains; a chain is used only when it is the only one (up to skipped states).
 
-Which writer is attention and which the MLP is then measured rather than read off names: with every
-state held at its recorded value except at position 0, a branch whose output still moves at later
-positions *mixes tokens* (attention, or a state-space / convolutional mixer in its place); one that does
-not acts on each position alone (an MLP). Among several token mixers the attention branch is the one
+Which writer is attention and which the MLP is then measured rather than read off names: a branch
+*mixes tokens* (attention, or a state-space / convolutional mixer in its place) when one of its modules,
+run alone with its input moved at position 0 only, moves at later positions; it acts on each position
+alone (an MLP) when its modules do not and neither does its output with every state held at its
+recorded value except at position 0 (:func:`mixes_tokens`). Among several token mixers the attention branch is the one
 inside which a softmax over key positions ran. Accepted layouts: token mixers (one attention among
 them) followed by per-position branches, the first of which is the MLP and any later one an extra
 writer; two branches in sequence, the first mixing tokens and the second computing no attention (the
@@ -38,6 +39,7 @@ from torch import nn
 
 from intervene import site_probe as probe
 from intervene.site_block import held_rerun, module_mixes, position0_noise
+from intervene.site_fit import Fit, fit_step, gain
 from intervene.site_residual import Gain, Group, gain_tensor, is_linear, pick, projection, top
 
 MAX_WRITERS_PER_STEP = 3
@@ -70,112 +72,6 @@ class _Point:
     read: float  # when first read: -1 for the block's input, inf for its output
     readers: list[str]
     name: str
-
-
-@dataclass(frozen=True)
-class _Fit:
-    resid: Gain
-    gains: tuple[Gain, ...]
-    offset: tuple[float, ...] | None
-
-
-# ---- exact fits of one step ---------------------------------------------------------------------
-def _gain(v: torch.Tensor) -> Gain:
-    """A per-channel coefficient vector as one constant when it is one (exactly 1.0 for 1)."""
-    mean = float(v.mean())
-    if float(v.max() - v.min()) <= 1e-6 * max(abs(mean), 1.0):
-        return 1.0 if abs(mean - 1.0) <= 1e-6 else mean
-    return tuple(float(c) for c in v)
-
-
-def fit_step(target: torch.Tensor, base: torch.Tensor, writers: list[torch.Tensor], tol: float) -> _Fit | None:
-    """``target = r * base + Σ g_j * writers_j (+ c)`` to within ``tol`` at every element, trying the
-    simplest form first: a plain sum, constants, then per-channel vectors, each without and with a
-    per-channel offset ``c``. Every coefficient must be clearly nonzero: a writer scaled by nothing, or a
-    residual that is dropped, is not what the step says."""
-    h = target.shape[-1]
-    t = target.reshape(-1, h)
-    cols = torch.stack([base.reshape(-1, h)] + [w.reshape(-1, h) for w in writers], -1)  # [tokens, h, k]
-    k = cols.shape[-1]
-    d = t - cols.sum(-1)
-    if float(d.abs().max()) <= tol:
-        return _Fit(1.0, (1.0,) * (k - 1), None)
-    for per_channel, offset in ((False, False), (False, True), (True, False), (True, True)):
-        if per_channel and t.shape[0] < 2 * (k + offset):
-            continue  # too few tokens to pin down per-channel coefficients
-        if per_channel and h > _SCREEN and not _fits(t[:, :_SCREEN], cols[:, :_SCREEN], offset, tol):
-            continue  # each channel is its own fit: a few channels that fail settle it, cheaply
-        coef, c = _solve(t, cols, per_channel, offset)
-        if coef is None or bool((coef.abs() < 1e-3).any()):
-            continue
-        fitted = (cols * coef).sum(-1) + (torch.zeros(h, dtype=t.dtype) if c is None else c)
-        if float((fitted - t).abs().max()) > tol or _degenerate(cols, per_channel, offset):
-            continue
-        # report a per-channel vector as one constant where it is one, if that still fits
-        gains = [_gain(coef[:, j]) for j in range(k)]
-        off = None if c is None else _gain(c)
-        fitted = torch.stack([gain_tensor(g, h) * cols[..., j] for j, g in enumerate(gains)]).sum(0) + (
-            torch.zeros(h, dtype=t.dtype) if off is None else gain_tensor(off, h))
-        if float((fitted - t).abs().max()) > tol:
-            gains = [tuple(float(v) for v in coef[:, j]) for j in range(k)]
-            off = None if c is None else tuple(float(v) for v in c)
-        return _Fit(gains[0], tuple(gains[1:]), None if off is None else tuple(gain_tensor(off, h).tolist()))
-    return None
-
-
-_SCREEN = 16  # channels tried first in a per-channel fit
-
-
-def _fits(t: torch.Tensor, cols: torch.Tensor, offset: bool, tol: float) -> bool:
-    """Whether a per-channel fit on these channels is within ``tol``."""
-    coef, c = _solve(t, cols, True, offset)
-    if coef is None:
-        return False
-    fitted = (cols * coef).sum(-1) + (0.0 if c is None else c)
-    return float((fitted - t).abs().max()) <= tol
-
-
-def _solve(t: torch.Tensor, cols: torch.Tensor, per_channel: bool,
-           offset: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Least squares (normal equations: at most five unknowns, and the fit is checked afterwards) for
-    the coefficients (``[h, k]``, equal rows unless per channel) and the offset (``[h]``); ``None``
-    when the columns are degenerate."""
-    n, h, k = cols.shape
-    if per_channel:
-        a = cols.permute(1, 0, 2)  # [h, tokens, k]
-        if offset:
-            a = torch.cat([a, torch.ones(h, n, 1, dtype=a.dtype)], -1)
-        sol = _normal(a, t.t().unsqueeze(-1))
-        if sol is None:
-            return None, None
-        return sol[:, :k, 0], (sol[:, k, 0] if offset else None)
-    if offset:  # constants for the columns, a free offset per channel: fit on per-channel-centred values
-        tc, cc = t - t.mean(0), cols - cols.mean(0)
-        sol = _normal(cc.reshape(-1, k), tc.reshape(-1, 1))
-        if sol is None:
-            return None, None
-        coef = sol[:, 0]
-        return coef.expand(h, k), t.mean(0) - (cols.mean(0) * coef).sum(-1)
-    sol = _normal(cols.reshape(-1, k), t.reshape(-1, 1))
-    return (None, None) if sol is None else (sol[:, 0].expand(h, k), None)
-
-
-def _degenerate(cols: torch.Tensor, per_channel: bool, offset: bool) -> bool:
-    """Whether a column is (to rounding) a combination of the others, so that the coefficients are not
-    determined: a residual state offered as a writer of the step that produces it, say."""
-    n, h, k = cols.shape
-    a = cols.permute(1, 0, 2) if per_channel else cols.reshape(1, -1, k)  # [batches, rows, k]
-    if offset:
-        a = a - a.mean(1, keepdim=True)
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    sv = torch.linalg.svdvals(a)
-    return bool((sv[:, -1] <= 1e-5 * sv[:, 0]).any())
-
-
-def _normal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``argmin |a s - b|`` by the normal equations (batched), ``None`` if ``aᵀa`` is singular."""
-    sol, info = torch.linalg.solve_ex(a.mT @ a, a.mT @ b)
-    return None if bool((info != 0).any()) or not bool(torch.isfinite(sol).all()) else sol
 
 
 # ---- states, writers and the chain --------------------------------------------------------------
@@ -231,7 +127,7 @@ def _bases(rec: probe.Record, i: int, state: _Point, cands: list[Group], before:
     return out
 
 
-Chain = list[tuple[_Point, str, tuple[Group, ...], _Fit]]  # (target state, base name, writers, fit)
+Chain = list[tuple[_Point, str, tuple[Group, ...], Fit]]  # (target state, base name, writers, fit)
 
 
 def find_chains(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], x: torch.Tensor,
@@ -420,10 +316,10 @@ def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: lis
     kinds = mixes_tokens(block, i, call, h, rec, [pts[0]] + [t for t, *_ in chain[:-1]], roots, tol)
     ws = []
     for k, (_, _, groups_k, f) in enumerate(chain):
-        for g, gain in zip(groups_k, f.gains):
+        for g, g_gain in zip(groups_k, f.gains):
             name = pick(g, block)
             attention = any(f"{i}/{m}" in rec.attention for m in g.members + feeding[name])
-            ws.append(_Writer(g, name, k, gain, kinds.get(name), attention))
+            ws.append(_Writer(g, name, k, g_gain, kinds.get(name), attention))
     got, missing, absent = assign(block, i, ws)
     if absent and (others := unexplained(rec, i, block, found_groups, ws, chain, pts, tol)):
         part = "attention" if "attn" in absent else "MLP"
@@ -470,4 +366,4 @@ def _resid_gain(chain: Chain, h: int) -> Gain | None:
     total = torch.ones(h, dtype=torch.float64)
     for *_, f in chain:
         total = total * gain_tensor(f.resid, h)
-    return _gain(total)
+    return gain(total)
