@@ -7,7 +7,8 @@ taken from names alone: candidates come from the module tree, and probe forward 
 1. **Blocks**: ``ModuleList`` s inside ``get_decoder()`` (else the whole model) whose elements are the
    classes named in ``_no_split_modules``, ``GradientCheckpointingLayer`` subclasses, or as many as
    ``num_hidden_layers``; the best-ranked one that runs on text. Checked: each block runs once, and
-   block ``i``'s output is block ``i+1``'s input.
+   block ``i``'s output is block ``i+1``'s input (or a constant times it: RWKV halves the residual every
+   ``rescale_every`` blocks; recorded in ``Discovered.between``).
 2. **Residual writers** (:mod:`intervene.site_residual`): for block ``i``, the two submodules (attention
    first) whose outputs add up to ``output - input`` — exactly, or each times a constant (Granite's
    ``residual_multiplier``; the gain is recorded) — or, in a post-LN block, whose outputs are added
@@ -109,6 +110,8 @@ class Discovered:
     embedding's own scale times any multiplier after it; ``None``: not linearly, e.g. through a norm,
     or the embedding also feeds something besides block 0). ``pos_embed``: a learned position
     embedding added before block 0, if any; ``embed_offset``: something else (unidentified) is.
+    ``between[i]``: block ``i + 1``'s input is block ``i``'s output times this (1.0 but for models that
+    rescale the residual between blocks: then ``layers.{i}`` and ``layers.{i+1}:input`` differ by it).
     """
 
     layers: str
@@ -117,6 +120,7 @@ class Discovered:
     embed_gain: float | None = None
     pos_embed: str | None = None
     embed_offset: bool = False
+    between: tuple[float, ...] = ()
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, Discovered] = weakref.WeakKeyDictionary()
@@ -309,7 +313,7 @@ def _discover(model: nn.Module) -> Discovered:
         raise UnsupportedModelError(f"{name}: the self-check forward pass on {probe.BATCH}x{probe.SEQ} token ids "
                                     f"failed ({type(e).__name__}: {e})") from e
     dtype = next(iter(rec.raw_in.values())).dtype if rec.raw_in else torch.float32
-    why_out = _check_chain(name, path, rec, len(blocks), dtype)
+    why_out, between = _check_chain(name, path, rec, len(blocks), dtype)
     found, missing = [], []
     for i, block in enumerate(blocks):
         f, m = _analyse(rec, i, block, h, dtype) if i not in why_out else ({}, {})
@@ -326,7 +330,7 @@ def _discover(model: nn.Module) -> Discovered:
         raise UnsupportedModelError(f"{name}: the self-check's later passes (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
     parts = [_parts(model, block, i, found[i], missing[i], parallel[i]) for i, block in enumerate(blocks)]
-    return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
+    return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset, between)
 
 
 def _parts(model: nn.Module, block: nn.Module, i: int, f: dict[str, Any], m: dict[str, str],
@@ -371,10 +375,13 @@ def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
     return _writers(again, i, block, torch.float32, call, h)
 
 
-def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.dtype) -> dict[int, str]:
-    """``{block: why it is out}`` for blocks that did not run exactly once.
+def _check_chain(name: str, path: str, rec: probe.Record, n: int,
+                 dtype: torch.dtype) -> tuple[dict[int, str], tuple[float, ...]]:
+    """``({block: why it is out}, between)`` for blocks that did not run exactly once; ``between[i]``: the
+    constant block ``i + 1``'s input is block ``i``'s output times (1.0 but where the model rescales the
+    residual between blocks, as RWKV does every ``rescale_every`` blocks in eval mode).
 
-    Raises ``UnsupportedModelError`` when block ``i``'s output is not block ``i+1``'s input.
+    Raises ``UnsupportedModelError`` when block ``i+1``'s input is not a constant times block ``i``'s output.
     """
     out: dict[int, str] = {}
     for i in range(n):
@@ -386,6 +393,7 @@ def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.d
     if len(out) == n:
         raise UnsupportedModelError(f"{name}: no block of {path} ran exactly once during the self-check forward "
                                     f"pass ({out[0]})")
+    between = [1.0] * max(n - 1, 0)
     for i in range(n - 1):
         if i not in out and i + 1 not in out:
             a, b = rec.block_out.get(i), rec.block_in.get(i + 1)
@@ -393,8 +401,13 @@ def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.d
                 raise UnsupportedModelError(
                     f"{name}: {path}.{i} does not pass one [batch, seq, hidden] tensor to {path}.{i + 1} (several "
                     "residual streams, as with hyper-connections or AltUp, or a sequence-first layout)")
-            if a.shape != b.shape or float((a - b).abs().max()) > probe.tol(a, b, dtype=dtype):
+            if a.shape == b.shape and float((a - b).abs().max()) <= probe.tol(a, b, dtype=dtype):
+                continue
+            s = probe.scalar(b, a, dtype) if a.shape == b.shape else None
+            if s is None:
                 raise UnsupportedModelError(
-                    f"{name}: {path}.{i}'s output is not {path}.{i + 1}'s input, so {path} is not one residual "
-                    "stream (something runs between blocks, or the blocks do not return the hidden state first)")
-    return out
+                    f"{name}: {path}.{i}'s output is not (a constant times) {path}.{i + 1}'s input, so {path} is "
+                    "not one residual stream (something runs between blocks, or the blocks do not return the "
+                    "hidden state first)")
+            between[i] = s
+    return out, tuple(between)

@@ -311,7 +311,7 @@ def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Mo
     return given0 - rec.block_in[0], e_delta
 
 
-def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float | None:
+def scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float | None:
     """``s`` with ``target = s * base`` to within a few roundings in ``dtype`` of each element, else
     ``None`` (exactly 1.0 when that fits). ``ref``: magnitudes the rounding happened at (default ``target``)."""
     if target.shape != base.shape or not bool(base.abs().max() > 0):
@@ -345,10 +345,10 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     dtype = weight.dtype
     rows = weight.detach()[probe_ids(model)].to(torch.float64)
     embed_out = rec.embed_out
-    inner = None if embed_out is None else _scalar(embed_out, rows, dtype)
+    inner = None if embed_out is None else scalar(embed_out, rows, dtype)
     # roundings happened at the magnitudes of block 0's input and of the embedding (they may cancel)
     ref = None if embed_out is None else rec.block_in[0].abs() + embed_out.abs()
-    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=ref)
+    outer = None if isinstance(moved, str) else scalar(moved[0], moved[1], dtype, ref=ref)
     if embed_out is None or inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
     x0, e = rec.block_in[0], outer * embed_out

@@ -30,7 +30,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import intervene as iv
 from intervene.errors import InterveneError
-from intervene.sites import layer_parts, num_layers
+from intervene.site_discovery import discover
+from intervene.sites import in_table, layer_parts, num_layers
 from tests import site_reference as ref
 from tests.coverage_build import IDS, BuildError, build, causal_lm_types
 
@@ -107,7 +108,8 @@ def _semantic_problems(model: torch.nn.Module, sites: dict[str, Any], layers: di
     h = sites["layers.1"].width
     blocks = sites["layers.1"].module_path.rsplit(".", 1)[0]
     n = num_layers(model)
-    problems = [p for p in [ref.block0_problem(model, f"{blocks}.0")] if p]
+    between = discover(model).between[0] if not in_table(model) and n > 1 else 1.0
+    problems = [p for p in [ref.block0_problem(model, blocks, between)] if p]
     for i in range(n):  # every block whose writers resolve, not only the ones steered
         p = layer_parts(model, i)
         if p.steps or (p.attn is not None and p.mlp is not None):

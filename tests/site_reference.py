@@ -99,17 +99,25 @@ def _tol(*ts: torch.Tensor) -> float:
     return 1e-5 * max(float(t.abs().max()) for t in ts)
 
 
-def block0_problem(model: torch.nn.Module, block0: str) -> str | None:
+def block0_problem(model: torch.nn.Module, blocks: str, between: float = 1.0) -> str | None:
     """Block 0's output against transformers' ``hidden_states``: the entry after the embedding's where
-    the first entry is block 0's input, else the first (Mamba and RWKV record block outputs only)."""
-    got, out = capture(model, {"b0": (block0, "output"), "x0": (block0, "input")})
+    the first entry is block 0's input, else the first (Mamba and RWKV record block outputs only). Where
+    intervene reports that the model rescales the residual between blocks (``between``: RWKV halves it),
+    transformers records the rescaled value, which must then be block 1's input and ``between`` times
+    block 0's output."""
+    got, out = capture(model, {"b0": (f"{blocks}.0", "output"), "x0": (f"{blocks}.0", "input"),
+                               "x1": (f"{blocks}.1", "input")})
     hs = getattr(out, "hidden_states", None)
     if hs is None:
         return None
     x0 = got["x0"][:, -hs[0].shape[1]:] if got["x0"].ndim == 3 else got["x0"]
     ref = hs[1] if x0.shape == hs[0].shape and torch.equal(x0, hs[0]) else hs[0]
     b0 = got["b0"][:, -ref.shape[1]:] if got["b0"].ndim == 3 else got["b0"]  # CPM-Ant drops its prompt tokens
-    return None if torch.equal(ref, b0) else "block 0's output is not transformers' hidden_states entry for it"
+    if torch.equal(ref, b0):
+        return None
+    if between != 1.0 and torch.equal(ref, got["x1"]) and torch.allclose(got["x1"], between * b0, rtol=1e-6, atol=0):
+        return None
+    return "block 0's output is not transformers' hidden_states entry for it"
 
 
 def _post_ln(model: torch.nn.Module, block_path: str, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor,

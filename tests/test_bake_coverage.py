@@ -14,8 +14,9 @@ import transformers as T
 from tests.bake_coverage import KINDS, run_all
 
 # measured: of 157 decoder-only types that build, all five kinds bake on 35, heads (ITI) on 94,
-# layers.{i} on 43, the embedding on 138 (33 / 86 / 38 / 138 before residual chains)
-FLOORS = {"all": 35, "heads": 94, "block": 43, "embed": 138}
+# layers.{i} on 43, the embedding on 137 (33 / 86 / 38 / 138 before residual chains; RWKV, now built with
+# its residual rescaled between blocks as real checkpoints are, refuses to bake at all)
+FLOORS = {"all": 35, "heads": 94, "block": 43, "embed": 137}
 PINNED = {  # model_type -> kinds that bake (hand-checked against each config's bias flags)
     "llama": set(KINDS), "cohere": set(KINDS), "starcoder2": set(KINDS), "granite": set(KINDS),
     "minicpm3": set(KINDS),  # residual multipliers and scale_emb

@@ -479,3 +479,20 @@ def test_bake_through_chains_is_exact(model_type: str, sites: list[str], tmp_pat
     steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
     delta, effect = _bake_delta(model, steer, tmp_path)
     assert effect > 1e-2 and delta < 1e-4, f"{model_type}: baked differs from hooked by {delta:.2e}"
+
+
+def test_residual_rescaled_between_blocks() -> None:
+    """RWKV halves the residual every rescale_every blocks in eval mode (every block in this build):
+    layers.0 and layers.1:input are then different points, both steered exactly; a constant at
+    layers.1:input is not one of block 0's writers' biases, so it does not bake."""
+    model = build("rwkv")
+    assert discover(model).between == (0.5,)
+    g = torch.Generator().manual_seed(0)
+    points = {"layers.0": ("rwkv.blocks.0", "output"), "layers.1:input": ("rwkv.blocks.1", "input")}
+    for site, (path, side) in points.items():
+        v = torch.randn(64, generator=g)
+        with iv.Intervenable(model, iv.Steering({site: v})) as ivm, torch.no_grad():
+            got = ivm(input_ids=IDS).logits
+        assert torch.equal(got, _hooked(model, path, side, v)), site
+    with pytest.raises(iv.NotBakeableError, match="multiplies the residual by 0.5 between blocks 0 and 1"):
+        iv.Intervenable(model, iv.Steering({"layers.1:input": torch.randn(64)}), attach=False).bake()

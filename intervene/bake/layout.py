@@ -166,7 +166,16 @@ def _derive(model: nn.Module) -> Layout:
         offset_why = ("something besides the token embedding (and no position embedding module intervene could "
                       "identify) is added before block 0, so projecting the embedding rows would miss it")
     return Layout(parallel=parallel, bias_flags=_bias_flags(model), pos_embed=found.pos_embed,
-                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts)
+                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts,
+                  refusal=_rescale_refusal if any(s != 1.0 for s in found.between) else None)
+
+
+def _rescale_refusal(model: nn.Module) -> str:
+    i, s = next((i, s) for i, s in enumerate(discover(model).between) if s != 1.0)
+    return (f"{type(model).__name__} multiplies the residual by {s:g} between blocks {i} and {i + 1}; a model that "
+            "does so (RWKV in eval mode, every rescale_every blocks) also rescales its own weights in place when it "
+            "changes mode, so the weights it saves depend on the mode it last ran in and a baked copy would not "
+            "reload as hooked")
 
 
 def _bias_flags(model: nn.Module) -> dict[str, str]:
@@ -287,6 +296,14 @@ def _paths(model: nn.Module, layer: int, proj: bool, strict: bool) -> dict:
     return _Writers(out, why) if strict else out
 
 
+def _between(model: nn.Module, i: int) -> float:
+    """The constant block ``i + 1``'s input is block ``i``'s output times (1.0 for table families)."""
+    if in_table(model):
+        return 1.0
+    between = discover(model).between
+    return between[i] if i < len(between) else 1.0
+
+
 def locate(model: nn.Module, site: Site) -> Loc:
     """Map a resolved site (canonical or a raw module path) to its residual location.
 
@@ -299,6 +316,10 @@ def locate(model: nn.Module, site: Site) -> Loc:
         if site.module is block:
             if site.side == "output":
                 return Loc("resid", i, order=1)
+            if i > 0 and (s := _between(model, i - 1)) != 1.0:
+                raise NotBakeableError(f"site {site.name!r}: {type(model).__name__} multiplies the residual by {s:g} "
+                                       f"between blocks {i - 1} and {i}, so an edit of block {i}'s input is not one "
+                                       f"of block {i - 1}'s writers; bake at layers.{i - 1} instead")
             return Loc("embed") if i == 0 else Loc("resid", i - 1, order=2)
         if site.side == "output":
             for part, path in _paths(model, i, proj=False, strict=False).items():
