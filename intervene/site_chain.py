@@ -40,7 +40,17 @@ from torch import nn
 from intervene import site_probe as probe
 from intervene.site_block import held_rerun, module_mixes, position0_noise
 from intervene.site_fit import Fit, fit_step, gain
-from intervene.site_residual import Gain, Group, gain_tensor, is_linear, pick, projection, top
+from intervene.site_residual import (
+    Gain,
+    Group,
+    branch_members,
+    computes_attention,
+    gain_tensor,
+    is_linear,
+    pick,
+    projection,
+    top,
+)
 
 MAX_WRITERS_PER_STEP = 3
 MAX_FITS = 4000  # per block: beyond this the block is refused as too tangled to check
@@ -305,21 +315,19 @@ def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: lis
         return {}, {"attn": why, "mlp": why}
     chain = max(chains, key=len)  # the same writers; the most states checked along the way
     roots: dict[str, list[str]] = {}
-    feeding: dict[str, list[str]] = {}  # members of the group a writer reads (o_proj's for a post-norm)
+    members: dict[str, list[str]] = {}  # a writer's modules, with those it normalises for a post-norm
     for _, _, groups_k, _ in chain:
         for g in groups_k:
             name = pick(g, block)
-            win = rec.inp.get(f"{i}/{name}")
-            src = next((gg for gg in found_groups if win is not None and torch.equal(gg.value, win)), None)
-            feeding[name] = src.members if src is not None and not is_linear(block.get_submodule(name)) else []
-            roots[name] = [_outermost(g.members)] + ([_outermost(feeding[name])] if feeding[name] else [])
+            members[name] = branch_members(rec, i, block, found_groups, g)
+            feeding = members[name][len(g.members):]
+            roots[name] = [_outermost(g.members)] + ([_outermost(feeding)] if feeding else [])
     kinds = mixes_tokens(block, i, call, h, rec, [pts[0]] + [t for t, *_ in chain[:-1]], roots, tol)
     ws = []
     for k, (_, _, groups_k, f) in enumerate(chain):
         for g, g_gain in zip(groups_k, f.gains):
             name = pick(g, block)
-            attention = any(f"{i}/{m}" in rec.attention for m in g.members + feeding[name])
-            ws.append(_Writer(g, name, k, g_gain, kinds.get(name), attention))
+            ws.append(_Writer(g, name, k, g_gain, kinds.get(name), computes_attention(rec, i, block, members[name])))
     got, missing, absent = assign(block, i, ws)
     if absent and (others := unexplained(rec, i, block, found_groups, ws, chain, pts, tol)):
         part = "attention" if "attn" in absent else "MLP"
@@ -343,7 +351,7 @@ def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: lis
             continue
         found[part], gains[k] = w.name, w.gain
         if part == "attn":
-            found["attention"] = w.attention  # the config's attention head count applies only then
+            found["attention"] = w.attention  # whether the config's attention head count may apply
         proj, why = projection(rec, i, block, found_groups, w.name)
         if proj is None:
             missing[f"{part}_proj"] = why

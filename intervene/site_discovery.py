@@ -253,7 +253,7 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str,
     """``((n_heads, head_dim), "", False)`` of ``proj``'s input (the attention module's own count wins over
     the config), else ``(None, why, absent)``: ``absent`` when neither declares any head count at all.
 
-    ``from_config=False``: the branch was seen mixing tokens without attention (a Mamba mixer in a
+    ``from_config=False``: attention was seen in the model but not in this branch (a Mamba mixer in a
     hybrid stack), so the config's *attention* head count says nothing about it; only its own module's."""
     width = in_features(block.get_submodule(proj))
     if width is None:
@@ -267,7 +267,7 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str,
         _cfg_int(lcfg, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
     if not from_config and n_mod is None and hd_mod is None and n_cfg is not None:
         return None, (f"{proj}'s module declares no head count, and the config's ({n_cfg}) is attention's: this "
-                      "branch mixes tokens without computing attention"), False
+                      "branch computes no attention"), False
     n_cfg = n_cfg if from_config else None
     if n_mod and width % n_mod == 0:
         return (n_mod, width // n_mod), "", False
@@ -329,17 +329,22 @@ def _discover(model: nn.Module) -> Discovered:
     except Exception as e:
         raise UnsupportedModelError(f"{name}: the self-check's later passes (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
-    parts = [_parts(model, block, i, found[i], missing[i], parallel[i]) for i, block in enumerate(blocks)]
+    # where attention is seen (eager or SDPA attention) in some block, a branch seen computing none is not
+    # attention, so the config's attention head count says nothing about it (Jamba's Mamba-1 layers);
+    # where it is seen nowhere (a fused kernel), nothing is known and the config applies as before
+    visible = any(f.get("attention_seen") for f in found)
+    parts = [_parts(model, block, i, found[i], missing[i], parallel[i], visible) for i, block in enumerate(blocks)]
     return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset, between)
 
 
 def _parts(model: nn.Module, block: nn.Module, i: int, f: dict[str, Any], m: dict[str, str],
-           parallel: bool | None) -> LayerParts:
-    """Block ``i``'s :class:`LayerParts` from what :func:`_writers` found, with its heads."""
+           parallel: bool | None, attention_visible: bool) -> LayerParts:
+    """Block ``i``'s :class:`LayerParts` from what :func:`_writers` found, with its heads (the config's
+    attention head count used unless attention is seen elsewhere in the model but not in this branch)."""
     heads = None
     absent = set(f.get("absent", ()))
     if "attn_proj" in f:
-        heads, why, none = _heads(model, block, i, f["attn_proj"], f.get("attention", True))
+        heads, why, none = _heads(model, block, i, f["attn_proj"], f.get("attention", True) or not attention_visible)
         if heads is None:
             m["heads"] = why
             if none:
@@ -372,7 +377,9 @@ def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
             float((a - b).abs().max()) > 0.05 * float(b.abs().max()) + probe.tol(b, dtype=dtype):
         why = f"block {i} run again on its own does not reproduce its output (it depends on state from the pass)"
         return {}, {"attn": why, "mlp": why}
-    return _writers(again, i, block, torch.float32, call, h)
+    found, missing = _writers(again, i, block, torch.float32, call, h)
+    found["attention_seen"] = bool(again.attention)  # anywhere in the block (Zamba's shared transformer)
+    return found, missing
 
 
 def _check_chain(name: str, path: str, rec: probe.Record, n: int,

@@ -147,11 +147,30 @@ def projection(rec: probe.Record, i: int, block: nn.Module, found_groups: list[G
     return None, f"{writer} ({type(mod).__name__}) is not a Linear layer and reads no Linear layer's output"
 
 
+def branch_members(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], g: Group) -> list[str]:
+    """A writer's modules: its group's, and for a writer that is not Linear-like (a post-norm) those of
+    the group whose output it reads (``self_attn`` and its ``o_proj`` for a post-attention norm)."""
+    name = pick(g, block)
+    if is_linear(block.get_submodule(name)):
+        return list(g.members)
+    win = rec.inp.get(f"{i}/{name}")
+    src = next((s for s in found_groups if win is not None and torch.equal(s.value, win)), None)
+    return list(g.members) + (src.members if src is not None else [])
+
+
+def computes_attention(rec: probe.Record, i: int, block: nn.Module, members: list[str]) -> bool:
+    """Whether a softmax over key positions ran, during the re-run, inside the branch of the block holding
+    one of ``members`` (BERT's ``attention.output.dense`` writes what ``attention.self`` computed)."""
+    return any(f"{i}/{top(m, block)}" in rec.attention for m in members)
+
+
 def found_pair(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], fit: Fit,
                post_norm: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``found`` / ``missing`` entries (see :func:`intervene.site_discovery._writers`) for one pair."""
     a, m, gains = fit
-    found: dict[str, Any] = {"attn": pick(a, block), "mlp": pick(m, block), "gains": gains, "post_norm": post_norm}
+    found: dict[str, Any] = {"attn": pick(a, block), "mlp": pick(m, block), "gains": gains, "post_norm": post_norm,
+                             "attention": computes_attention(rec, i, block,
+                                                             branch_members(rec, i, block, found_groups, a))}
     missing: dict[str, str] = {}
     for part in ("attn", "mlp"):
         proj, why = projection(rec, i, block, found_groups, found[part])

@@ -13,7 +13,7 @@ import transformers as T
 import intervene as iv
 from intervene.bake import bake_with_report
 from intervene.site_discovery import discover
-from intervene.sites import FAMILIES, layer_parts, resolve_site, site_names
+from intervene.sites import FAMILIES, layer_parts, num_layers, resolve_site, site_names
 from tests.coverage_build import IDS, build
 from tests.tiny_models import CONFIGS, tiny_model
 
@@ -443,11 +443,22 @@ def test_unresolved_is_not_absent(model_type: str, why: str) -> None:
         resolve_site(build(model_type), "layers.1.mlp")
 
 
-def test_config_attention_heads_do_not_apply_to_a_mamba_mixer() -> None:
-    """Zamba's Mamba-1 mixer declares no heads; the config's head count is attention's, so no heads view."""
-    p = layer_parts(build("zamba"), 0)
-    assert p.attn == "mamba.out_proj" and p.heads is None and "attention's" in p.missing["heads"]
+@pytest.mark.parametrize(("model_type", "attn", "heads_elsewhere"), [
+    # a chain block (one writer); Zamba's attention runs in the shared transformer, which only feeds the
+    # Mamba mixer, so no block has a heads view of its own
+    ("zamba", "mamba.out_proj", False),
+    ("jamba", "mamba.out_proj", True),  # a two-writer block: Mamba-1 mixer + MLP
+    ("recurrent_gemma", "temporal_block.linear_out", True),  # the RG-LRU recurrent block
+])
+def test_config_attention_heads_do_not_apply_to_a_non_attention_mixer(model_type: str, attn: str,
+                                                                      heads_elsewhere: bool) -> None:
+    """Block 0's token mixer declares no heads and computes no attention while attention runs elsewhere in
+    the model: the config's head count is attention's, so no heads view (it used to be the config's, a guess)."""
+    model = build(model_type)
+    p = layer_parts(model, 0)
+    assert p.attn == attn and p.heads is None and "attention's" in p.missing["heads"]
     assert "heads" not in p.absent  # the model has attention heads, only not in this branch
+    assert any(layer_parts(model, i).heads for i in range(1, num_layers(model))) == heads_elsewhere
 
 
 @pytest.mark.parametrize(("model_type", "sites", "why"), [
