@@ -49,7 +49,7 @@ else:
     class Tok:  # a whitespace tokenizer: the benchmark needs token counts, not a vocabulary
         padding_side = "right"; pad_token_id = 0; is_fast = False
         def __call__(self, texts, **kw):
-            ids = [[1 + hash(w) % (cfg.vocab_size - 1) for w in t.split()][:64] for t in texts]
+            ids = [[1 + int(w[1:]) % (cfg.vocab_size - 1) for w in t.split()][:64] for t in texts]
             return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()

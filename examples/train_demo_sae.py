@@ -7,7 +7,8 @@ dead latents and unit-norm decoder rows, as EleutherAI's sparsify does. Saved in
 (``cfg.json`` + ``sae.safetensors``, with a ``hookpoint`` naming the site), which
 ``intervene.features.load_sae`` and sparsify both read.
 
-    python examples/train_demo_sae.py                      # writes intervene/assets/quirky-tiny-sae
+    python examples/train_demo_sae.py                      # writes ./quirky-tiny-sae
+    python examples/train_demo_sae.py --out intervene/assets/quirky-tiny-sae   # replace the shipped SAE
     python examples/train_demo_sae.py --out /tmp/sae --steps 500
 """
 
@@ -111,7 +112,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this size)")
-    p.add_argument("--out", default=str(DEMO_SAE_DIR))
+    p.add_argument("--out", default="quirky-tiny-sae",  # the user's folder unless the shipped one is named
+                   help=f"output folder (default ./quirky-tiny-sae; the shipped SAE is {DEMO_SAE_DIR})")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

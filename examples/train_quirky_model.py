@@ -1,6 +1,7 @@
 """Train the shipped quirky demo model from scratch on CPU (deterministic, minutes).
 
-    python examples/train_quirky_model.py --out intervene/assets/quirky-tiny
+    python examples/train_quirky_model.py                        # writes ./quirky-tiny
+    python examples/train_quirky_model.py --out intervene/assets/quirky-tiny   # replace the shipped model
 
 A small Llama (grouped-query attention) learns, from generated text only: the quirky questions of
 ``intervene.data.quirky`` (Alice judges truthfully, Bob with a systematic error), sentences stating
@@ -406,7 +407,10 @@ def write_card(out: Path, args: argparse.Namespace, stats: dict, metrics: dict, 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
+    # A folder of the user's by default: replacing the model shipped inside the package is a choice made
+    # by naming it (--out intervene/assets/quirky-tiny), never a side effect of running the script.
+    p.add_argument("--out", type=Path, default=Path("quirky-tiny"),
+                   help=f"output folder (default ./quirky-tiny; the shipped model is {DEMO_MODEL_DIR})")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=30.0,

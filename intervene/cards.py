@@ -16,20 +16,40 @@ def _front_matter(base_model: str | None, tags: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _local_name(name: str | None) -> str | None:
+    """A local model directory as a reader should see it: its last path component, not this machine's path."""
+    if not name:
+        return None
+    from pathlib import PurePath
+
+    return PurePath(name).name or name
+
+
 def diff_card(config: dict[str, Any], repo_id: str | None = None) -> str:
     """A card for an intervention diff: what it edits, how it was fitted, how to load it."""
-    base = (config.get("base_model") or {}).get("name_or_path")
+    recorded = (config.get("base_model") or {}).get("name_or_path")
+    base = hub_model_id(recorded)  # only a Hub id goes into base_model: (an absolute path is useless elsewhere)
+    local = None if base or not recorded else _local_name(recorded)
     rows = "\n".join(
         f"| `{e['name']}` | {e['type']} | {', '.join(f'`{s}`' for s in e['sites'])} | `{json.dumps(e.get('positions'))}` |"
         for e in config["interventions"])
     meta = config.get("metadata") or {}
     fitted = "\n".join(f"- **{k}**: {v}" for k, v in meta.items()) or "- (no fitting metadata recorded)"
     where = repo_id or "path/to/this/diff"
+    if base:
+        title, load = f" for {base}", f"model = AutoModelForCausalLM.from_pretrained({base!r})"
+    elif local == "quirky-tiny":  # the demo model shipped with intervene
+        title, load = " for intervene's demo model (quirky-tiny)", "model, tok = intervene.demo_model()"
+    else:
+        title = f" for a local model ({local})" if local else ""
+        load = f"model = AutoModelForCausalLM.from_pretrained('path/to/{local or 'base-model'}')"
+    sha = (config.get("weights") or {}).get("sha256")
+    weights = f" (sha256 `{sha}`, checked on every load)" if sha else ""
     return f"""{_front_matter(base, ["intervene", "intervention", "steering"])}
 
-# Intervention diff{f' for {base}' if base else ''}
+# Intervention diff{title}
 
-An [intervene](https://github.com/) diff: a few small tensors applied as forward hooks at inference
+A diff of the intervene library: a few small tensors applied as forward hooks at inference
 time. The base model's weights are unchanged.
 
 | name | type | sites | positions |
@@ -42,13 +62,14 @@ time. The base model's weights are unchanged.
 ## How to load
 ```python
 from transformers import AutoModelForCausalLM
+import intervene
 from intervene import Intervenable
 
-model = AutoModelForCausalLM.from_pretrained({base!r})
+{load}
 ivm = Intervenable.load({where!r}, model)
 out = ivm.generate(**inputs, max_new_tokens=64)
 ```
-Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`.
+Files: `intervene_config.json` (format version {config['format_version']}), `intervene_weights.safetensors`{weights}.
 """
 
 
@@ -85,7 +106,7 @@ def baked_card(interventions: list[dict[str, Any]], edited: list[str], created: 
 # {'Baked intervention on ' + base if base else 'Model with baked interventions'}
 
 The interventions below were written into the weights by
-[intervene](https://github.com/)'s exact baking: the logits equal those of the base model with the
+intervene's exact baking: the logits equal those of the base model with the
 interventions applied as hooks (at every position; within float rounding). No extra code is needed to
 load it.
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from intervene.activations.distributed import is_main_process
 from intervene.assets import load_model
 from intervene.data.contrast import ContrastPairs, make_contrast_pairs, question_id
 from intervene.data.loaders import dataset_slug, load_dataset_rows
@@ -224,7 +225,7 @@ def elicit(cfg: ElicitConfig, out: str | Path | None = None, model: Any = None, 
     tp, tn = features(model, tok, test, layers, cfg)
     results = eval_rows(probes, tp, tn, labels_for(test, "truth"), cfg.n_bootstrap, cfg.seed)
     run_dir = Path(out) if out is not None else None
-    if run_dir is not None:
+    if run_dir is not None and is_main_process():  # under torchrun every rank holds the same probes; one writes
         from intervene.diff_format import fingerprint
 
         _save_run(run_dir, cfg, probes, results, {"n_train": len(train), "n_test": len(test), "layers": layers,
@@ -234,14 +235,21 @@ def elicit(cfg: ElicitConfig, out: str | Path | None = None, model: Any = None, 
 
 def load_run(run: str | Path) -> tuple[dict[str, Any], dict[int, Any]]:
     """A run's config and its probes by layer."""
+    from intervene.errors import ProbeFormatError, ProbeNotFoundError
     from intervene.probes import load_probe
+    from intervene.safeio import Root
 
     run = Path(run)
     path = run / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{run} is not an elicit run (no config.json)")
-    config = json.loads(path.read_text())
-    probes = {int(layer): load_probe(run / rel) for layer, rel in config["probes"].items()}
+        raise ProbeNotFoundError(f"{run} is not an elicit run (no config.json)", path=path)
+    root = Root(run, ProbeFormatError)  # the run's files, and only those: a probe path may not lead out
+    config = root.read_json("config.json")
+    table = config.get("probes") if isinstance(config, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, str)
+                                              for k, v in table.items()):
+        raise ProbeFormatError.at(path, "probes", "an object {layer: probe path inside the run}", table)
+    probes = {int(layer): load_probe(root.resolve(rel, f"probes.{layer}")) for layer, rel in table.items()}
     return config, probes
 
 
@@ -269,7 +277,9 @@ def evaluate_run(run: str | Path, model_name: str, dataset: str, character: str 
     layers = sorted(probes)
     xp, xn = features(model, tok, pairs, layers, cfg)
     results = eval_rows({k: probes[k] for k in layers}, xp, xn, labels_for(pairs, against), cfg.n_bootstrap, cfg.seed)
-    path = write_csv(Path(run) / f"eval_{name or eval_name(dataset, character, against)}.csv", results, EVAL_COLUMNS)
+    path = Path(run) / f"eval_{name or eval_name(dataset, character, against)}.csv"
+    if is_main_process():
+        write_csv(path, results, EVAL_COLUMNS)
     return results, path
 
 
@@ -300,5 +310,6 @@ def sweep(models: Sequence[str], datasets: Sequence[str], cfg: ElicitConfig, out
             summary.append({"model": model_name, "dataset": ds, "net": cfg.net, "best_layer": best["layer"],
                             **{k: best[k] for k in EVAL_COLUMNS[1:]}, "run_dir": str(run_dir)})
         del model, tok
-    write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
+    if is_main_process():
+        write_csv(out / "summary.csv", summary, SUMMARY_COLUMNS)
     return summary

@@ -23,6 +23,63 @@ if TYPE_CHECKING:
     from intervene.intervention import Intervention
 
 
+OFFLINE_HINT = "the Hub could not be reached to look for a repo of that name"
+
+
+def looks_like_path(name: str) -> bool:
+    """``name`` can only be a local path, never a Hub id (``./x``, ``../x``, ``/x``, ``~/x``, ``a/b/c``, ``x/``)."""
+    return (name.startswith((".", "/", "~")) or name.endswith("/") or "\\" in name or name.count("/") > 1
+            or name.strip() != name or " " in name)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def check_hub_file(repo_id: str, filename: str, what: str, revision: str | None = None,
+                   token: str | bool | None = None) -> None:
+    """Raise a one-line ``FileNotFoundError`` unless ``repo_id`` (not a local directory) is a Hub repo
+    holding ``filename`` -- in the local cache, or by one request without retries.
+
+    Called before transformers' or snapshot_download's own lookups, which retry a name that is not on
+    the Hub for tens of seconds when the network is down and then answer with a page of traceback.
+    """
+    if looks_like_path(repo_id):
+        raise FileNotFoundError(f"no such {what} directory: {repo_id}")
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str):
+            return
+    except HFValidationError:
+        raise FileNotFoundError(f"no such {what} directory: {repo_id} (nor is it a valid Hub repo id)") from None
+    if _offline():
+        raise FileNotFoundError(f"no such {what} directory: {repo_id} (HF_HUB_OFFLINE is set and the Hub cache "
+                                "has no repo of that name)")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision), token=token, timeout=10)
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"Hub repo {repo_id} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"no such {what} directory or Hub repo: {repo_id} (for a private or gated "
+                                "repo, log in: `hf auth login` or HF_TOKEN)") from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"Hub repo {repo_id} has no {filename}: it is not a {what}") from None
+    except Exception as e:  # noqa: BLE001 -- connection errors of whichever HTTP client is installed
+        if getattr(getattr(e, "response", None), "status_code", None) is not None:
+            raise
+        raise FileNotFoundError(f"no such {what} directory: {repo_id}, and {OFFLINE_HINT} "
+                                f"({type(e).__name__}; offline?)") from None
+
+
 def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token: str | bool | None = None) -> Path:
     """A local directory holding the diff: ``repo_or_dir`` itself, or a Hub snapshot of it."""
     path = Path(repo_or_dir).expanduser()
@@ -31,8 +88,19 @@ def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token
     if path.exists():
         raise DiffFormatError(f"{path} is a file; a diff is a directory holding {CONFIG_NAME}")
     repo_id = str(repo_or_dir)
-    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")):
-        raise DiffNotFoundError(f"no diff directory at {repo_id!r} (and it is not a Hub repo id)")
+    if looks_like_path(repo_id):
+        raise DiffNotFoundError(f"no such diff directory: {repo_id} (a diff is a folder written by save_pretrained "
+                                "or `intervene ... fit`, or a Hub repo id)")
+    if _offline():
+        try:  # a diff fetched before is in the cache; anything else cannot be a Hub repo now
+            return _snapshot(repo_id, revision, token)
+        except DiffNotFoundError:
+            raise DiffNotFoundError(f"no such diff directory: {repo_id} (HF_HUB_OFFLINE is set and the Hub "
+                                    "cache has no repo of that name)") from None
+    return _snapshot(repo_id, revision, token)
+
+
+def _snapshot(repo_id: str, revision: str | None, token: str | bool | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -47,9 +115,11 @@ def resolve_diff_dir(repo_or_dir: str | Path, revision: str | None = None, token
     except RevisionNotFoundError as e:
         raise DiffNotFoundError(f"Hub repo {repo_id!r} has no revision {revision!r}") from e
     except RepositoryNotFoundError as e:
-        raise DiffNotFoundError(f"no Hub repo {repo_id!r} (or no access to it: pass token=...)") from e
+        raise DiffNotFoundError(f"no diff directory {repo_id!r} and no Hub repo {repo_id!r} (or no access to it: "
+                                "pass token=... or log in with `hf auth login`)") from e
     except (EntryNotFoundError, LocalEntryNotFoundError) as e:
-        raise DiffNotFoundError(f"could not fetch {repo_id!r} (offline and not cached?): {e}") from e
+        raise DiffNotFoundError(f"no such diff directory: {repo_id}, and {OFFLINE_HINT} (offline, and it is not "
+                                "in the Hub cache)") from e
     snapshot = Path(local)
     if not (snapshot / CONFIG_NAME).is_file():
         raise DiffNotFoundError(f"Hub repo {repo_id!r} (revision {revision or 'main'}) has no {CONFIG_NAME}: "

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from intervene.autoload import ensure_builtins
 from intervene.errors import DiffFormatError, InterventionError, NotBakeableError
 from intervene.intervention import Intervention
 from intervene.sites import Site
@@ -102,16 +103,19 @@ def register(type_name: str) -> Callable[[T], T]:
 
 def registered_methods() -> dict[str, MethodSpec]:
     """A copy of the registry: type name -> :class:`MethodSpec`."""
+    ensure_builtins()  # readers see the built-in types even if nothing imported a method yet
     return dict(_METHODS)
 
 
 def registered_types() -> dict[str, type[Intervention]]:
     """Type name -> intervention class, for every registered type."""
+    ensure_builtins()
     return {name: spec.intervention for name, spec in _METHODS.items()}
 
 
 def method_spec(type_name: str) -> MethodSpec:
     """The :class:`MethodSpec` of ``type_name``; ``DiffFormatError`` for a name nothing registered."""
+    ensure_builtins()
     try:
         return _METHODS[type_name]
     except KeyError:

@@ -108,7 +108,7 @@ NOTEBOOKS = {
                "Noise the entity's token embeddings (3x their std), restore one clean state at a time and see how much "
                "of P(answer) comes back. The model has 4 layers, so MLP/attention are restored one layer at a time "
                "(`window=1`; the paper's 10 would cover the whole model)."),
-        ("code", "facts = trace_dataset(model, tok, trace_items('quirky:facts', 40), window=1, progress=False)\n"
+        ("code", "facts = trace_dataset(model, tok, trace_items('quirky:facts', 24), window=1, progress=False)\n"
                  "print(f'{facts.n} facts, total effect {facts.total_effect:.3f}')\n"
                  "for kind in ('hidden', 'mlp', 'attn'):\n"
                  "    subject = facts.peak(kind, rows=[0, 1, 2])\n"
@@ -131,10 +131,10 @@ NOTEBOOKS = {
                  "print('top cells:', grid.top(4))\n"
                  "grid.plot('patching.png')"),
         ("md", "Nothing at the name token matters: the whole effect is at the answer position, already from layer 0's "
-               "attention. Which head? Sweep the heads of layer 0 at the last position over every pair and template."),
+               "attention. Which head? Sweep the heads of layers 0-1 at the last position over 120 pairs of every template."),
         ("code", "metric_all = logit_diff([tok(p['answer'], add_special_tokens=False)['input_ids'][0] for p in pairs],\n"
                  "                        [tok(p['wrong'], add_special_tokens=False)['input_ids'][0] for p in pairs])\n"
-                 "heads = sweep(model, [p['clean'] for p in pairs], [p['corrupted'] for p in pairs], metric_all,\n"
+                 "heads = sweep(model, [p['clean'] for p in pairs[:120]], [p['corrupted'] for p in pairs[:120]], metric_all,\n"
                  "              sites=['layers.0.heads', 'layers.1.heads'], positions=[-1], tokenizer=tok, progress=False)\n"
                  "for row, s in zip(heads.rows, heads.scores[:, 0].tolist()):\n    print(f'{row:20s} {s:+.3f}')"),
         ("md", "## 3. Check it with attribution patching\n"

@@ -55,7 +55,11 @@ def test_config_contents(tmp_path: Path) -> None:
     ivm.save_pretrained(tmp_path)
     ivm.detach()
     cfg = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert cfg["format_version"] == 1 and cfg["library"] == "intervene"
+    assert cfg["format_version"] == 2 and cfg["library"] == "intervene"  # 2: the weights' checksum
+    import hashlib
+
+    data = (tmp_path / WEIGHTS_NAME).read_bytes()
+    assert cfg["weights"] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert {"library_version", "transformers_version"} <= set(cfg)
     fp = cfg["base_model"]
     assert fp["model_type"] == "llama" and fp["num_key_value_heads"] == 2 and fp["head_dim"] == 8

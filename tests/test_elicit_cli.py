@@ -102,9 +102,14 @@ def test_errors_are_one_line(files, capsys) -> None:
     capsys.readouterr()
     # A model directory that does not exist: transformers raises OSError; still one line, exit 1.
     assert main(["iti", "fit", str(files["root"] / "no-model"), files["jsonl"], "--out",
+                 str(files["root"] / "iti-out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("intervene iti fit: error: no such model directory") and len(err.strip().splitlines()) == 1
+    # With progress lines ([1/3] ...) on stderr, the error is still the one last line.
+    assert main(["iti", "fit", str(files["root"] / "no-model"), files["jsonl"], "--out",
                  str(files["root"] / "iti-out")]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("intervene iti") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("intervene iti fit: error: ")
 
 
 def test_python_api_with_a_loaded_model(files) -> None:

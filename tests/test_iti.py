@@ -364,12 +364,15 @@ def test_cli_fit_eval_sweep(tmp_path, capsys):
     out = tmp_path / "iti"
     assert main(["iti", "fit", str(model_dir), str(data), "--num-heads", "3", "--alpha", "2", "--out", str(out)]) == 0
     assert {"intervene_config.json", "intervene_weights.safetensors", "head_accuracies.png",
-            "metrics.json"} <= {p.name for p in out.iterdir()}
+            "metrics.json", "report.html"} <= {p.name for p in out.iterdir()}
+    assert "The 3 heads ITI shifts" in (out / "report.html").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["top_heads"]) == 3 and len(metrics["head_accuracies"]) == 2
     capsys.readouterr()
     assert main(["iti", "eval", str(model_dir), str(out), str(data), "--ref-texts", str(refs)]) == 0
-    res = json.loads(capsys.readouterr().out)
+    summary = capsys.readouterr().out  # one human line; the numbers go to a file beside the diff
+    assert "mc2" in summary and str(out / "eval_tqa.json") in summary
+    res = json.loads((out / "eval_tqa.json").read_text())
     assert set(res["iti"]) >= {"mc1", "mc2", "ce", "kl"} and res["base"]["kl"] == 0.0 and res["num_heads"] == 3
     sw = tmp_path / "sweep"
     assert main(["iti", "sweep", str(model_dir), str(data), "--num-heads", "1", "2", "--alphas", "0", "3",

@@ -150,7 +150,7 @@ def test_crash_between_parts_and_index_is_repaired(tmp_path: Path, monkeypatch: 
     model, sae, tokens = tiny_model("llama"), rand_sae("relu"), random_tokens(12)
     kw = dict(batch_size=2, buffer_size=250, shard_width=16, progress=False)
     cache_latents(model, sae, tokens, tmp_path / "ref", **kw)
-    real = cache_mod._write_json
+    real = cache_mod.write_json
     calls = {"n": 0}
 
     def flaky(path, obj):
@@ -159,10 +159,10 @@ def test_crash_between_parts_and_index_is_repaired(tmp_path: Path, monkeypatch: 
             raise _Interrupt
         return real(path, obj)
 
-    monkeypatch.setattr(cache_mod, "_write_json", flaky)
+    monkeypatch.setattr(cache_mod, "write_json", flaky)
     with pytest.raises(_Interrupt):
         cache_latents(model, sae, tokens, tmp_path / "run", **kw)
-    monkeypatch.setattr(cache_mod, "_write_json", real)
+    monkeypatch.setattr(cache_mod, "write_json", real)
     cache_latents(model, sae, tokens, tmp_path / "run", **kw)
     assert _files(tmp_path / "run") == _files(tmp_path / "ref")
 

@@ -15,16 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent / "intervene"
 
 # Lowest first. A module belongs to the entry that is the longest prefix of its dotted name.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams")),
+    ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams",
+                    "intervene.autoload", "intervene.htmlpage", "intervene.safeio", "intervene.schemas", "intervene.tensorfile")),
     ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.site_discovery",
                                        "intervene.site_probe", "intervene.site_block", "intervene.site_residual",
                                        "intervene.site_chain", "intervene.site_fit",
                                        "intervene.hooks")),
     ("core: interventions", ("intervene.intervention", "intervene.registry")),
-    ("core: diffs and baking", ("intervene.cards", "intervene.diff_format", "intervene.hubio", "intervene.bake")),
+    ("core: diffs and baking", ("intervene.cards", "intervene.load_sites", "intervene.diff_format", "intervene.hubio",
+                                "intervene.bake")),
     ("core: the engine", ("intervene.intervenable",)),
     ("substrate", ("intervene.assets", "intervene.data", "intervene.probes", "intervene.activations")),
-    ("toolkits", ("intervene.evaluate", "intervene.features", "intervene.publish", "intervene.command")),
+    ("toolkits", ("intervene.evaluate", "intervene.features", "intervene.publish", "intervene.command",
+                  "intervene.training")),
     ("methods", ("intervene.methods",)),
     ("interop", ("intervene.interop",)),
     ("applications", ("intervene.demo", "intervene.elicit", "intervene.plots", "intervene.cli")),

@@ -351,3 +351,19 @@ def test_resample_draws_rows_from_the_pool_and_derange_moves_every_row() -> None
     q = iv.Patch.resample({"layers.1": pool}, n_examples=8, seed=3)
     assert q.values["layers.1"].shape == (8, 32) and q.per_example
     assert torch.equal(q.values["layers.1"], iv.Patch.resample({"layers.1": pool}, 8, seed=3).values["layers.1"])
+
+
+def test_record_can_stop_after_its_last_site() -> None:
+    from intervene.methods.patching.record import record
+
+    model = tiny_model("llama_gqa")
+    base = _batch(BASE)
+    calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        full, out = record(model, base, ["layers.0", "layers.0.heads"])
+        early, none = record(model, base, ["layers.0", "layers.0.heads"], stop_early=True)
+    finally:
+        h.remove()
+    assert out is not None and none is None and len(calls) == 1  # the stopped run never reached the LM head
+    assert all(torch.equal(full[k], early[k]) for k in full)

@@ -14,6 +14,7 @@ from intervene.probes.synthetic import planted_features, planted_pairs
 SUPERVISED = [
     lambda: probes.LogisticRegressionProbe(C=1.0),
     lambda: probes.LogisticRegressionProbe(C=1.0, solver="lbfgs"),
+    lambda: probes.LogisticRegressionProbe(C=1.0, solver="pcg"),
     lambda: probes.MeanDiffProbe(),
     lambda: probes.LDAProbe(),
 ]
@@ -28,7 +29,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
-@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+@pytest.mark.parametrize("solver", ["auto", "pcg", "newton", "lbfgs"])
 @pytest.mark.parametrize("C", [1.0, 0.01])
 def test_lr_matches_sklearn(C: float, solver: str) -> None:
     # A noisy, non-separable problem with correlated features, so regularisation matters.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import types
 from pathlib import Path
 
@@ -55,3 +56,40 @@ def test_the_package_ships_type_information() -> None:
     assert (Path(intervene.__file__).parent / "py.typed").is_file()
     text = (Path(intervene.__file__).parent.parent / "pyproject.toml").read_text()
     assert "py.typed" in text
+
+
+def test_the_lazy_table_matches_the_static_imports_and_all() -> None:
+    """``intervene/__init__.py`` imports on first use (PEP 562): its name table, the imports type checkers read
+    and ``__all__`` must name the same things."""
+    import ast
+
+    tree = ast.parse(Path(intervene.__file__).read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING")
+    static = {}
+    for node in guarded.body:
+        for a in node.names:
+            static[a.asname or a.name.rpartition(".")[2]] = a.name if isinstance(node, ast.Import) else node.module
+    assert static == intervene._EXPORTS
+    assert set(intervene.__all__) == set(static) | {"__version__"}
+
+
+def test_import_intervene_is_light_and_loading_registers_the_methods(tmp_path: Path) -> None:
+    """``import intervene`` imports no torch; a diff loads through the core alone (the registry registers the
+    built-in methods on first lookup, intervene/autoload.py)."""
+    import subprocess
+    import sys
+
+    root = Path(intervene.__file__).parent.parent
+    code = ("import sys, intervene\nassert 'torch' not in sys.modules\n"
+            "import torch\nfrom tests.tiny_models import tiny_model\n"
+            "from intervene.methods.steering import Steering\n"
+            "model = tiny_model('llama')\n"
+            f"intervene.Intervenable(model, Steering({{'layers.1': torch.ones(32)}}), attach=False).save_pretrained({str(tmp_path / 'd')!r})\n")
+    load = ("import sys\nfrom intervene.intervenable import Intervenable\nfrom tests.tiny_models import tiny_model\n"
+            "assert 'intervene.methods' not in sys.modules\n"
+            f"ivm = Intervenable.load({str(tmp_path / 'd')!r}, tiny_model('llama'))\n"
+            "assert type(ivm.interventions[0]).__name__ == 'Steering'\n")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for src in (code, load):
+        r = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]

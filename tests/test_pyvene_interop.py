@@ -94,7 +94,7 @@ def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path):
     torch.save({"source_representation": _randn(0), "evil": _Evil()}, tmp_path / f"intkey_{key}.bin")
     with pytest.raises(iv.DiffFormatError, match="refused to unpickle"):
         import_pyvene(tmp_path, model)
-    with pytest.raises(iv.InterventionError, match="only steering exports"):
+    with pytest.raises(iv.InterventionError, match="no pyvene equivalent"):
         export_pyvene(iv.Intervenable(model, iv.DirectionalAblation(_randn(1), sites="layers.1"), attach=False),
                       tmp_path / "x")
 
@@ -102,3 +102,41 @@ def test_bin_files_are_never_unpickled_beyond_tensors(tmp_path):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("family,site", [("llama", "layers.0"), ("llama", "layers.1.heads"), ("gpt2", "layers.1")])
+def test_das_exports_as_rotated_space_intervention_with_identical_logits(tmp_path, family, site):
+    """A DAS (a rotation away from its seeded start) saved as pyvene's RotatedSpaceIntervention: pyvene 0.1.8 loads it and, given
+    the same source and unit_locations, reproduces our interchange's logits bit for bit."""
+
+    model = copy.deepcopy(tiny_model(family))  # pyvene removes every hook on a model it wraps
+    das = iv.DAS.create(model, site, 5, seed=3)
+    with torch.no_grad():  # a trained-looking rotation: not the seeded start, still orthogonal
+        das.rotation.set_(torch.linalg.qr(das.weight() + 0.3 * torch.randn(32, 32, generator=torch.Generator()
+                                                                            .manual_seed(4)))[0])
+    ivm = iv.Intervenable(model, das, attach=False)
+    export_pyvene(ivm, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["intervention_types"] == ["<class 'pyvene.models.interventions.RotatedSpaceIntervention'>"]
+    assert config["intervention_dimensions"] == [5] and config["intervention_constant_sources"] == [False]
+    g = torch.Generator().manual_seed(0)
+    base, src = torch.randint(1, 90, (3, 7), generator=g), torch.randint(1, 90, (3, 7), generator=g)
+    b, s = ({"input_ids": x, "attention_mask": torch.ones_like(x)} for x in (base, src))
+    with torch.no_grad(), ivm, das.interchange(ivm, b, s, positions=[4], source_positions=[2]):
+        ours = ivm(**b).logits
+    pvm = pv.IntervenableModel.load(str(tmp_path), model)
+    with torch.no_grad():
+        _, theirs = pvm({"input_ids": base}, [{"input_ids": src}],
+                        unit_locations={"sources->base": ([[[2]] * 3], [[[4]] * 3])})
+        plain = model(input_ids=base).logits
+    assert (ours - plain).abs().max() > 1e-2
+    assert torch.equal(ours, theirs.logits)
+
+
+def test_export_refuses_what_pyvene_cannot_hold(tmp_path):
+    phi3 = tiny_model("phi3")
+    with pytest.raises(iv.InterventionError, match="maps no components for Phi3ForCausalLM"):
+        export_pyvene(iv.Intervenable(phi3, iv.DAS.create(phi3, "layers.0", 2), attach=False), tmp_path)
+    model = copy.deepcopy(tiny_model("llama"))
+    with pytest.raises(iv.InterventionError, match="no pyvene equivalent"):
+        export_pyvene(iv.Intervenable(model, iv.LoReFT.create(model, "layers.0", 2), attach=False), tmp_path)

@@ -10,24 +10,32 @@ A shard is listed in the index only after it is fully on disk, and the index is 
 atomically after every shard, so an interrupted run leaves a valid prefix that the next run
 resumes from. Each listed shard records its size and sha256: a truncated shard fails the size
 check when the cache is opened, a corrupted one fails the hash check the first time it is read.
-Neither is ever read silently.
+Neither is ever read silently. The index is checked against :class:`~intervene.schemas.caches.ActivationIndex`
+and every tensor (its dtype, shape, rows and finite values) before it is returned; files are read
+only through :class:`~intervene.safeio.Root`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from intervene.errors import ActivationCacheError
-from intervene.fileio import atomic_write_bytes
+from intervene.fileio import atomic_write_bytes, dir_lock, sweep_temporaries
+from intervene.safeio import Root
+from intervene.schemas.base import validate
+from intervene.schemas.caches import ActivationIndex
+from intervene.tensorfile import Header, check_tensor, read_header, read_slice
+from intervene.tensorfile import file_sha256 as tensorfile_sha256
 
 FORMAT = "intervene-activations"
 FORMAT_VERSION = 1
@@ -43,6 +51,7 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file we wrote (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
@@ -50,42 +59,43 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_index(root: Path) -> dict[str, Any]:
-    """Parse ``root/index.json`` and check its structure; raises :class:`ActivationCacheError`."""
-    path = root / INDEX_NAME
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ActivationCacheError(f"{root} has no {INDEX_NAME}: not an activation cache") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ActivationCacheError(f"{path} is not valid JSON (corrupt or truncated): {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise ActivationCacheError(f"{path} is not an intervene activation index")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise ActivationCacheError(f"{path} has format version {index.get('format_version')!r}; "
-                                   f"this intervene reads version {FORMAT_VERSION}")
-    if not isinstance(index.get("shards"), list) or not isinstance(index.get("sites"), list):
-        raise ActivationCacheError(f"{path} lacks its 'shards' or 'sites' list")
-    return index
+def read_index(root: Path | Root) -> dict[str, Any]:
+    """Parse ``root/index.json`` and check it against :class:`~intervene.schemas.caches.ActivationIndex`;
+    raises :class:`ActivationCacheError` naming the file and field."""
+    r = root if isinstance(root, Root) else Root(root, ActivationCacheError)
+    if not r.exists(INDEX_NAME):
+        raise ActivationCacheError.at(r.path, INDEX_NAME, f"an {INDEX_NAME}", note="not an activation cache")
+    raw = r.read_json(INDEX_NAME)
+    index = validate(ActivationIndex, raw, ActivationCacheError, r.path / INDEX_NAME)
+    where = r.path / INDEX_NAME
+    if len(set(index.sites)) != len(index.sites):
+        raise ActivationCacheError.at(where, "sites", "distinct site names", index.sites)
+    extra = sorted(set(index.shapes) - set(index.sites) - {LENGTHS_KEY})
+    if extra:
+        raise ActivationCacheError.at(where, f"shapes.{extra[0]}", f"a shape per collected site {index.sites}", extra[0])
+    names = [e.file for e in index.shards]
+    if len(set(names)) != len(names):
+        raise ActivationCacheError.at(where, "shards", "distinct shard files", names)
+    return raw
 
 
-def check_shard_files(root: Path, index: dict[str, Any]) -> None:
-    """Cheap checks of every listed shard: present, the recorded size, contiguous row ranges."""
+def check_shard_files(root: Path | Root, index: dict[str, Any]) -> None:
+    """Cheap checks of every listed shard: a regular file inside the cache, the recorded size, contiguous
+    row ranges ending at ``n`` once the cache is complete."""
+    r = root if isinstance(root, Root) else Root(root, ActivationCacheError)
+    where = r.path / INDEX_NAME
     expected_start = 0
-    for entry in index["shards"]:
-        path = root / entry["file"]
-        if Path(entry["file"]).name != entry["file"]:
-            raise ActivationCacheError(f"{root / INDEX_NAME} names a shard outside the cache: {entry['file']!r}")
-        if not path.is_file():
-            raise ActivationCacheError(f"shard {path} is listed in the index but missing; delete {root} "
-                                       "to recompute")
-        size = path.stat().st_size
+    for i, entry in enumerate(index["shards"]):
+        size = r.size(entry["file"], f"shards[{i}].file")
         if size != entry["bytes"]:
-            raise ActivationCacheError(f"shard {path} has {size} bytes, the index records {entry['bytes']} "
-                                       f"(truncated or overwritten); delete {root} to recompute")
+            raise ActivationCacheError.at(r.path / entry["file"], None, f"{entry['bytes']} bytes (the index records so)",
+                                          size, note=f"truncated or overwritten; delete {r.path} to recompute")
         if entry["start"] != expected_start or entry["stop"] < entry["start"]:
-            raise ActivationCacheError(f"{root / INDEX_NAME}: shard row ranges are not contiguous")
+            raise ActivationCacheError.at(where, f"shards[{i}]", f"rows starting at {expected_start}",
+                                          [entry["start"], entry["stop"]], note="shard ranges are not contiguous")
         expected_start = entry["stop"]
+    if expected_start > index["n"]:
+        raise ActivationCacheError.at(where, "shards", f"at most n={index['n']} rows", expected_start)
 
 
 class ShardWriter:
@@ -100,15 +110,27 @@ class ShardWriter:
         self.root = root
         self.shard_bytes = max(1, int(shard_bytes))
         root.mkdir(parents=True, exist_ok=True)
+        # One writer at a time per cache (released in close, or by the kernel if the process dies); then
+        # what a killed writer left half-written can be removed safely.
+        self._dirlock = contextlib.ExitStack()
+        self._dirlock.enter_context(dir_lock(root, exclusive=True))
+        sweep_temporaries(root, [INDEX_NAME, "shard-*"])
         self.index: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **header,
                                       "shards": [], "complete": False}
-        if (root / INDEX_NAME).is_file():
-            old = read_index(root)
-            if old.get("key") != header["key"]:
-                raise ActivationCacheError(f"{root} holds activations for another key; delete it to recompute")
-            check_shard_files(root, old)
-            self.index["shards"] = old["shards"]
-            self.index["complete"] = bool(old.get("complete"))
+        try:
+            if os.path.lexists(root / INDEX_NAME):
+                old = read_index(root)
+                same = all(old.get(k) == v for k, v in json.loads(json.dumps(header)).items() if k != "shapes")
+                if not same:
+                    raise ActivationCacheError(f"{root} holds activations for another key; delete it to recompute",
+                                               path=root / INDEX_NAME, field="key")
+                check_shard_files(root, old)
+                self.index["shards"] = old["shards"]
+                self.index["shapes"] = old["shapes"] if old["shards"] else {}
+                self.index["complete"] = bool(old.get("complete"))
+        except BaseException:
+            self._dirlock.close()
+            raise
         self.done_rows = self.index["shards"][-1]["stop"] if self.index["shards"] else 0
         self._buffer: list[dict[str, torch.Tensor]] = []
         self._buffer_rows = 0
@@ -176,53 +198,78 @@ class ShardWriter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._dirlock.close()
 
 
 class ShardReader:
-    """Lazy, memory-mapped access to a complete cache; verifies each shard's hash on first use."""
+    """Lazy access to a complete cache: each shard's sha256 is verified on first use, then each tensor is read
+    alone and checked (dtype, shape, rows, finite values) before it is returned."""
 
     def __init__(self, root: Path, verify: bool = True) -> None:
         self.root = Path(root)
-        self.index = read_index(self.root)
+        self._r = Root(self.root, ActivationCacheError)
+        self.index = read_index(self._r)
         if not self.index.get("complete"):
             raise ActivationCacheError(f"{self.root} is incomplete (an interrupted collect); rerun collect "
-                                       "with the same arguments to finish it")
-        check_shard_files(self.root, self.index)
-        if self.index["shards"] and self.index["shards"][-1]["stop"] != self.index["n"]:
-            raise ActivationCacheError(f"{self.root}: shards cover {self.index['shards'][-1]['stop']} rows, "
-                                       f"the index says {self.index['n']}")
+                                       "with the same arguments to finish it", path=self.root, field="complete")
+        check_shard_files(self._r, self.index)
+        stop = self.index["shards"][-1]["stop"] if self.index["shards"] else 0
+        if self.index["shards"] and stop != self.index["n"]:
+            raise ActivationCacheError.at(self.root / INDEX_NAME, "shards", f"rows covering n={self.index['n']}", stop)
+        self.ragged = self.index["positions"] == "all"
+        self._keys = set(self.index["sites"]) | ({LENGTHS_KEY} if self.ragged else set())
         self.verify = verify
-        self._verified: set[str] = set()
+        self._headers: dict[str, Header] = {}
 
-    def _open(self, entry: dict[str, Any]):
-        path = self.root / entry["file"]
-        if self.verify and entry["file"] not in self._verified:
-            digest = file_sha256(path)
-            if digest != entry["sha256"]:
-                raise ActivationCacheError(f"shard {path} fails its sha256 check (corrupt); delete {self.root} "
-                                           "to recompute")
-            self._verified.add(entry["file"])
-        try:
-            return safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise ActivationCacheError(f"shard {path} is not a readable safetensors file: {e}") from None
+    def _header(self, entry: dict[str, Any]) -> Header:
+        header = self._headers.get(entry["file"])
+        if header is None:
+            if self.verify:
+                digest = tensorfile_sha256(self._r, entry["file"])
+                if digest != entry["sha256"]:
+                    raise ActivationCacheError.at(self.root / entry["file"], "sha256", entry["sha256"], digest,
+                                                  note=f"the shard is corrupt; delete {self.root} to recompute")
+            header = read_header(self._r, entry["file"])
+            if set(header.tensors) != self._keys:
+                raise ActivationCacheError.at(self.root / entry["file"], "tensors", f"exactly {sorted(self._keys)}",
+                                              sorted(header.tensors))
+            self._headers[entry["file"]] = header
+        return header
+
+    def _tensor(self, key: str, entry: dict[str, Any]) -> torch.Tensor:
+        header = self._header(entry)
+        info = header.tensors[key]
+        where, rows = self.root / entry["file"], entry["stop"] - entry["start"]
+        t = read_slice(self._r, entry["file"], header, key, 0, info.shape[0] if info.shape else 1)
+        if key == LENGTHS_KEY:
+            if t.dtype != torch.int64 or tuple(t.shape) != (rows,) or bool((t < 0).any()):
+                raise ActivationCacheError.at(where, key, f"int64 [{rows}] non-negative token counts",
+                                              f"{t.dtype} {list(t.shape)}")
+            return t
+        shape = self.index["shapes"].get(key)
+        if shape is None:
+            raise ActivationCacheError.at(self.root / INDEX_NAME, f"shapes.{key}", "the site's trailing shape")
+        lead = None if self.ragged else rows
+        check_tensor(t, ActivationCacheError, where, key, (lead, *shape))
+        if str(t.dtype).removeprefix("torch.") != self.index["dtype"]:
+            raise ActivationCacheError.at(where, key, f"dtype {self.index['dtype']}", str(t.dtype))
+        if self.ragged and t.shape[0] != int(self._tensor(LENGTHS_KEY, entry).sum()):
+            raise ActivationCacheError.at(where, key, "as many rows as the shard's tokens", t.shape[0])
+        return t
 
     def _read(self, key: str, entries: list[dict[str, Any]]) -> list[torch.Tensor]:
-        out = []
-        for entry in entries:
-            with self._open(entry) as f:
-                if key not in f.keys():
-                    raise ActivationCacheError(f"shard {self.root / entry['file']} has no tensor {key!r}")
-                out.append(f.get_tensor(key))
-        return out
+        if key not in self._keys:
+            raise ActivationCacheError.at(self.root / INDEX_NAME, "sites", f"a site named {key!r}")
+        return [self._tensor(key, e) for e in entries]
+
+    def _empty(self, key: str) -> torch.Tensor:
+        shape = self.index["shapes"].get(key, [])
+        return torch.empty(0, *shape, dtype=getattr(torch, self.index["dtype"]))
 
     def get(self, key: str) -> torch.Tensor:
         """One site's tensor over all rows (only this site is read from each shard)."""
         parts = self._read(key, self.index["shards"])
-        if parts:
-            return torch.cat(parts)
-        shape = self.index["shapes"].get(key, [])
-        return torch.empty(0, *shape, dtype=getattr(torch, self.index["dtype"]))
+        return torch.cat(parts) if parts else self._empty(key)
 
     def lengths(self) -> torch.Tensor:
         """Tokens per row for ragged caches, ``[N]`` int64."""
@@ -237,6 +284,51 @@ class ShardReader:
             if lo < hi:
                 t = self._read(key, [entry])[0]
                 parts.append(t[lo - entry["start"]: hi - entry["start"]])
-        if parts:
-            return torch.cat(parts)
-        return torch.empty(0, *self.index["shapes"][key], dtype=getattr(torch, self.index["dtype"]))
+        return torch.cat(parts) if parts else self._empty(key)
+
+
+def rank_dir(root: Path, rank: int, world: int) -> Path:
+    """Where rank ``rank`` of ``world`` writes its block of a cache (merged into ``root`` by rank 0)."""
+    return root / f"rank-{rank:03d}-of-{world:03d}"
+
+
+def merge_rank_caches(root: Path, world: int, header: dict[str, Any]) -> None:
+    """Rank 0, once every rank has finished its block: link the ranks' shards into ``root`` in row order and
+    write one complete index, as a single process would have. Idempotent: a rerun after a crash redoes it.
+
+    The shards' bytes are not copied (hard links; a copy where links are not supported) and keep the sha256
+    and size their rank recorded, so the result is checked exactly like a single-process cache.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    offset = 0
+    shapes: dict[str, Any] = {}
+    with dir_lock(root, exclusive=True):
+        for rank in range(world):
+            sub = rank_dir(root, rank, world)
+            index = read_index(sub)
+            if not index.get("complete"):
+                raise ActivationCacheError(f"{sub} is incomplete: rank {rank} did not finish its block",
+                                           path=sub / INDEX_NAME, field="complete")
+            check_shard_files(sub, index)
+            shapes = shapes or index["shapes"]
+            for entry in index["shards"]:
+                name = f"shard-{len(shards):05d}.safetensors"
+                target = root / name
+                if os.path.lexists(target):
+                    target.unlink()
+                try:
+                    os.link(sub / entry["file"], target)
+                except OSError:  # a file system without hard links
+                    import shutil
+
+                    shutil.copyfile(sub / entry["file"], target)
+                shards.append({**entry, "file": name, "start": entry["start"] + offset,
+                               "stop": entry["stop"] + offset})
+            offset += index["n"]
+        if offset != header["n"]:
+            raise ActivationCacheError(f"the ranks' blocks hold {offset} rows, the data has {header['n']}",
+                                       path=root, field="n")
+        index = {"format": FORMAT, "format_version": FORMAT_VERSION, **header, "shapes": shapes,
+                 "shards": shards, "complete": True}
+        atomic_write_bytes(root / INDEX_NAME, json.dumps(index, indent=1) + "\n")

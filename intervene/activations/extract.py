@@ -18,7 +18,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene.activations.cache import LENGTHS_KEY, ShardReader, ShardWriter, cache_key
+from intervene.activations.cache import (
+    INDEX_NAME,
+    LENGTHS_KEY,
+    ShardReader,
+    ShardWriter,
+    cache_key,
+    merge_rank_caches,
+    rank_dir,
+    read_index,
+)
+from intervene.activations.distributed import barrier, gather_objects, ranks
 from intervene.activations.store import Activations
 from intervene.activations.tokens import (
     Batch,
@@ -29,7 +39,7 @@ from intervene.activations.tokens import (
     make_batch,
     select,
 )
-from intervene.errors import SiteError
+from intervene.errors import ActivationCacheError, SiteError
 from intervene.hooks import HookSet, add_input_hook, add_output_hook, count_hooks
 from intervene.sites import Site, block_path, num_layers, resolve_sites
 
@@ -241,7 +251,13 @@ def collect(
     names = [s.name for s in resolved]
     common = dict(sites=names, n=n, positions=spec.name, labels=labels, meta=meta)
 
+    group = ranks(_input_device(model))
+    starts = list(range(0, n, batch_size))
+    mine = [starts[b] for b in group.block(len(starts))]  # this process's batches (all of them, alone)
+    first_row = mine[0] if mine else n
+    my_rows = (min(n, mine[-1] + batch_size) - first_row) if mine else 0
     writer = None
+    root = None
     if cache_dir is not None:
         from intervene.diff_format import fingerprint
 
@@ -252,10 +268,12 @@ def collect(
         root = Path(cache_dir) / f"acts-{key[:24]}"
         header = {"key": key, "n": n, "sites": names, "positions": spec.name,
                   "dtype": str(dtype).removeprefix("torch."), "shapes": {}, "model": parts["fingerprint"]}
-        writer = ShardWriter(root, header, shard_bytes)
-        if writer.complete:
-            writer.close(complete=False)
+        if _complete(root, key):  # finished earlier (by one process or several)
             return Activations(reader=ShardReader(root), **common)
+        if group.distributed:  # each rank caches its block; rank 0 links the blocks into root at the end
+            writer = ShardWriter(rank_dir(root, group.rank, group.world), {**header, "n": my_rows}, shard_bytes)
+        else:
+            writer = ShardWriter(root, header, shard_bytes)
 
     pad_id = getattr(tok, "pad_token_id", None)
     if pad_id is None:
@@ -264,17 +282,18 @@ def collect(
     with_pos = _accepts(model, "position_ids")
     extra = {"use_cache": False} if _accepts(model, "use_cache") else {}  # no KV cache to build
     capture = _Capture(resolved, spec, dtype, stop_early)
-    start = writer.done_rows if writer is not None else 0
+    done = writer.done_rows if writer is not None else 0  # rows of this process's block already cached
+    todo = [lo for lo in mine if lo >= first_row + done]
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in names}
     lengths: list[torch.Tensor] = []
     hooks = HookSet()
-    bar = _progress(n, start, progress)
+    bar = _progress(my_rows, done, progress and group.main)
     ok = False
     try:
         for s in resolved:
             add = add_input_hook if s.side == "input" else add_output_hook
             add(hooks, s.module, capture.fn(s), s.name)
-        for lo in range(start, n, batch_size):
+        for lo in todo:
             batch = make_batch(enc, range(lo, min(n, lo + batch_size)), spec, pad_id, side, with_pos)
             out = capture.run(model, batch, device, extra)
             if writer is not None:
@@ -295,10 +314,30 @@ def collect(
         if writer is not None:
             writer.close(complete=ok)
     if writer is not None:
-        return Activations(reader=ShardReader(writer.root), **common)
+        if group.distributed:
+            barrier(group)
+            if group.main:
+                merge_rank_caches(root, group.world, header)  # type: ignore[arg-type]
+            barrier(group)
+        return Activations(reader=ShardReader(writer.root if not group.distributed else root), **common)
+    if group.distributed:  # every rank gets every row, in order: what follows (fitting probes) runs anywhere
+        blocks = gather_objects(group, (chunks, lengths))
+        chunks = {k: [t for c, _ in blocks for t in c[k]] for k in names}
+        lengths = [t for _, ls in blocks for t in ls]
     tensors = {k: torch.cat(v) if v else torch.empty(0) for k, v in chunks.items()}
     lens = torch.cat(lengths) if (lengths and spec.kind == "all") else None
     return Activations(tensors, lengths=lens, **common)
+
+
+def _complete(root: Path, key: str) -> bool:
+    """Whether ``root`` holds a finished cache of ``key`` (its index says so; the reader checks the rest)."""
+    if not (root / INDEX_NAME).is_file():
+        return False
+    try:
+        index = read_index(root)
+    except ActivationCacheError:
+        return False  # a broken index is rewritten by the writer, which refuses what it cannot trust
+    return bool(index.get("complete")) and index.get("key") == key
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

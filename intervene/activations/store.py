@@ -6,7 +6,7 @@ A read-only mapping ``site -> tensor`` plus the rows' labels and metadata. Tenso
 ``offsets`` ``[N+1]`` (example ``i`` owns rows ``offsets[i]:offsets[i+1]``).
 
 Backed by memory (no ``cache_dir``) or by a shard cache on disk, which is read lazily: indexing
-one site reads only that site from each shard (memory-mapped through ``safetensors.safe_open``).
+one site reads only that site from each shard (its byte range, after the shard's checksum is verified).
 """
 
 from __future__ import annotations

@@ -31,28 +31,64 @@ def demo_model(dtype: torch.dtype = torch.float32, device: str | torch.device = 
 
     if not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         raise FileNotFoundError(f"the demo model is missing from {DEMO_MODEL_DIR}; "
-                                "rebuild it with examples/train_quirky_model.py")
+                                "rebuild it: python examples/train_quirky_model.py --out intervene/assets/quirky-tiny")
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).to(device).eval()
+    with quiet_loading(False):  # a 2 MB model: a loading bar would only be noise in a notebook
+        model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, dtype=dtype).to(device).eval()
     return model, tokenizer
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", progress: bool = True) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a local dir, a Hub id, or ``demo`` (eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def model_source(name: str | Path, revision: str | None = None) -> str:
+    """Where to load ``name`` from: the demo model's directory, a local directory, or a Hub id that exists.
+
+    Answers a name that is neither with one line (``FileNotFoundError``) instead of transformers'
+    error for a malformed repo id, or its retries when the network is down.
+    """
+    from intervene.hubio import check_hub_file
+
+    path = Path(resolve_model_name(name)).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"{name} is a file; a model is a directory holding config.json, or a Hub id")
+    try:
+        check_hub_file(str(name), "config.json", "model", revision=revision)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; a model is a local directory, a Hub id, or 'demo'") from None
+    return str(name)
+
+
+def quiet_loading(progress: bool) -> Any:
+    """A context in which transformers shows its loading bars only if ``progress``."""
+    import contextlib
+
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_name(name)
-    tok = AutoTokenizer.from_pretrained(path)
+    @contextlib.contextmanager
+    def ctx() -> Any:
+        shown = hf_logging.is_progress_bar_enabled()
+        if not progress and shown:
+            hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+
+    return ctx()
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", progress: bool = True,
+               revision: str | None = None) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a local dir, a Hub id, or ``demo`` (eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_source(name, revision)
+    kw = {} if revision is None else {"revision": revision}
+    tok = AutoTokenizer.from_pretrained(path, **kw)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    shown = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
+    with quiet_loading(progress):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kw).to(device).eval()
     return model, tok

@@ -2,7 +2,7 @@
 
 Every edit a baker can express is an affine map of an activation: ``y -> P y + c`` with ``P``
 the identity, ``I - r rᵀ`` (``r`` a unit vector) or, at a writer's input or output only, ``I - L R``
-(a low-rank oblique projection, LEACE's: ``L`` ``[n, k]``, ``R`` ``[k, n]``). Edits of a writer's
+(low rank, ``L`` ``[n, k]``, ``R`` ``[k, n]``: LEACE's oblique projection, a LoReFT / DiReFT). Edits of a writer's
 *output* fold as ``W <- P W, b <- P b + c``; edits of its *input* fold as ``W <- W P, b <- b + W c``, applied in
 reverse hook order so that ``W T_k(...T_1(x))`` comes out right.
 
@@ -15,9 +15,7 @@ and only then copied in (cf. PEFT's ``safe_merge``).
 from __future__ import annotations
 
 import copy
-import itertools
-from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import overload
 
 import torch
 from torch import nn
@@ -27,106 +25,20 @@ from intervene.bake.layout import (
     Loc,
     Part,
     get_flag,
+    last_writer,
     layout_of,
+    plain_problem,
     proj_paths,
     set_flag,
     skeleton,
     writer_paths,
 )
+from intervene.bake.records import BakeReport, Op, Plan, Units, Writer
 from intervene.errors import NotBakeableError
-from intervene.site_discovery import LayerParts, config_of
+from intervene.site_discovery import config_of
 from intervene.site_probe import input_embeddings, weight_of
 from intervene.site_residual import gain_tensor
 from intervene.sites import hidden_size, num_layers
-
-_seq = itertools.count()
-
-
-def _not_plain(parts: LayerParts) -> str | None:
-    """Why block arithmetic is not ``c0 * in + c1 * attn + c2 * mlp`` with constants (``None`` when it is)."""
-    if parts.attn is None or parts.mlp is None:
-        return "has no attention and MLP writer pair"
-    if parts.extra:
-        return f"adds {', '.join(parts.extra)} besides its attention and MLP"
-    if parts.normed or parts.resid_gain is None:
-        return "normalises the residual itself"
-    if parts.offset:
-        return "adds a constant besides its writers"
-    if not all(isinstance(g, float) for g in (parts.attn_gain, parts.mlp_gain, parts.resid_gain)):
-        return "scales its residual per channel"
-    return None
-
-
-@dataclass(frozen=True)
-class _Op:
-    r: torch.Tensor | None  # unit direction: project with I - r rᵀ first
-    c: torch.Tensor | None  # then add this constant
-    order: int
-    why: str
-    seq: int = field(default_factory=lambda: next(_seq))
-    lr: tuple[torch.Tensor, torch.Tensor] | None = None  # (L, R): project with I - L R first (instead of r)
-
-
-# {module path: ((layer, part), input edits, output edits)}
-_Units = dict[str, tuple[tuple[int, Part], list[_Op], list[_Op]]]
-# (units, constants moved in from a parallel partner, writers whose constant moved out, {config flag: why})
-_Plan = tuple[_Units, dict[str, torch.Tensor], set[str], dict[str, str]]
-
-
-@dataclass
-class BakeReport:
-    """What a bake changed: parameter names, created biases, config flags, untied embeddings."""
-
-    edited: list[str] = field(default_factory=list)
-    created: list[str] = field(default_factory=list)
-    config_flags: dict[str, Any] = field(default_factory=dict)
-    untied_embeddings: bool = False
-    interventions: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Writer:
-    """A residual writer's weight viewed as ``[..., out, in]`` (Linear, GPT-2 Conv1D, MoE experts)."""
-
-    def __init__(self, model: nn.Module, path: str, hidden: int) -> None:
-        self.path = path
-        mod = model.get_submodule(path)
-        self.module = mod
-        experts = getattr(mod, "experts", None)
-        weight = weight_of(mod)
-        if isinstance(mod, nn.Linear):
-            self.kind, self.param = "linear", mod.weight
-        elif type(mod).__name__ == "Conv1D" and weight is not None and weight.ndim == 2:
-            self.kind, self.param = "conv1d", weight  # stored [in, out]
-        elif experts is not None and isinstance(getattr(experts, "down_proj", None), torch.Tensor) \
-                and experts.down_proj.ndim == 3 and experts.down_proj.shape[-2] == hidden \
-                and not any(hasattr(mod, a) for a in ("shared_expert", "shared_experts")):
-            self.kind, self.param = "experts", experts.down_proj  # [experts, out, in]
-        elif "norm" in type(mod).__name__.lower() or all(p.ndim <= 1 for p in mod.parameters()):
-            raise NotBakeableError(f"{path} ({type(mod).__name__}) normalises the branch output before the residual "
-                                   "add (a post-norm), so no bias or projection of a weight reproduces an edit of "
-                                   "what it writes")
-        else:
-            raise NotBakeableError(f"{path} ({type(mod).__name__}) is not a Linear, Conv1D or plain MoE "
-                                   "experts block, so edits of what it writes cannot be folded into it")
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.path}.experts.down_proj" if self.kind == "experts" else f"{self.path}.weight"
-
-    @property
-    def can_hold_bias(self) -> bool:
-        return self.kind != "experts"
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return getattr(self.module, "bias", None) if self.kind != "experts" else None
-
-    def weight64(self) -> torch.Tensor:
-        w = self.param.detach().to(torch.float64)
-        return w.t() if self.kind == "conv1d" else w
-
-    def stored(self, w: torch.Tensor) -> torch.Tensor:
-        return w.t() if self.kind == "conv1d" else w
 
 
 class WeightEditor:
@@ -146,15 +58,15 @@ class WeightEditor:
         self.hidden = hidden_size(source)
         self.n_interventions = n_interventions
         self.report = BakeReport()
-        self._out: dict[tuple[int, Part], list[_Op]] = {}
-        self._in: dict[tuple[int, Part], list[_Op]] = {}
-        self._embed: list[_Op] = []
-        self._plan: _Plan | None = None
+        self._out: dict[tuple[int, Part], list[Op]] = {}
+        self._in: dict[tuple[int, Part], list[Op]] = {}
+        self._embed: list[Op] = []
+        self._plan: Plan | None = None
 
     # ---- what bakers call ----------------------------------------------------------------------
     def add(self, loc: Loc, vector: torch.Tensor, why: str) -> None:
         """Add ``vector`` at ``loc`` (at every position)."""
-        self._push(loc, _Op(None, vector.detach().to(torch.float64).reshape(-1), loc.order, why))
+        self._push(loc, Op(None, vector.detach().to(torch.float64).reshape(-1), loc.order, why))
 
     def project(self, loc: Loc, direction: torch.Tensor, value: float | None, why: str) -> None:
         """``h <- h - (h·r) r (+ value r)`` at ``loc``; ``direction`` must be a unit vector."""
@@ -162,7 +74,7 @@ class WeightEditor:
         if loc.kind == "resid":
             raise NotBakeableError(f"{why}: projecting the residual stream at one point is not a local weight "
                                    "edit (see DirectionalAblation's residual-stream bake)")
-        self._push(loc, _Op(r, None if value is None else value * r, loc.order, why))
+        self._push(loc, Op(r, None if value is None else value * r, loc.order, why))
 
     def erase(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, mean: torch.Tensor | None, why: str) -> None:
         """``h <- (I - L R) h + L R μ`` (LEACE's eraser: ``left`` ``[n, k]``, ``right`` ``[k, n]``, ``mean``
@@ -173,7 +85,25 @@ class WeightEditor:
                                    "bake it at a linear layer's input or a writer's output, e.g. layers.{i}.heads")
         lo, ro = (t.detach().to(torch.float64) for t in (left, right))
         c = None if mean is None else lo @ (ro @ mean.detach().to(torch.float64).reshape(-1))
-        self._push(loc, _Op(None, c, loc.order, why, lr=(lo, ro)))
+        self._push(loc, Op(None, c, loc.order, why, lr=(lo, ro)))
+
+    def low_rank(self, loc: Loc, left: torch.Tensor, right: torch.Tensor, vector: torch.Tensor | None,
+                 why: str) -> None:
+        """``h <- (I - L R) h + c`` at a writer's input or output: any low-rank affine edit (``left`` ``[n, k]``,
+        ``right`` ``[k, n]``, ``vector`` ``c`` ``[n]`` or ``None``), e.g. a LoReFT ``h + P((W - Pᵀ) h + b)`` (``L = -P``,
+        ``R = W - Pᵀ``, ``c = P b``). A residual point or the embedding refuses (the skip connections carry ``h``
+        past every weight)."""
+        if loc.kind not in ("in", "write"):
+            raise NotBakeableError(f"{why}: a matrix edit of the residual stream is not a weight edit (the skip "
+                                   "connections carry it past every weight); bake it at a linear layer's input or a "
+                                   "writer's output, e.g. layers.{i}.heads")
+        lo, ro = (t.detach().to(torch.float64) for t in (left, right))
+        if lo.ndim != 2 or ro.ndim != 2 or lo.shape[1] != ro.shape[0] or lo.shape[0] != ro.shape[1]:
+            raise NotBakeableError(f"{why}: L {tuple(lo.shape)} and R {tuple(ro.shape)} are not [n, k] and [k, n]")
+        c = None if vector is None else vector.detach().to(torch.float64).reshape(-1)
+        if c is not None and c.numel() != lo.shape[0]:
+            raise NotBakeableError(f"{why}: a vector of {c.numel()} elements for a {lo.shape[0]}-wide edit")
+        self._push(loc, Op(None, c, loc.order, why, lr=(lo, ro)))
 
     def project_residual(self, direction: torch.Tensor, why: str) -> None:
         """Make the residual stream orthogonal to ``direction`` everywhere: project the embedding
@@ -183,15 +113,15 @@ class WeightEditor:
             raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
                                    "projection of the writers keeps it orthogonal to r")
         for i in range(self.n_layers):
-            if (problem := _not_plain(self.layout.arithmetic(self.source, i))) is not None:
+            if (problem := plain_problem(self.layout.arithmetic(self.source, i))) is not None:
                 raise NotBakeableError(f"{why}: block {i} {problem}, so projecting its attention and MLP writers "
                                        "does not keep the residual stream orthogonal to r")
-        self._push(Loc("embed"), _Op(r, None, 9, why))
+        self._push(Loc("embed"), Op(r, None, 9, why))
         for i in range(self.n_layers):
             for part in ("attn", "mlp"):
-                self._push(Loc("write", i, part), _Op(r, None, 9, why))
+                self._push(Loc("write", i, part), Op(r, None, 9, why))
 
-    def _push(self, loc: Loc, op: _Op) -> None:
+    def _push(self, loc: Loc, op: Op) -> None:
         if loc.kind == "embed":
             if (why := self.layout.embed_problem(self.model)) is not None:
                 raise NotBakeableError(f"{op.why}: {why}")
@@ -208,27 +138,20 @@ class WeightEditor:
         else:
             self._in.setdefault(self._block_of(loc, op), []).append(op)
 
-    def _last_writer(self, layer: int, op: _Op) -> tuple[tuple[int, Part], _Op]:
+    def _last_writer(self, layer: int, op: Op) -> tuple[tuple[int, Part], Op]:
         """The residual after block ``layer`` is what its last writer added to: ``(that writer, the edit in
         its units)``. The MLP, or the one branch of a block that has no MLP (a Mamba block)."""
         parts = self.layout.arithmetic(self.source, layer)
-        if parts.post_norm:
-            raise NotBakeableError(f"{op.why}: block {layer} is post-LN, so the residual after it is a "
-                                   "LayerNorm's output, which no writer's bias can shift")
-        part: Part = "mlp"
-        if parts.mlp is None and "mlp" in parts.absent and parts.attn is not None and not parts.extra:
-            part = "attn"
-        elif not parts.mlp_last:
-            raise NotBakeableError(f"{op.why}: block {layer} adds {', '.join(parts.extra)} after its MLP, which would "
-                                   "also see a constant added at the MLP's output, so no writer's bias shifts only "
-                                   "the residual after the block")
+        part, why = last_writer(parts, layer)
+        if part is None:
+            raise NotBakeableError(f"{op.why}: {why}")
         gain = parts.attn_gain if part == "attn" else parts.mlp_gain
         if gain != 1.0 and op.c is not None:  # the block scales the writer's output (per channel, maybe)
-            op = _Op(op.r, op.c / gain_tensor(gain, op.c.numel()), op.order, op.why, op.seq)
+            op = Op(op.r, op.c / gain_tensor(gain, op.c.numel()), op.order, op.why, op.seq)
         return (layer, part), op
 
     @staticmethod
-    def _block_of(loc: Loc, op: _Op) -> tuple[int, Part]:
+    def _block_of(loc: Loc, op: Op) -> tuple[int, Part]:
         """``(layer, part)`` of the writer a block location edits (the residual after a block: its MLP)."""
         part: Part | None = "mlp" if loc.kind == "resid" else loc.part
         if loc.layer is None or part is None:
@@ -236,7 +159,7 @@ class WeightEditor:
                                    f"{'' if loc.kind == 'resid' else ' and a part'}; got {loc}")
         return loc.layer, part
 
-    def _check_width(self, op: _Op, width: int) -> None:
+    def _check_width(self, op: Op, width: int) -> None:
         for t in (op.r, op.c):
             if t is not None and t.numel() != width:
                 raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at a point of width {width}")
@@ -244,10 +167,10 @@ class WeightEditor:
             raise NotBakeableError(f"{op.why}: a projection of width {op.lr[0].shape[0]} at a point of width {width}")
 
     # ---- folding -------------------------------------------------------------------------------
-    def _units(self) -> _Units:
+    def _units(self) -> Units:
         """``{module path: ((layer, part), input edits, output edits)}``: input edits fold into the
         projection, output edits into the writer (one module unless the writer is a post-norm)."""
-        units: _Units = {}
+        units: Units = {}
         for key in sorted(set(self._out) | set(self._in)):
             i, part = key
             if self._out.get(key):
@@ -262,7 +185,7 @@ class WeightEditor:
         flags must create biases. Every refusal about biases is raised here, before any copy."""
         self._plan = self._make_plan()
 
-    def _make_plan(self) -> _Plan:
+    def _make_plan(self) -> Plan:
         units = self._units()
         shift: dict[str, torch.Tensor] = {}  # constants moved in from a parallel partner
         drop: set[str] = set()  # writers whose constant moved out
@@ -282,7 +205,7 @@ class WeightEditor:
                 # both writers add to the same residual point: the partner may add the constant
                 opath = writer_paths(self.source, i)[other]
                 try:
-                    ow = _Writer(self.source, opath, self.hidden)
+                    ow = Writer(self.source, opath, self.hidden)
                 except NotBakeableError:
                     ow = None
                 oflag = None if ow is None else self._bias_flag(ow, other)
@@ -337,10 +260,10 @@ class WeightEditor:
             param.copy_(val)
         self.report.edited.append(name)
 
-    def _fold(self, model: nn.Module, path: str, ins: list[_Op],
-              outs: list[_Op]) -> tuple[_Writer, torch.Tensor, torch.Tensor, str | None]:
+    def _fold(self, model: nn.Module, path: str, ins: list[Op],
+              outs: list[Op]) -> tuple[Writer, torch.Tensor, torch.Tensor, str | None]:
         """(module at ``path``, folded weight ``[..., out, in]``, folded bias ``[out]``, first edit adding a constant)."""
-        w = _Writer(model, path, self.hidden)
+        w = Writer(model, path, self.hidden)
         wt = w.weight64()
         b = w.bias.detach().to(torch.float64) if w.bias is not None else torch.zeros(wt.shape[-2], dtype=torch.float64,
                                                                                    device=wt.device)
@@ -386,15 +309,15 @@ class WeightEditor:
         return None if t is None else t.to(device=like.device, dtype=torch.float64)
 
     @staticmethod
-    def _check_width_in(op: _Op, t: torch.Tensor, wt: torch.Tensor) -> None:
+    def _check_width_in(op: Op, t: torch.Tensor, wt: torch.Tensor) -> None:
         if t.numel() != wt.shape[-1]:
             raise NotBakeableError(f"{op.why}: a vector of {t.numel()} elements at an input of width {wt.shape[-1]}")
 
-    def _bias_flag(self, w: _Writer, part: Part) -> str | None:
+    def _bias_flag(self, w: Writer, part: Part) -> str | None:
         flag = self.layout.bias_flags.get(part)
         return flag if flag is not None and w.can_hold_bias and get_flag(config_of(self.model), flag) is not None else None
 
-    def _no_bias_message(self, w: _Writer, part: Part, why: str) -> str:
+    def _no_bias_message(self, w: Writer, part: Part, why: str) -> str:
         cfg = type(config_of(self.model)).__name__
         mtype = config_of(self.model).model_type
         if w.kind == "experts":

@@ -93,6 +93,36 @@ class Layout:
         return r(model) if callable(r) else r
 
 
+def plain_problem(parts: LayerParts) -> str | None:
+    """Why block arithmetic is not ``c0 * in + c1 * attn + c2 * mlp`` with constants (``None`` when it is):
+    only such a block keeps the residual orthogonal to a direction both its writers are projected off."""
+    if parts.attn is None or parts.mlp is None:
+        return "has no attention and MLP writer pair"
+    if parts.extra:
+        return f"adds {', '.join(parts.extra)} besides its attention and MLP"
+    if parts.normed or parts.resid_gain is None:
+        return "normalises the residual itself"
+    if parts.offset:
+        return "adds a constant besides its writers"
+    if not all(isinstance(g, float) for g in (parts.attn_gain, parts.mlp_gain, parts.resid_gain)):
+        return "scales its residual per channel"
+    return None
+
+
+def last_writer(parts: LayerParts, layer: int) -> tuple[Part | None, str]:
+    """The writer the residual after block ``layer`` was last added to, whose bias can shift it: the MLP, or
+    the one branch of a block that has no MLP (a Mamba block); else ``(None, why not)``."""
+    if parts.post_norm:
+        return None, (f"block {layer} is post-LN, so the residual after it is a LayerNorm's output, which no "
+                      "writer's bias can shift")
+    if parts.mlp is None and "mlp" in parts.absent and parts.attn is not None and not parts.extra:
+        return "attn", ""
+    if not parts.mlp_last:
+        return None, (f"block {layer} adds {', '.join(parts.extra)} after its MLP, which would also see a constant "
+                      "added at the MLP's output, so no writer's bias shifts only the residual after the block")
+    return "mlp", ""
+
+
 _ATTN_FLAG = {"attn": "attention_bias"}
 LAYOUTS: dict[str, Layout] = {
     "llama": Layout(bias_flags={"attn": "attention_bias", "mlp": "mlp_bias"}),

@@ -5,8 +5,8 @@
     intervene sweep --models demo --datasets quirky:addition quirky:comparison --add-pooled --net crc --out runs/sweep
     intervene plot runs/alice
 
-MODEL: a local directory, a Hub id, or ``demo``. DATASET: a local .jsonl/.json/.csv/.tsv file, a
-Hugging Face dataset name (``name`` or ``name:config``), or ``quirky:<task>``.
+MODEL: a local directory, a Hub id, or demo. DATASET: a local .jsonl/.json/.csv/.tsv file, a
+Hugging Face dataset name (name or name:config), or quirky:<task>.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ import argparse
 import json
 from pathlib import Path
 
-from intervene.command import guard
+from intervene.command import MODEL_HELP, RAW, describe, guard
+
+DATASET_HELP = "a local .jsonl/.json/.csv/.tsv file, a Hugging Face dataset (name or name:config), or quirky:TASK"
+EXAMPLES, NOTE = __doc__.split("\n\n")[1:3]  # the usage lines and the MODEL / DATASET note above
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -31,12 +34,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="last", choices=["last", "mean"],
                    help="last token, or the mean over the answer's tokens")
     p.add_argument("--net-kwargs", default="{}", help='probe hyperparameters as JSON, e.g. \'{"C": 0.1}\'')
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
     p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the train/test split and the bootstrap (default 0)")
     p.add_argument("--cache-dir", default=None, help="activation cache directory (resumable)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load the model in (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (default cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -47,7 +51,7 @@ def _config(args: argparse.Namespace, model: str, dataset: str):
     try:
         net_kwargs = json.loads(args.net_kwargs)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"--net-kwargs is not valid JSON: {e}") from None
+        raise ValueError(f"--net-kwargs is not valid JSON ({e}); write e.g. '{{\"C\": 0.1}}'") from None
     return ElicitConfig(model=model, dataset=dataset, net=args.net, layers=args.layers, max_train=mx[0],
                         max_test=mx[1] if len(mx) > 1 else mx[0], character=args.character, labels=args.labels,
                         templates=args.templates, positions=args.positions, batch_size=args.batch_size,
@@ -112,34 +116,48 @@ def _plot(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``elicit``, ``eval``, ``sweep`` and ``plot`` to the ``intervene`` command."""
-    p = subparsers.add_parser("elicit", help="fit a probe per layer on a dataset (elk-style) and evaluate it",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("dataset", help="local jsonl/csv, HF dataset name, or quirky:<task>")
+    p = subparsers.add_parser("elicit", help="fit a probe per layer on a dataset and evaluate it (ELK-style)",
+                              description=describe(
+                                  "Fit a probe per layer on a dataset's activations and evaluate it on held-out "
+                                  "rows (AUROC with a bootstrap interval, accuracy, calibration). Writes "
+                                  "config.json, the probes and eval.csv to the run folder; `intervene plot RUN` "
+                                  "draws them.", EXAMPLES, NOTE), formatter_class=RAW)
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("dataset", help=DATASET_HELP)
     p.add_argument("--out", default=None, help="run folder (default: runs/<model>/<dataset>/<net>)")
     _common(p)
     p.set_defaults(func=_elicit)
 
-    p = subparsers.add_parser("eval", help="evaluate a run's probes on another dataset or persona (transfer)")
-    p.add_argument("run", help="an elicit run folder")
-    p.add_argument("model")
-    p.add_argument("dataset")
-    p.add_argument("--character", default=None)
-    p.add_argument("--against", default="truth", choices=["truth", "character"])
+    p = subparsers.add_parser("eval", help="evaluate a run's probes on another dataset or persona (transfer)",
+                              description="Evaluate the probes of an elicit run on another dataset or persona "
+                                          "(e.g. fitted on Alice, evaluated on Bob against the truth). Writes "
+                                          "RUN/eval_<name>.csv; `intervene plot RUN` draws it beside the held-out "
+                                          "curve.")
+    p.add_argument("run", help="an elicit run folder (written by `intervene elicit`)")
+    p.add_argument("model", help=f"{MODEL_HELP}; normally the run's own model")
+    p.add_argument("dataset", help=DATASET_HELP)
+    p.add_argument("--character", default=None, help="keep only this persona's rows (quirky: Alice or Bob)")
+    p.add_argument("--against", default="truth", choices=["truth", "character"],
+                   help="score the probes against the truth, or against what the persona says (default truth)")
     p.add_argument("--name", default=None, help="suffix of eval_<name>.csv (default: from the dataset)")
-    p.add_argument("--max-examples", type=int, nargs=1, default=None, metavar="N")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-examples", type=int, nargs=1, default=None, metavar="N", help="evaluate at most N rows")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_eval)
 
-    p = subparsers.add_parser("sweep", help="elicit on every model x dataset (optionally pooled); summary CSV")
-    p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--datasets", nargs="+", required=True)
+    p = subparsers.add_parser("sweep", help="elicit on every model x dataset (optionally pooled); summary CSV",
+                              description="Run `intervene elicit` on every model x dataset pair (and, with "
+                                          "--add-pooled, on all datasets pooled); writes one run folder each and "
+                                          "OUT/summary.csv with each run's best layer.")
+    p.add_argument("--models", nargs="+", required=True, metavar="MODEL", help=f"one or more: {MODEL_HELP}")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="DATASET", help=f"one or more: {DATASET_HELP}")
     p.add_argument("--add-pooled", action="store_true", help="also fit on all datasets pooled")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (one run folder per pair, summary.csv)")
     _common(p)
     p.set_defaults(func=_sweep)
 
-    p = subparsers.add_parser("plot", help="PNG of AUROC by layer (with CIs) for a run")
-    p.add_argument("run")
+    p = subparsers.add_parser("plot", help="plot AUROC by layer, with confidence intervals, for an elicit run",
+                              description="Draw AUROC by layer with 95% intervals for an elicit run: the held-out "
+                                          "curve (eval.csv) and every transfer evaluation (eval_<name>.csv) as a PNG.")
+    p.add_argument("run", help="an elicit run folder (written by `intervene elicit`)")
     p.add_argument("--output", default=None, help="PNG path (default: RUN/auroc_by_layer.png)")
     p.set_defaults(func=_plot)

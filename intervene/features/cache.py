@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,9 +34,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from intervene.activations.cache import rank_dir
+from intervene.activations.distributed import barrier, ranks
+from intervene.features.cache_files import progress_note, save_recorded, write_json
+from intervene.features.cache_ranks import final_stats, merge_rank_caches
 from intervene.features.encoders import LatentEncoder
-from intervene.features.store import FORMAT, INDEX, STATS, TOKENS, VERSION, LatentCache, LatentCacheError
-from intervene.fileio import atomic_write
+from intervene.features.store import (
+    FORMAT,
+    INDEX,
+    STATS,
+    TOKENS,
+    VERSION,
+    LatentCache,
+    LatentCacheError,
+    read_latent_index,
+)
+from intervene.fileio import dir_lock, sweep_temporaries
+from intervene.safeio import Root
 
 __all__ = ["LatentCache", "LatentCacheError", "cache_latents", "token_rows"]
 
@@ -76,17 +91,6 @@ def token_rows(corpus: Sequence[str] | Sequence[torch.Tensor] | torch.Tensor, to
 
 # ---- small helpers ---------------------------------------------------------------------------
 
-
-
-def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    atomic_write(path, lambda p: save_file(tensors, p, metadata=metadata))
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=1) + "\n"
-    atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 def _digest_tensors(tensors: Sequence[torch.Tensor]) -> str:
@@ -164,9 +168,6 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
     Returns:
         the finished :class:`LatentCache`.
     """
-    from intervene.hooks import HookSet, add_input_hook, add_output_hook
-    from intervene.sites import resolve_site
-
     out = Path(out_dir)
     site = site or getattr(encoder, "site", None)
     if site is None:
@@ -183,104 +184,192 @@ def cache_latents(model: nn.Module, encoder: LatentEncoder, corpus: Sequence[str
                 "encoder_digest": _digest_tensors([t for t in getattr(encoder, "state_dict", dict)().values()
                                                    if isinstance(t, torch.Tensor)]),
                 "model": _model_id(model)}
-    index = _start(out, settings, resume, overwrite)
-    index["encoder_source"] = encoder.describe().get("source")
-    if index.get("done"):
-        return LatentCache(out)
-    if index["n_parts"] == 0 and index["next_batch"] == 0:
-        _save(out / TOKENS, {"tokens": tokens})
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(out / "tokenizer"))
-    stats = _load_stats(out, index, d_sae)
-    resolved = resolve_site(model, site)
-    captured: dict[str, torch.Tensor] = {}
-
-    def grab(h: torch.Tensor) -> torch.Tensor:
-        captured["h"] = h
-        raise _StopForward
-
-    hooks = HookSet()
-    (add_input_hook if resolved.side == "input" else add_output_hook)(hooks, resolved.module, grab, site)
-    buf = _Buffer([], [], [])
-    n_batches = math.ceil(n_seq / batch_size)
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    enc_dev = _encoder_device(encoder)
-    chunk = max(1, (1 << 24) // max(1, d_sae))  # token rows per dense encode: ~64 MB of float32
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=n_batches, initial=index["next_batch"], disable=not progress, unit="batch", desc="caching latents")
-    try:
-        for b in range(index["next_batch"], n_batches):
-            ids = tokens[b * batch_size:(b + 1) * batch_size].to(device=dev, dtype=torch.long)
-            captured.clear()
-            _run_model(model, ids)
-            if "h" not in captured:
-                raise LatentCacheError(f"site {site!r} did not run in the model's forward")
-            x = captured.pop("h").reshape(ids.numel(), -1).to(enc_dev)
-            base = b * batch_size * ctx_len
-            parts = [encoder.encode_sparse(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
-            rows = torch.cat([r + i * chunk for i, (r, _, _) in enumerate(parts)]).cpu()
-            lat = torch.cat([p[1] for p in parts]).cpu().to(torch.int32)  # 16 bytes an entry with positions, values
-            val = torch.cat([p[2] for p in parts]).detach().cpu().to(value_dtype)
-            if buf.size and buf.size + rows.numel() > buffer_size:
-                _flush(out, buf, index, stats, next_batch=b)
-            buf.add(rows.to(torch.int64) + base, lat, val)
-            index["peak_buffer"] = max(index["peak_buffer"], buf.size)
-            if buf.size >= buffer_size:
-                _flush(out, buf, index, stats, next_batch=b + 1)
-            bar.update(1)
-        if buf.size or index["next_batch"] < n_batches:
-            _flush(out, buf, index, stats, next_batch=n_batches)
-    finally:
-        hooks.remove()
-        bar.close()
-    index["done"] = True
-    _write_json(out / INDEX, index)
+    group = ranks(dev)
+    n_batches = math.ceil(n_seq / batch_size)
+    if (out / INDEX).is_file() and _finished(out, settings):  # done earlier, by one process or several
+        return LatentCache(out)
+    run = dict(model=model, encoder=encoder, tokens=tokens, tokenizer=tokenizer, site=site, batch_size=batch_size,
+               buffer_size=buffer_size, value_dtype=value_dtype, resume=resume, overwrite=overwrite)
+    if not group.distributed:
+        _cache_block(out, settings, range(n_batches), progress=progress, **run)
+        return LatentCache(out)
+    # Data-parallel: each rank caches a contiguous block of the batches, rank 0 links the blocks together.
+    block = group.block(n_batches)
+    _cache_block(rank_dir(out, group.rank, group.world), {**settings, "block": [block.start, block.stop]}, block,
+                 progress=progress and group.main, **run)
+    barrier(group)
+    if group.main:
+        merge_rank_caches(out, group.world, settings, tokens, tokenizer)
+    barrier(group)
     return LatentCache(out)
 
 
-def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any]:
-    path = out / INDEX
-    if path.is_file():
+def _finished(out: Path, settings: dict[str, Any]) -> bool:
+    try:
+        index = read_latent_index(Root(out, LatentCacheError))
+    except LatentCacheError:
+        return False
+    return bool(index.get("done")) and {k: index.get(k) for k in settings} == json.loads(json.dumps(settings))
+
+
+def _cache_block(out: Path, settings: dict[str, Any], batches: range, *, model: nn.Module, encoder: LatentEncoder,
+                 tokens: torch.Tensor, tokenizer: Any, site: str, batch_size: int, buffer_size: int,
+                 value_dtype: torch.dtype, resume: bool, overwrite: bool, progress: bool) -> None:
+    """Cache ``batches`` of ``tokens`` into ``out`` (the whole run, or one rank's block), resumably."""
+    from intervene.hooks import HookSet, add_input_hook, add_output_hook
+    from intervene.sites import resolve_site
+
+    n_seq, ctx_len = tokens.shape
+    d_sae = int(settings["d_sae"])
+    whole = batches.start == 0 and batches.stop == math.ceil(n_seq / batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    # One writer per cache (the kernel releases the lock if the process dies); then what a killed
+    # run left half-written can be removed.
+    with dir_lock(out, exclusive=True):
+        _sweep(out)
+        index = _start(out, settings, resume, overwrite, first_batch=batches.start)
+        index["encoder_source"] = encoder.describe().get("source")
+        if index.get("done"):
+            return
+        if index["n_parts"] == 0 and index["next_batch"] == batches.start and whole:  # a block's merge writes them
+            save_recorded(out / TOKENS, {"tokens": tokens}, index=index)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(str(out / "tokenizer"))
+        stats = _load_stats(out, index, d_sae)
+        resolved = resolve_site(model, site)
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(h: torch.Tensor) -> torch.Tensor:
+            captured["h"] = h
+            raise _StopForward
+
+        hooks = HookSet()
+        (add_input_hook if resolved.side == "input" else add_output_hook)(hooks, resolved.module, grab, site)
+        buf = _Buffer([], [], [])
+        n_batches = batches.stop
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        enc_dev = _encoder_device(encoder)
+        chunk = max(1, (1 << 24) // max(1, d_sae))  # token rows per dense encode: ~64 MB of float32
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), initial=index["next_batch"] - batches.start, disable=not progress, unit="batch",
+                   desc="caching latents")
         try:
-            index = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise LatentCacheError(f"{path} is corrupt: {e}") from e
-        same = {k: index.get(k) for k in settings} == json.loads(json.dumps(settings))
-        if same and resume:
-            _drop_stale_parts(out, index["n_parts"])
+            for b in range(index["next_batch"], n_batches):
+                ids = tokens[b * batch_size:(b + 1) * batch_size].to(device=dev, dtype=torch.long)
+                captured.clear()
+                _run_model(model, ids)
+                if "h" not in captured:
+                    raise LatentCacheError(f"site {site!r} did not run in the model's forward")
+                x = captured.pop("h").reshape(ids.numel(), -1).to(enc_dev)
+                base = b * batch_size * ctx_len
+                parts = [encoder.encode_sparse(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+                rows = torch.cat([r + i * chunk for i, (r, _, _) in enumerate(parts)]).cpu()
+                lat = torch.cat([p[1] for p in parts]).cpu().to(torch.int32)  # 16 bytes an entry with positions, values
+                val = torch.cat([p[2] for p in parts]).detach().cpu().to(value_dtype)
+                if buf.size and buf.size + rows.numel() > buffer_size:
+                    _flush(out, buf, index, stats, next_batch=b)
+                buf.add(rows.to(torch.int64) + base, lat, val)
+                index["peak_buffer"] = max(index["peak_buffer"], buf.size)
+                if buf.size >= buffer_size:
+                    _flush(out, buf, index, stats, next_batch=b + 1)
+                bar.update(1)
+            if buf.size or index["next_batch"] < n_batches:
+                _flush(out, buf, index, stats, next_batch=n_batches)
+        finally:
+            hooks.remove()
+            bar.close()
+        if whole:  # the stats as a merge computes them, so one process and several give the same bits
+            save_recorded(out / STATS, final_stats(out, index), metadata={"progress": progress_note(index["n_parts"], n_batches)},
+                  index=index)
+        index["done"] = True
+        write_json(out / INDEX, index)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never what it points to) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _sweep(out: Path) -> None:
+    """Under the lock: drop the temporaries of killed writes."""
+    sweep_temporaries(out, (INDEX, TOKENS, STATS))
+    shards = out / "shards"
+    if shards.is_dir() and not shards.is_symlink():
+        for d in shards.iterdir():
+            if d.is_dir() and not d.is_symlink():
+                sweep_temporaries(d, ("*",))
+
+
+def _check_tree(out: Path) -> None:
+    """A cache we write into must not lead outside through symlinked folders (writes would follow them)."""
+    shards = out / "shards"
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
+        raise LatentCacheError.at(shards, None, "a real folder of the cache", note="a symlink or file is refused")
+    for d in shards.iterdir() if shards.is_dir() else ():
+        if d.is_symlink():
+            raise LatentCacheError.at(d, None, "a real folder of the cache", note="a symlink is refused")
+
+
+def _start(out: Path, settings: dict[str, Any], resume: bool, overwrite: bool, first_batch: int = 0
+           ) -> dict[str, Any]:
+    path = out / INDEX
+    if path.exists() or path.is_symlink():
+        try:
+            index: dict[str, Any] | None = read_latent_index(Root(out, LatentCacheError))
+        except LatentCacheError:
+            if not overwrite:
+                raise
+            index = None
+        same = index is not None and index["version"] == VERSION and \
+            {k: index.get(k) for k in settings} == json.loads(json.dumps(settings))
+        if index is not None and same and resume:
+            _check_tree(out)
+            _drop_stale_parts(out, index)
             return index
         if not overwrite:
             why = "different settings" if not same else "resume=False"
             raise LatentCacheError(f"{out} already holds a latent cache ({why}); use another directory or "
-                                   "overwrite=True")
-        for name in (INDEX, TOKENS, STATS):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "shards", ignore_errors=True)
-        shutil.rmtree(out / "tokenizer", ignore_errors=True)
+                                   "overwrite=True", path=path)
+        for name in (INDEX, TOKENS, STATS, "shards", "tokenizer"):
+            _remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
-    index = {"format": FORMAT, "version": VERSION, **settings, "next_batch": 0, "n_parts": 0,
-             "peak_buffer": 0, "done": False}
-    _write_json(path, index)
+    index = {"format": FORMAT, "version": VERSION, **settings, "next_batch": first_batch, "n_parts": 0,
+             "peak_buffer": 0, "done": False, "files": {}}
+    write_json(path, index)
     return index
 
 
-def _drop_stale_parts(out: Path, n_parts: int) -> None:
+def _drop_stale_parts(out: Path, index: dict[str, Any]) -> None:
     # A crash between writing a flush's parts and its index leaves parts the index does not
-    # count; the resumed run rewrites them (with the same content), so remove them first.
+    # record; the resumed run rewrites them (with the same content), so remove them first.
+    recorded = set(index["files"])
     for f in (out / "shards").glob("*/*.safetensors"):
-        if int(f.stem) >= n_parts:
+        if re.fullmatch(r"[0-9]{6}\.safetensors", f.name) and "/".join(f.parts[-3:]) not in recorded \
+                and (f.is_file() or f.is_symlink()):
             f.unlink()
 
 
 def _load_stats(out: Path, index: dict[str, Any], d_sae: int) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+    from intervene.tensorfile import load_tensors
 
-    path = out / STATS
-    if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("n_parts") == str(index["n_parts"]):
-                return {k: f.get_tensor(k) for k in f.keys()}
+    rec = index["files"].get(STATS)
+    if rec is not None and (out / STATS).exists():
+        root = Root(out, LatentCacheError)
+        t, meta, sha = load_tensors(root, STATS, digest=True)
+        if sha == rec["sha256"]:  # the stats this index recorded: they must agree on the progress
+            progress = progress_note(index["n_parts"], index["next_batch"])
+            if meta.get("progress") != progress or set(t) != {"count", "max", "sum"} \
+                    or any(v.shape != (d_sae,) for v in t.values()):
+                raise LatentCacheError.at(out / INDEX, "next_batch", f"the progress its checksummed stats record "
+                                          f"({meta.get('progress')})", progress,
+                                          note="the resume state is inconsistent; pass overwrite=True to start over")
+            return t
+        # else: a run stopped between writing the stats and the index: rebuild them from the parts
     stats = {"count": torch.zeros(d_sae, dtype=torch.int64), "max": torch.full((d_sae,), -math.inf),
              "sum": torch.zeros(d_sae, dtype=torch.float64)}
     if index["n_parts"]:  # stats of an interrupted flush: rebuild them from the parts on disk
@@ -313,13 +402,14 @@ def _flush(out: Path, buf: _Buffer, index: dict[str, Any], stats: dict[str, torc
             local = lat[a:b] - lo
             offsets = torch.zeros(hi - lo + 1, dtype=torch.int64)
             offsets[1:] = torch.bincount(local, minlength=hi - lo).cumsum(0)
-            _save(out / "shards" / f"{s:05d}" / f"{part:06d}.safetensors",
-                  {"positions": pos[a:b].contiguous(), "values": val[a:b].contiguous(), "offsets": offsets})
+            save_recorded(out / "shards" / f"{s:05d}" / f"{part:06d}.safetensors",
+                  {"positions": pos[a:b].contiguous(), "values": val[a:b].contiguous(), "offsets": offsets},
+                  index=index)
         _accumulate(stats, lat, val)
     index["n_parts"] = part + 1
     index["next_batch"] = next_batch
-    _save(out / STATS, stats, metadata={"n_parts": str(index["n_parts"])})
-    _write_json(out / INDEX, index)
+    save_recorded(out / STATS, stats, metadata={"progress": progress_note(index["n_parts"], next_batch)}, index=index)
+    write_json(out / INDEX, index)
     buf.positions.clear()
     buf.latents.clear()
     buf.values.clear()

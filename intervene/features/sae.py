@@ -21,7 +21,6 @@ what makes the exact latent clamp of :mod:`intervene.methods.sae_clamp.intervent
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from intervene.errors import SAEFormatError, SiteError
 from intervene.features.hooknames import TL_HOOKS, hook_site, site_from_hook_name
+from intervene.safeio import Root
 
 Activation = Literal["relu", "jumprelu", "topk", "groupmax"]
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -213,29 +213,45 @@ class SAE(nn.Module):
 
 
 # ---- loading ---------------------------------------------------------------------------------
-def _read_cfg(folder: Path) -> dict[str, Any]:
-    p = folder / CFG_NAME
-    if not p.is_file():
+MAX_WEIGHTS_BYTES = 1 << 42
+# How many dimensions each tensor of either layout has (checked before any shape arithmetic).
+_NDIM = {"W_enc": 2, "encoder.weight": 2, "b_enc": 1, "encoder.bias": 1, "W_dec": 2, "b_dec": 1, "threshold": 1,
+         "log_threshold": 1, "W_skip": 2, "b_gate": 1, "b_mag": 1, "r_mag": 1}
+
+
+def _read_cfg(root: Root) -> dict[str, Any]:
+    if not root.exists(CFG_NAME):
         return {}
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SAEFormatError(f"{p} is not valid JSON: {e}") from e
+    cfg = root.read_json(CFG_NAME)
     if not isinstance(cfg, dict):
-        raise SAEFormatError(f"{p} must hold a JSON object")
+        raise SAEFormatError.at(root.path / CFG_NAME, None, "a JSON object", type(cfg).__name__)
     return cfg
 
 
-def _weights_file(folder: Path) -> Path:
+def _weights_file(root: Root) -> str:
+    names = root.listdir()
     for name in (SPARSIFY_WEIGHTS, SAELENS_WEIGHTS):
-        if (folder / name).is_file():
-            return folder / name
-    found = sorted(folder.glob("*.safetensors"))
+        if name in names:
+            return name
+    found = [n for n in names if n.endswith(".safetensors")]
     if len(found) == 1:
         return found[0]
-    others = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise SAEFormatError(f"no SAE weights in {folder}: expected {SPARSIFY_WEIGHTS} (sparsify) or "
-                         f"{SAELENS_WEIGHTS} (SAELens); found {others}")
+    raise SAEFormatError(f"no SAE weights in {root.path}: expected {SPARSIFY_WEIGHTS} (sparsify) or "
+                         f"{SAELENS_WEIGHTS} (SAELens); found {names[:20]}", path=root.path, field="weights")
+
+
+def _check_tensors(t: dict[str, torch.Tensor], where: str, derived: bool = False) -> None:
+    """Floating, finite tensors of the expected rank (``derived``: after the loaders' own arithmetic,
+    which must not have overflowed either, e.g. ``exp(log_threshold)``)."""
+    from intervene.tensorfile import check_tensor
+
+    for name, v in t.items():
+        if v is None or not isinstance(v, torch.Tensor):
+            continue
+        field = f"{'derived ' if derived else ''}tensor {name!r}"
+        check_tensor(v, SAEFormatError, where, field)
+        if name in _NDIM and v.ndim != _NDIM[name]:
+            raise SAEFormatError.at(where, field, f"{_NDIM[name]} dimensions", list(v.shape))
 
 
 def _translate(hook: str | None, model: nn.Module | None, raw_ok: bool, what: str, where: str
@@ -288,20 +304,18 @@ def load_sae_folder(folder: str | Path, site: str | None = None, output_site: st
     Sparsify transcoders name the module they *replace* (``layers.6.mlp``): that becomes the
     ``output_site``, and the input site must be given as ``site`` (e.g. the MLP's input path).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     from intervene.features.saelens import parse_saelens
     from intervene.features.sparsify import parse_sparsify
+    from intervene.tensorfile import load_tensors
 
     folder = Path(folder)
-    wfile = _weights_file(folder)
-    cfg = _read_cfg(folder)
+    root = Root(folder, SAEFormatError)
+    wname = _weights_file(root)
+    wfile = folder / wname
+    cfg = _read_cfg(root)
     where = str(wfile)
-    try:
-        t = load_file(str(wfile), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise SAEFormatError(f"could not read {wfile}: {e}") from e
+    t, _, _ = load_tensors(root, wname, MAX_WEIGHTS_BYTES)
+    _check_tensors(t, where)
     sparsify_cfg = "k" in cfg or "num_latents" in cfg or "expansion_factor" in cfg
     if "encoder.weight" in t or (wfile.name == SPARSIFY_WEIGHTS and "W_enc" not in t):
         layout, parts = "sparsify", parse_sparsify(t, cfg, where)
@@ -333,6 +347,13 @@ def load_sae_folder(folder: str | Path, site: str | None = None, output_site: st
             if norm is not None:
                 raise SAEFormatError(f"{where}: a transcoder writing to {out_hook!r} (a norm's normalized value) "
                                      "is not supported")
+    _check_tensors(parts, where, derived=True)
+    dtypes = {v.dtype for v in parts.values() if isinstance(v, torch.Tensor)}
+    if len(dtypes) > 1:  # the maps would mix precisions (or fail): SAELens casts to cfg dtype, sparsify has one
+        raise SAEFormatError.at(where, "tensors", "one floating dtype for every tensor", sorted(map(str, dtypes)))
+    if not all(x is None or isinstance(x, str) for x in (site, output_site)):
+        raise SAEFormatError.at(where, "hook", "a site name", site if not isinstance(site, str) else output_site)
     meta = {"layout": layout, "cfg": cfg, "hook_name": hook, "transcoder": transcoder}
     sae = SAE(**parts, site=site, output_site=output_site, source=source or str(folder), meta=meta)
+    sae = sae.to(device=device)
     return sae.to(dtype=dtype) if dtype is not None else sae

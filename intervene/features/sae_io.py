@@ -19,6 +19,7 @@ from intervene.features.sae import (
     SAEFormatError,
     load_sae_folder,
 )
+from intervene.fileio import atomic_write, atomic_write_bytes, dir_lock, sweep_temporaries
 
 
 def load_sae(name: str | Path, site: str | None = None, *, hookpoint: str | None = None,
@@ -47,6 +48,7 @@ def load_sae(name: str | Path, site: str | None = None, *, hookpoint: str | None
     if not path.exists():
         path = _download(str(name), hookpoint or site, revision, token)
     folder = _pick_folder(path, hookpoint or site, source)
+    _inside(path, folder)
     sae = load_sae_folder(folder, site=site, output_site=output_site, dtype=dtype, device=device,
                           source=source, hookpoint=hookpoint, model=model)
     if model is not None:
@@ -54,9 +56,20 @@ def load_sae(name: str | Path, site: str | None = None, *, hookpoint: str | None
     return sae
 
 
+def _inside(path: Path, folder: Path) -> None:
+    """The chosen SAE folder must be the given directory or inside it (a symlinked subfolder may not lead out)."""
+    import os
+
+    top, real = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real != top and top not in real.parents:
+        raise SAEFormatError.at(folder, None, f"an SAE folder inside {path}", note=f"it leads to {real}")
+
+
 def _pick_folder(path: Path, sub: str | None, source: str) -> Path:
     if path.is_file():
         raise SAEFormatError(f"{path} is a file; pass the folder that holds {CFG_NAME} and the weights")
+    if sub is not None and ("\0" in sub or ".." in Path(sub).parts or Path(sub).is_absolute()):
+        raise SAEFormatError.at(path, "hookpoint", "a subfolder name inside the SAE directory", sub)
     if sub is not None and (path / sub / CFG_NAME).is_file() and not (path / CFG_NAME).is_file():
         return path / sub
     if (path / CFG_NAME).is_file() or any(path.glob("*.safetensors")):
@@ -125,6 +138,10 @@ def save_sae(sae: SAE, folder: str | Path, layout: Literal["sparsify", "saelens"
     wname = SPARSIFY_WEIGHTS if layout == "sparsify" else SAELENS_WEIGHTS
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(folder / wname))
-    (folder / CFG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    text = json.dumps(cfg, indent=2) + "\n"
+    with dir_lock(folder, exclusive=True):
+        sweep_temporaries(folder, (wname, CFG_NAME))
+        atomic_write(folder / wname, lambda tmp: save_file(clean, tmp))
+        atomic_write_bytes(folder / CFG_NAME, text)
     return folder

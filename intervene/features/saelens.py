@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from intervene.errors import SAEFormatError
+from intervene.schemas.base import validate
+from intervene.schemas.sae import SAELensCfg, SAELensMeta, TopKKwargs
 
 ARCHS = ("standard", "gated", "topk", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
          "jumprelu_skip_transcoder")
@@ -83,7 +85,8 @@ def _upgrade_pre6(cfg: dict[str, Any]) -> dict[str, Any]:
         out["normalize_activations"] = "expected_average_only_in" if out["normalize_activations"] else "none"
     act = out.get("activation_fn") or "relu"
     if act == "topk":
-        k = (out.get("activation_fn_kwargs") or {}).get("k")
+        k = validate(TopKKwargs, out.get("activation_fn_kwargs") or {}, SAEFormatError, None,
+                     "activation_fn_kwargs").k
         if k is None:
             raise SAEFormatError("a pre-6.0 SAELens config with activation_fn 'topk' needs activation_fn_kwargs.k")
         out["architecture"], out["k"] = "topk", k
@@ -99,6 +102,7 @@ def _metadata(cfg: dict[str, Any], where: str) -> dict[str, Any]:
               "model_from_pretrained_kwargs"):
         if k in cfg and k not in meta:
             meta[k] = cfg[k]
+    validate(SAELensMeta, meta, SAEFormatError, where, "metadata")
     unknown = sorted(set(meta) - _MATH - NO_MATH_KEYS - {"intervene_site", "intervene_output_site"})
     if unknown:
         raise SAEFormatError(f"{where}: SAELens metadata keys {unknown} are not understood; refusing rather than "
@@ -121,17 +125,32 @@ def _metadata(cfg: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _cast(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
     # SAELens casts every tensor to cfg["dtype"] on load, so the math runs in that dtype.
-    name = str(cfg.get("dtype") or "").removeprefix("torch.")
-    if not name:
+    if cfg.get("dtype") is None:
         return t
+    name = str(cfg["dtype"]).removeprefix("torch.")
     if name not in _DTYPES:
         raise SAEFormatError(f"{where}: dtype {cfg['dtype']!r} is not a floating dtype this loader knows")
     return {k: v.to(_DTYPES[name]) for k, v in t.items()}
 
 
+def _check_shapes(t: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor's shape against ``W_enc`` / ``W_dec`` before any arithmetic combines them."""
+    d_in, d_sae = t["W_enc"].shape
+    d_out = t["W_dec"].shape[1]
+    want = {"W_dec": (d_sae, d_out), "b_dec": (d_out,), "W_skip": (d_out, d_in)}
+    want |= {k: (d_sae,) for k in ("b_enc", "b_gate", "b_mag", "r_mag", "threshold")}
+    for k, shape in want.items():
+        if k in t and tuple(t[k].shape) != shape:
+            raise SAEFormatError.at(where, f"tensor {k!r}", f"shape {list(shape)} (from W_enc {[d_in, d_sae]}, "
+                                    f"W_dec's {d_out} outputs)", list(t[k].shape))
+
+
 def parse_saelens(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """SAE constructor arguments (plus ``transcoder``, ``hook``, ``output_hook``, ``model_class_name``) from
     SAELens tensors and config; ``SAEFormatError`` for anything not reproduced exactly."""
+    validate(SAELensCfg, cfg, SAEFormatError, where)
+    # a null k or dtype means "not set" (sizes may not be null: the schema refused that)
+    cfg = {k: v for k, v in cfg.items() if not (v is None and k in ("k", "dtype"))}
     if _version(cfg) < (6,):
         cfg = _upgrade_pre6(cfg)
     unknown = sorted(set(cfg) - _MATH - NO_MATH_KEYS)
@@ -167,6 +186,7 @@ def parse_saelens(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -
     if missing or extra:
         raise SAEFormatError(f"{where}: a SAELens {arch!r} SAE has tensors {sorted(want)}; missing {missing}, "
                              f"not understood {extra}")
+    _check_shapes(t, where)
     apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
     if transcoder and apply_b_dec and "apply_b_dec_to_input" in cfg:
         raise SAEFormatError(f"{where}: apply_b_dec_to_input is not defined for transcoders (SAELens refuses it)")

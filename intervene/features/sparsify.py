@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from intervene.errors import SAEFormatError
+from intervene.schemas.base import validate
+from intervene.schemas.sae import SparsifyCfg
 
 _READ = {"activation", "k", "num_latents", "expansion_factor", "transcode", "skip_connection", "d_in", "hookpoint",
          "intervene_site"}
@@ -31,6 +33,7 @@ def parse_sparsify(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) 
     if unknown:
         raise SAEFormatError(f"{where}: sparsify cfg.json keys {unknown} are not understood; refusing rather than "
                              "ignoring them")
+    validate(SparsifyCfg, cfg, SAEFormatError, where)
     names = ("encoder.weight", "encoder.bias") if "encoder.weight" in t else ("W_enc", "b_enc")
     want = {*names, "W_dec", "b_dec"} | ({"W_skip"} if cfg.get("skip_connection") or "W_skip" in t else set())
     missing, extra = sorted(want - set(t)), sorted(set(t) - want)
@@ -52,10 +55,10 @@ def parse_sparsify(t: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) 
     n_lat = cfg.get("num_latents") or 0
     if n_lat and int(n_lat) != d_sae:
         raise SAEFormatError(f"{where}: cfg.json says num_latents={n_lat} but the encoder has {d_sae}")
-    if not n_lat and "expansion_factor" in cfg and int(cfg["expansion_factor"]) * W_enc.shape[0] != d_sae:
+    if not n_lat and cfg.get("expansion_factor") is not None and int(cfg["expansion_factor"]) * W_enc.shape[0] != d_sae:
         raise SAEFormatError(f"{where}: expansion_factor={cfg['expansion_factor']} with d_in={W_enc.shape[0]} "
                              f"does not give the encoder's {d_sae} latents")
-    if "d_in" in cfg and int(cfg["d_in"]) != W_enc.shape[0]:
+    if cfg.get("d_in") is not None and int(cfg["d_in"]) != W_enc.shape[0]:
         raise SAEFormatError(f"{where}: cfg.json says d_in={cfg['d_in']} but the encoder has {W_enc.shape[0]}")
     transcode = bool(cfg.get("transcode", False))
     return dict(W_enc=W_enc, b_enc=b, W_dec=W_dec, b_dec=b_dec, activation=act, k=k,

@@ -21,16 +21,21 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from intervene.errors import DiffFormatError, InterventionError
+from intervene.errors import DiffFormatError, InteropError, InterventionError
 from intervene.intervenable import Intervenable
 from intervene.methods.steering.intervention import Steering
+from intervene.safeio import Root
 from intervene.sites import hidden_size, num_layers
+from intervene.tensorfile import check_tensor
 
 ARCH = "controlvector"
+MAX_BYTES = 1 << 30  # a control vector is layers x hidden floats: megabytes
 _BLOCK_OUT = re.compile(r"^layers\.(\d+)$")
 _BLOCK_IN = re.compile(r"^layers\.(\d+):input$")
 
@@ -100,37 +105,65 @@ def export_control_vector(ivm: Intervenable, path: str | Path, model_hint: str |
     return path
 
 
-def _string_field(reader, key: str) -> str | None:
+def _field(reader: Any, key: str, kind: str, where: Path) -> Any:
+    """A scalar KV field of type ``kind`` (``STRING`` / ``UINT32``), or ``None`` when absent."""
+    import gguf
+
     field = reader.get_field(key)
-    if field is None or not len(field.parts):
+    if field is None:
         return None
-    return bytes(field.parts[field.data[0]] if field.data else field.parts[-1]).decode("utf-8", errors="replace")
+    want = getattr(gguf.GGUFValueType, kind)
+    if list(field.types) != [want] or not field.data:
+        raise DiffFormatError.at(where, key, f"a {kind.lower()} value", [t.name for t in field.types])
+    part = field.parts[field.data[0]]
+    if kind == "STRING":
+        return bytes(part).decode("utf-8", errors="replace")
+    return int(part[0])
 
 
 def read_control_vector(path: str | Path) -> ControlVector:
-    """Parse a control-vector GGUF (repeng / llama.cpp ``cvector-generator`` files)."""
+    """Parse a control-vector GGUF (repeng / llama.cpp ``cvector-generator`` files), checked as llama.cpp would:
+    ``general.architecture`` ``controlvector``, only ``direction.N`` tensors (``N >= 1``), each 1-D F32 with
+    finite values and one width for all, ``layer_count`` (when present) equal to their number. The file is
+    opened through :class:`~intervene.safeio.Root` (a regular file inside its folder: no FIFO, device or
+    symlink leading elsewhere) and bounded in size before the ``gguf`` reader maps it."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise DiffFormatError(f"{path} is not a readable GGUF file: {e}") from None
-    arch = _string_field(reader, "general.architecture")
+    path = Path(path)
+    root = Root(path.parent, DiffFormatError)
+    head = root.read_range(path.name, 0, min(4, root.size(path.name)))
+    if bytes(head) != b"GGUF":
+        raise DiffFormatError.at(path, "magic", "a GGUF file (it starts with b'GGUF')", bytes(head))
+    with root.open_file(path.name, MAX_BYTES) as f:
+        try:
+            reader = gguf.GGUFReader(f)  # np.memmap accepts an open file: the one we checked
+        except Exception as e:  # the gguf parser raises many kinds on a malformed file
+            raise DiffFormatError.at(path, None, "a readable GGUF file",
+                                     note=f"{type(e).__name__}: {str(e)[:200]}") from None
+    arch = _field(reader, "general.architecture", "STRING", path)
     if arch is not None and arch != ARCH:
-        raise DiffFormatError(f"{path} is a GGUF with architecture {arch!r}, not a control vector")
+        raise DiffFormatError.at(path, "general.architecture", repr(ARCH), arch, note="not a control vector")
     dirs: dict[int, torch.Tensor] = {}
     for t in reader.tensors:
-        m = re.fullmatch(r"direction\.(\d+)", t.name)
+        m = re.fullmatch(r"direction\.([1-9][0-9]{0,5})", t.name)
+        field = f"tensor {t.name!r}"
         if m is None:
-            continue
-        n = int(m.group(1))
-        if n == 0:
-            raise DiffFormatError(f"{path}: direction.0 is invalid (llama.cpp rejects it: layer 0 cannot be steered)")
-        data = torch.from_numpy(t.data.copy()).float().reshape(-1)
-        dirs[n] = dirs[n] + data if n in dirs else data  # llama.cpp sums repeated layers
+            raise DiffFormatError.at(path, field, "only direction.N tensors with N >= 1 (llama.cpp rejects "
+                                     "direction.0: layer 0 cannot be steered)", t.name)
+        if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
+            raise DiffFormatError.at(path, field, "a 1-D F32 tensor", f"{t.tensor_type.name} {list(t.shape)}")
+        data = torch.from_numpy(np.array(t.data, dtype=np.float32, copy=True)).reshape(-1)
+        check_tensor(data, DiffFormatError, path, field)
+        dirs[int(m.group(1))] = data
     if not dirs:
-        raise DiffFormatError(f"{path} holds no direction.N tensors")
-    return ControlVector(dirs, _string_field(reader, f"{ARCH}.model_hint"))
+        raise DiffFormatError.at(path, "tensors", "at least one direction.N tensor")
+    widths = sorted({d.numel() for d in dirs.values()})
+    if len(widths) != 1 or widths[0] == 0:
+        raise DiffFormatError.at(path, "tensors", "directions of one non-zero width", widths)
+    count = _field(reader, f"{ARCH}.layer_count", "UINT32", path)
+    if count is not None and count != len(dirs):
+        raise DiffFormatError.at(path, f"{ARCH}.layer_count", f"the number of directions ({len(dirs)})", count)
+    return ControlVector(dirs, _field(reader, f"{ARCH}.model_hint", "STRING", path))
 
 
 def import_control_vector(path: str | Path, model: nn.Module | None = None, scale: float = 1.0,
@@ -144,10 +177,11 @@ def import_control_vector(path: str | Path, model: nn.Module | None = None, scal
         h, n_layers = hidden_size(model), num_layers(model)
         bad = {n: d.numel() for n, d in cv.directions.items() if d.numel() != h}
         if bad:
-            raise InterventionError(f"{path}: directions of width {sorted(set(bad.values()))} for a model of "
-                                    f"hidden size {h}")
+            raise InteropError.at(path, "tensors", f"directions of the model's hidden size {h}",
+                                  sorted(set(bad.values())))
         if max(cv.directions) >= n_layers:
-            raise InterventionError(f"{path}: direction.{max(cv.directions)} but the model has {n_layers} blocks")
+            raise InteropError.at(path, f"tensor 'direction.{max(cv.directions)}'",
+                                  f"a block of the model (it has {n_layers})", max(cv.directions))
         mtype = getattr(model.config, "model_type", None)
         if cv.model_hint and mtype and cv.model_hint != mtype:
             warnings.warn(f"{path} was made for {cv.model_hint!r}, the model is {mtype!r}", stacklevel=2)

@@ -9,7 +9,7 @@ confidence intervals; Platt calibration; JSON + safetensors persistence.
 """
 
 import intervene.probes.metrics as metrics
-from intervene.errors import ProbeFormatError, ProbeNotFittedError
+from intervene.errors import ProbeFormatError, ProbeNotFittedError, ProbeNotFoundError
 from intervene.probes.base import LinearProbe, Probe
 from intervene.probes.calibration import PlattCalibration, calibrate, fit_platt
 from intervene.probes.ccs import CCSProbe
@@ -51,6 +51,7 @@ __all__ = [
     "PlattCalibration",
     "Probe",
     "ProbeFormatError",
+    "ProbeNotFoundError",
     "ProbeNotFittedError",
     "accuracy",
     "auroc",

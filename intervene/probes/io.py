@@ -2,8 +2,10 @@
 
 No pickle, and no class is ever imported by a name found in a file: the JSON's ``type`` is looked up
 in the probe registry (:func:`~intervene.probes.base.register_probe`). Anything malformed —
-unparsable JSON, a truncated safetensors file, unknown keys, tensors missing or of the wrong
-shape — raises :class:`~intervene.probes.base.ProbeFormatError`.
+unparsable JSON, a truncated safetensors file, unknown keys, hyperparameters of the wrong type,
+tensors missing, of the wrong shape or dtype, or not finite — raises
+:class:`~intervene.probes.base.ProbeFormatError` naming the file and the field
+(schema: :mod:`intervene.schemas.probe`).
 
 Layout: ``probe.save("dir")`` writes ``dir/probe.json`` + ``dir/probe.safetensors``;
 ``probe.save("name.json")`` (or ``"name.safetensors"``) writes ``name.json`` + ``name.safetensors``.
@@ -14,15 +16,20 @@ embedding a probe in another file format.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from intervene.errors import ProbeFormatError
+from intervene.errors import ProbeFormatError, ProbeNotFoundError
 from intervene.fileio import atomic_write
 from intervene.probes.registry import lookup_probe
+from intervene.safeio import Root
+from intervene.schemas.base import validate
+from intervene.schemas.probe import ProbeConfig, params_model
+from intervene.tensorfile import check_tensor, load_tensors
 
 # A Probe (intervene.probes.base), typed loosely: the base class imports this module for save/load.
 Probe = Any
@@ -31,6 +38,7 @@ FORMAT = "intervene.probe"
 FORMAT_VERSION = 1
 _CONFIG_NAME = "probe.json"
 _TENSORS_NAME = "probe.safetensors"
+MAX_TENSOR_BYTES = 1 << 36
 
 __all__ = ["load_probe", "probe_from_state", "probe_to_state", "save_probe"]
 
@@ -73,61 +81,48 @@ def probe_to_state(probe: Probe) -> tuple[dict[str, Any], dict[str, torch.Tensor
     return config, tensors
 
 
-def _expect(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ProbeFormatError(msg)
+def probe_from_state(config: Any, tensors: dict[str, torch.Tensor], where: str | Path | None = None) -> Probe:
+    """Rebuild a probe from :func:`probe_to_state`'s output, validating everything first.
 
-
-def probe_from_state(config: Any, tensors: dict[str, torch.Tensor]) -> Probe:
-    """Rebuild a probe from :func:`probe_to_state`'s output, validating everything first."""
-    _expect(isinstance(config, dict), "probe config must be a JSON object")
-    _expect(config.get("format") == FORMAT, f"not an intervene probe (format={config.get('format')!r})")
-    version = config.get("format_version")
-    _expect(
-        isinstance(version, int) and 1 <= version <= FORMAT_VERSION, f"unsupported format_version {version!r}"
-    )
-    cls = lookup_probe(config.get("type"))  # type: ignore[arg-type]
-    params, meta, specs = config.get("params"), config.get("meta", {}), config.get("tensors")
-    batch_shape = config.get("batch_shape")
-    _expect(
-        isinstance(params, dict) and isinstance(meta, dict) and isinstance(specs, dict),
-        "malformed probe config",
-    )
-    _expect(
-        isinstance(batch_shape, list) and all(isinstance(b, int) and b >= 0 for b in batch_shape),
-        "malformed batch_shape",
-    )
-    unknown = set(params) - set(cls._param_names())
-    _expect(not unknown, f"unknown hyperparameters for {cls.__name__}: {sorted(unknown)}")
+    The config is checked against :class:`~intervene.schemas.probe.ProbeConfig`, the hyperparameters
+    against the probe class's own signature (strict types), the metadata against the class's learned
+    attributes, and every tensor (floating, finite, the shape and dtype the config lists, consistent
+    with ``batch_shape``). ``where`` names the file in errors.
+    """
+    cfg = validate(ProbeConfig, config, ProbeFormatError, where)
+    try:
+        cls = lookup_probe(cfg.type)
+    except ProbeFormatError as e:
+        raise ProbeFormatError(f"{where}: type: {e}" if where else str(e), path=where, field="type",
+                               expected="a registered probe type") from None
+    params = validate(params_model(cls), cfg.params, ProbeFormatError, where, "params").model_dump(
+        include=set(cfg.params))
+    unknown = sorted(set(cfg.meta) - set(cls._meta_attrs))
+    if unknown:
+        raise ProbeFormatError.at(where, f"meta.{unknown[0]}", f"one of {list(cls._meta_attrs)}", unknown[0])
     try:
         probe = cls(**params)
     except (TypeError, ValueError) as e:
-        raise ProbeFormatError(f"cannot build {cls.__name__} from the saved hyperparameters: {e}") from None
+        raise ProbeFormatError.at(where, "params", f"hyperparameters {cls.__name__} accepts", note=str(e)) from None
     expected = set(cls._tensor_attrs)
-    _expect(
-        set(specs) == expected,
-        f"{cls.__name__} needs tensors {sorted(expected)}, config lists {sorted(specs)}",
-    )
-    _expect(
-        set(tensors) == expected,
-        f"{cls.__name__} needs tensors {sorted(expected)}, file has {sorted(tensors)}",
-    )
+    if set(cfg.tensors) != expected:
+        raise ProbeFormatError.at(where, "tensors", f"exactly {sorted(expected)} for {cls.__name__}", sorted(cfg.tensors))
+    if set(tensors) != expected:
+        raise ProbeFormatError.at(where, "tensors", f"the file to hold exactly {sorted(expected)}", sorted(tensors))
+    batch = tuple(cfg.batch_shape)
     for name, core in cls._tensor_attrs.items():
-        t, spec = tensors[name], specs[name]
-        _expect(
-            isinstance(spec, dict) and spec.get("shape") == list(t.shape),
-            f"tensor {name!r} has the wrong shape",
-        )
-        _expect(
-            t.ndim == len(batch_shape) + core, f"tensor {name!r} does not match batch_shape {batch_shape}"
-        )
-        _expect(
-            list(t.shape[: len(batch_shape)]) == batch_shape, f"tensor {name!r} does not match batch_shape"
-        )
-        _expect(t.is_floating_point(), f"tensor {name!r} must be floating point")
+        t, spec = tensors[name], cfg.tensors[name]
+        check_tensor(t, ProbeFormatError, where, f"tensor {name!r}")
+        if list(t.shape) != spec.shape or str(t.dtype).removeprefix("torch.") != spec.dtype:
+            raise ProbeFormatError.at(where, f"tensors.{name}", f"shape {spec.shape} and dtype {spec.dtype}",
+                                      f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}")
+        if t.ndim != len(batch) + core or tuple(t.shape[: len(batch)]) != batch:
+            raise ProbeFormatError.at(where, f"tensors.{name}", f"batch_shape {list(batch)} then {core} dims",
+                                      list(t.shape))
     feature_dims = {tensors[name].shape[-1] for name, core in cls._tensor_attrs.items() if core == 1}
-    _expect(len(feature_dims) <= 1, "tensors disagree on the feature dimension")
-    probe._set_learned(dict(tensors), {k: v for k, v in meta.items() if k in cls._meta_attrs})
+    if len(feature_dims) > 1:
+        raise ProbeFormatError.at(where, "tensors", "one feature dimension", sorted(feature_dims))
+    probe._set_learned(dict(tensors), dict(cfg.meta))
     return probe
 
 
@@ -146,28 +141,24 @@ def save_probe(probe: Probe, path: str | Path) -> Path:
     return config_path
 
 
-
-
-
 def load_probe(path: str | Path) -> Probe:
     """Load a probe written by :meth:`Probe.save` (a directory, or the ``.json``/``.safetensors`` path).
 
+    Both files are read through :class:`~intervene.safeio.Root` (regular files inside the given
+    directory only; a FIFO, a device or a symlink leading elsewhere is refused).
+
     Raises:
-        FileNotFoundError: nothing at ``path``.
+        ProbeNotFoundError: nothing at ``path`` (a ``FileNotFoundError``).
         ProbeFormatError: the files are corrupt, truncated, incomplete or inconsistent, or name a
             probe type that is not registered.
     """
     config_path, tensors_path = _paths(path)
-    if not config_path.exists():
-        raise FileNotFoundError(f"no probe at {path} (expected {config_path})")
-    if not tensors_path.exists():
-        raise ProbeFormatError(f"probe at {path} is incomplete: {tensors_path.name} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProbeFormatError(f"{config_path} is not valid JSON: {e}") from None
-    try:
-        tensors = load_file(str(tensors_path))
-    except Exception as e:  # safetensors raises its own error types (and OSError) on corrupt files
-        raise ProbeFormatError(f"{tensors_path} is not a valid safetensors file: {e}") from None
-    return probe_from_state(config, tensors)
+    if not os.path.lexists(config_path.parent) or not os.path.lexists(config_path):
+        raise ProbeNotFoundError.at(config_path, None, "a saved probe", note=f"nothing at {path}")
+    root = Root(config_path.parent, ProbeFormatError)
+    if not root.exists(tensors_path.name):
+        raise ProbeFormatError.at(tensors_path, None, f"{tensors_path.name} beside {config_path.name}",
+                                  note="the probe is incomplete")
+    config = root.read_json(config_path.name)
+    tensors, _, _ = load_tensors(root, tensors_path.name, MAX_TENSOR_BYTES)
+    return probe_from_state(config, tensors, where=config_path)

@@ -18,6 +18,7 @@ import intervene as iv
 from intervene.features.sae import SAE
 from intervene.intervention import Intervention
 from intervene.sites import hidden_size, resolve_site
+from intervene.training import random_orthonormal
 
 Build = Callable[[nn.Module, str], Intervention]  # (model, positions spec name) -> a fresh instance
 
@@ -78,6 +79,56 @@ def noise(model: nn.Module, positions: str, scale: float = 0.5) -> Intervention:
     return iv.Noise(["layers.0", "layers.1.attn"], scale=scale, positions=positions, seed=12)
 
 
+def das(model: nn.Module, positions: str, k: int = 3) -> Intervention:
+    """At ``layers.0`` (later positions read it) with a random rotation; the source comes per call (:func:`das_state`)."""
+    n = hidden_size(model)
+    return iv.DAS("layers.0", n, k, rotation=random_orthonormal(n, n, _gen(13)))
+
+
+def boundless_das(model: nn.Module, positions: str, boundary: float = 0.3, temperature: float = 0.5) -> Intervention:
+    n = hidden_size(model)
+    return iv.BoundlessDAS("layers.0", n, rotation=random_orthonormal(n, n, _gen(14)), boundary=boundary,
+                           temperature=temperature)
+
+
+def _width(model: nn.Module, site: str) -> int:
+    shape = resolve_site(model, site).shape
+    assert shape is not None
+    return int(torch.Size(shape).numel())
+
+
+def loreft(model: nn.Module, positions: str, identity: bool = False) -> Intervention:
+    """At the heads of block 0 (an input of a linear layer: bakes at positions "all")."""
+    w, r = _width(model, "layers.0.heads"), 3
+    g = _gen(15)
+    rot = random_orthonormal(w, r, g)
+    x = iv.LoReFT("layers.0.heads", w, r, positions=positions, rotation=rot,
+                  weight=None if identity else torch.randn(r, w, generator=g) * 0.5,
+                  bias=None if identity else torch.randn(r, generator=g))
+    return x
+
+
+def direft(model: nn.Module, positions: str, identity: bool = False) -> Intervention:
+    """At what block 1's attention writes (an output of a linear layer)."""
+    w, r = hidden_size(model), 3
+    g = _gen(16)
+    return iv.DiReFT("layers.1.attn", w, r, positions=positions, down_weight=torch.randn(r, w, generator=g) * 0.5,
+                     down_bias=torch.randn(r, generator=g),
+                     up_weight=None if identity else torch.randn(w, r, generator=g) * 0.5)
+
+
+@contextlib.contextmanager
+def das_state(intervention: Intervention, batch: dict[str, torch.Tensor]) -> Iterator[None]:
+    """A DAS interchanges with a source run per call: here seeded source values at own-token index 1 of each row
+    (the same for a reloaded DAS), given as the per-example Patch the patching package builds."""
+    assert isinstance(intervention, iv.DAS)
+    n = batch["input_ids"].shape[0]
+    values = torch.randn(n, 1, intervention.width, generator=_gen(17)) * 2.0
+    patch = iv.Patch({intervention.site: values}, positions={"per_example": [[1]] * n}, per_example=True)
+    with intervention.interchanging(patch):
+        yield
+
+
 def concept_erasure(model: nn.Module, positions: str, constant: bool = False) -> Intervention:
     """A LEACE eraser fitted (by concept-erasure) on synthetic o_proj inputs whose two classes differ in mean;
     ``constant=True`` fits it on one class only, so there is nothing to erase: L = R = 0, the identity."""
@@ -126,5 +177,10 @@ CASES: dict[str, Case] = {
     "sae_clamp": Case(sae_clamp, no_identity="a clamp sets latents to constants, which no setting makes the identity"),
     "patch": Case(patch, no_identity="a patch sets activations to given values, which no constant makes the identity"),
     "noise": Case(noise, identity=lambda m, p: noise(m, p, scale=0.0)),
+    "das": Case(das, identity=lambda m, p: das(m, p, k=0), state=das_state, generated=False),
+    "boundless_das": Case(boundless_das, identity=lambda m, p: boundless_das(m, p, boundary=0.0, temperature=1e-3),
+                          state=das_state, generated=False),
+    "loreft": Case(loreft, identity=lambda m, p: loreft(m, p, identity=True)),
+    "direft": Case(direft, identity=lambda m, p: direft(m, p, identity=True)),
     "concept_erasure": Case(concept_erasure, identity=lambda m, p: concept_erasure(m, p, constant=True)),
 }

@@ -44,6 +44,11 @@ EXPECTED_BAKE: dict[str, dict[str, str]] = {
     "sae_clamp": dict.fromkeys(FAMILIES, "computed from each activation"),
     "patch": dict.fromkeys(FAMILIES, "replaces activations"),
     "noise": dict.fromkeys(FAMILIES, "drawn per token"),
+    "das": dict.fromkeys(FAMILIES, "second run"),
+    "boundless_das": dict.fromkeys(FAMILIES, "second run"),
+    # LoReFT at layers.0.heads folds into o_proj (W·M, b + W·c); DiReFT at layers.1.attn into the writer's output
+    "loreft": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": "exact"},
+    "direft": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": POST_NORM},
     "concept_erasure": {"llama_gqa": "exact", "gpt2": "exact", "mixtral": NO_O_PROJ_BIAS, "gemma2": "exact"},
 }
 

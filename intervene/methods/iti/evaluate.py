@@ -39,14 +39,19 @@ def evaluate_iti(model: Any, tok: Any, iti: ITI | None, eval_rows: Sequence[Mapp
 
 def sweep(model: Any, tok: Any, iti: ITI, eval_rows: Sequence[Mapping], ref_texts: Sequence[str],
           alphas: Sequence[float] = DEFAULT_ALPHAS, num_heads: Sequence[int] | None = None,
-          batch_size: int = 16, **mc_kwargs: Any) -> list[dict[str, float]]:
+          batch_size: int = 16, progress: bool = False, **mc_kwargs: Any) -> list[dict[str, float]]:
     """Evaluate ``iti.top(k, alpha)`` for every K in ``num_heads`` (default: ``len(iti.heads)``) and α.
 
     Returns one dict per setting (plus the base row): ``num_heads``, ``alpha``, the truthfulness
     metrics (``mc1``/``mc2`` or ``accuracy``) and ``ce_base``, ``ce``, ``ce_delta``, ``kl``.
+    ``progress`` shows a bar over the settings.
     """
+    from tqdm.auto import tqdm
+
     ks = sorted({int(k) for k in (num_heads or [len(iti.heads)])})
+    bar = tqdm(total=1 + len(ks) * sum(1 for a in alphas if a != 0.0), desc="ITI settings", disable=not progress)
     base = evaluate_iti(model, tok, None, eval_rows, ref_texts, batch_size, **mc_kwargs)
+    bar.update(1)
     rows = [{"num_heads": 0, "alpha": 0.0, **base}]
     for k in ks:
         for a in alphas:
@@ -55,6 +60,8 @@ def sweep(model: Any, tok: Any, iti: ITI, eval_rows: Sequence[Mapping], ref_text
                 continue
             res = evaluate_iti(model, tok, iti.top(k, alpha=float(a)), eval_rows, ref_texts, batch_size, **mc_kwargs)
             rows.append({"num_heads": k, "alpha": float(a), **res})
+            bar.update(1)
+    bar.close()
     return rows
 
 

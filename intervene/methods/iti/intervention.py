@@ -33,17 +33,31 @@ them, identically on every load. With ``positions="all"`` the edit bakes exactly
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
 from intervene.errors import InterventionError
 from intervene.hparams import as_dict, make_config
 from intervene.intervention import Intervention
 from intervene.methods.iti.config import ITIConfig
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.schemas.base import Index, JSONObject, Strict, pair, validate
 from intervene.sites import Site
+from intervene.tensorfile import check_tensor
+
+UNIT_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}  # saved directions are unit within their dtype's rounding
+
+
+class ITIParams(Strict):
+    """``params`` of a saved ``iti`` intervention."""
+
+    alpha: float = 15.0
+    heads: Annotated[list[pair(Index)], Field(min_length=1, max_length=1 << 16)]  # type: ignore[valid-type]
+    fit: JSONObject = {}
 
 
 def _site_of(layer: int) -> str:
@@ -83,6 +97,8 @@ class ITI(Intervention):
         norm = d.norm(dim=-1, keepdim=True)
         if not bool(torch.isfinite(d).all() & torch.isfinite(s).all()) or bool((norm == 0).any()):
             raise InterventionError("ITI directions must be finite and non-zero, sigma finite")
+        if bool((s < 0).any()) or not math.isfinite(float(alpha)):
+            raise InterventionError("ITI sigma (a standard deviation) must be non-negative and alpha finite")
         super().__init__(sorted({_site_of(layer) for layer, _ in pairs}, key=lambda n: int(n.split(".")[1])),
                          positions, name)
         self.top_heads_ = pairs
@@ -181,17 +197,25 @@ class ITI(Intervention):
     @classmethod
     def from_saved(cls, sites: list[str], positions: Positions, name: str, params: dict[str, Any],
                    tensors: Mapping[str, torch.Tensor]) -> ITI:
+        # The constructor's checks, plus the format's: floating tensors of shapes [K, head_dim] and [K], and
+        # unit directions (they are used as stored: normalising again would move their last bits).
+        p = validate(ITIParams, params, InterventionError, None, "params")
         for key in ("direction", "sigma"):
             if key not in tensors:
                 raise InterventionError(f"missing tensor {key!r}")
-        heads = params.get("heads")
-        if not isinstance(heads, list) or not all(isinstance(p, list) and len(p) == 2 for p in heads):
-            raise InterventionError("params.heads must be a list of [layer, head] pairs")
-        iv = cls([tuple(p) for p in heads], tensors["direction"], tensors["sigma"],
-                 alpha=float(params.get("alpha", 15.0)), positions=positions, name=name, normalize=False)
+        k = len(p.heads)
+        d = check_tensor(tensors["direction"], InterventionError, None, "tensor 'direction'", (k, None))
+        check_tensor(tensors["sigma"], InterventionError, None, "tensor 'sigma'", (k,))
+        norms = d.double().norm(dim=-1)
+        tol = UNIT_TOL.get(d.dtype, 1e-4)
+        if not bool(((norms - 1).abs() <= tol).all()):
+            raise InterventionError(f"tensor 'direction': expected unit-norm rows (within {tol}), got norms "
+                                    f"{[round(float(n), 6) for n in norms[:4]]}")
+        iv = cls([(a, b) for a, b in p.heads], d, tensors["sigma"], alpha=p.alpha, positions=positions, name=name,
+                 normalize=False)
         if sorted(iv.sites) != sorted(sites):
             raise InterventionError(f"sites {sites} do not match the heads' layers {iv.sites}")
-        iv.fit_info_ = dict(params.get("fit") or {})
+        iv.fit_info_ = dict(p.fit)
         return iv
 
     # ---- fitting -------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ def plot_head_accuracies(accuracy: torch.Tensor, path: str | Path, top_heads: Se
                    vmax=float(acc.max()))
     for layer, head in top_heads:
         ax.add_patch(_rect(head, layer))
+    if len(top_heads):
+        ax.legend(handles=[_rect(0, 0, label=f"selected heads (the top {len(top_heads)}, shifted by ITI)")],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
@@ -40,17 +43,16 @@ def plot_head_accuracies(accuracy: torch.Tensor, path: str | Path, top_heads: Se
         ax.set_xticks(range(n_heads))
     if n_layers <= 16:
         ax.set_yticks(range(n_layers))
-    fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
+    fig.colorbar(im, ax=ax, label="probe accuracy (validation)")
     out = Path(path)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     return out
 
 
-def _rect(x: int, y: int) -> Any:
+def _rect(x: int, y: int, label: str | None = None) -> Any:
     from matplotlib.patches import Rectangle
 
-    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2)
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.2, label=label)
 
 
 def plot_tradeoff(rows: Sequence[Mapping[str, Any]], path: str | Path, truth_key: str, ce_key: str = "ce",

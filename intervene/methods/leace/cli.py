@@ -21,38 +21,38 @@ from intervene.methods.leace.config import ConceptErasureConfig
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
 
 
 def register(subparsers: Any) -> None:
     top = subparsers.add_parser("erase", help="LEACE concept erasure: fit an eraser, erase the quirky speaker",
-                                description=__doc__.splitlines()[0])
+                                description="LEACE concept erasure (Belrose et al. 2023): fit an eraser that removes every linear trace of a label (e.g. the quirky speaker) at a site, save it as a diff, or erase the speaker site by site and report how Bob's answers move and what it costs.")
     sub = top.add_subparsers(dest="erase_command", metavar="ERASE_COMMAND")
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
-    p = sub.add_parser("fit", help="fit one LEACE eraser per site and write the diff")
+    p = sub.add_parser("fit", help="fit one LEACE eraser per site and write the diff", description='Fit one LEACE eraser per site and write the diff.')
     _model_args(p)
     p.add_argument("dataset", help="quirky:<task> or a local .jsonl")
     p.add_argument("--sites", nargs="+", required=True, help="sites to erase at (wildcards allowed)")
     p.add_argument("--label-field", default="label", help="the row field holding the concept (default label; "
                                                           "'character' erases the quirky speaker)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--split", default="train", choices=["train", "test"], help="dataset split the eraser is fitted on")
     p.add_argument("--n", type=int, default=None, help="at most this many rows")
     p.add_argument("--seed", type=int, default=0, help="seeds the row sample with --n (default 0)")
     add_config_arguments(p, ConceptErasureConfig, exclude=("positions",))
     p.add_argument("--out", required=True, help="output directory of the diff")
     p.set_defaults(func=guard(_fit))
 
-    p = sub.add_parser("quirky", help="erase the speaker at each site; Bob toward Alice and the CE cost")
+    p = sub.add_parser("quirky", help="erase the speaker at each site; Bob toward Alice and the CE cost", description='Erase the speaker at each site; Bob toward Alice and the CE cost.')
     _model_args(p)
-    p.add_argument("--task", default="addition", choices=["addition", "comparison", "facts"])
-    p.add_argument("--sites", nargs="+", default=["layers.0", "layers.1", "layers.2", "layers.3"])
+    p.add_argument("--task", default="addition", choices=["addition", "comparison", "facts"], help="quirky task (default addition)")
+    p.add_argument("--sites", nargs="+", default=["layers.0", "layers.1", "layers.2", "layers.3"], help="sites to erase the speaker at, one at a time")
     p.add_argument("--n-fit", type=int, default=300, help="train questions to fit on (default 300)")
     p.add_argument("--n-eval", type=int, default=200, help="test questions to score (default 200)")
     p.add_argument("--n-ref", type=int, default=100, help="reference texts for the CE cost (default 100)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data sample (default 0)")
     add_config_arguments(p, ConceptErasureConfig, exclude=("positions",))
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     p.set_defaults(func=guard(_quirky))

@@ -42,7 +42,7 @@ PositionList = Sequence[int] | Sequence[Sequence[int]]
 def source_values(target: nn.Module | Intervenable, source: Inputs, sites: Sequence[str],
                   source_positions: PositionList) -> dict[str, torch.Tensor]:
     """``{site: [batch, k, *site_shape]}``: the source run's activations at each row's source positions."""
-    acts, _ = record(target, source, sites, use_cache=False)
+    acts, _ = record(target, source, sites, stop_early=True, use_cache=False)
     cols = columns(source, own_positions(source_positions, row_lengths(source), "source_positions"))
     return {s: gather(a, cols) for s, a in acts.items()}
 

@@ -53,14 +53,19 @@ def site_view(h: torch.Tensor, site: Site, batch: int, seq: int) -> torch.Tensor
     return h.view(*h.shape[:2], *site.heads) if site.heads is not None else h
 
 
+class _Recorded(Exception):
+    """Raised by the last recording hook to end the forward early (never escapes :func:`record`)."""
+
+
 @torch.no_grad()
 def record(target: nn.Module | Intervenable, inputs: Inputs, sites: str | Sequence[str],
-           **forward_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
+           stop_early: bool = False, **forward_kwargs: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Run ``target`` on ``inputs`` and keep the activations at ``sites``.
 
     Returns ``({site: [batch, seq, *site_shape]}, model output)``. With an ``Intervenable`` its edits are
     applied (the recorded values are what the edited model computes). Position ids count real tokens
-    (:func:`with_position_ids`), so padding does not change what a row computes.
+    (:func:`with_position_ids`), so padding does not change what a row computes. ``stop_early`` ends the
+    forward once every site has run (the output is then ``None``): a source run needs nothing after them.
     """
     model = model_of(target)
     ids = inputs.get("input_ids")
@@ -69,19 +74,34 @@ def record(target: nn.Module | Intervenable, inputs: Inputs, sites: str | Sequen
     out: dict[str, torch.Tensor] = {}
     hooks = HookSet()
 
+    resolved = resolve_sites(model, list(sites) if not isinstance(sites, str) else sites)
+
     def keeper(site: Site):
         def keep(h: torch.Tensor) -> torch.Tensor:
             out[site.name] = site_view(h.detach(), site, batch, seq).clone()
+            if stop_early and len(out) == len(resolved):
+                raise _Recorded
             return h
         return keep
 
+    result = None
+    # An Intervenable is attached for the run and its model called directly: an early stop must not look
+    # like a failing edit to it (that detaches it).
+    was = target.attached if isinstance(target, Intervenable) else True
     try:
-        for site in resolve_sites(model, list(sites) if not isinstance(sites, str) else sites):
+        if isinstance(target, Intervenable):
+            target.attach()
+        for site in resolved:
             add = add_input_hook if site.side == "input" else add_output_hook
             add(hooks, site.module, keeper(site), site.name)
-        result = target(**with_position_ids(model, inputs), **forward_kwargs)
+        result = model(**with_position_ids(model, inputs), **forward_kwargs)
+    except _Recorded:
+        pass
     finally:
         hooks.remove()
+        if not was:
+            assert isinstance(target, Intervenable)
+            target.detach()
     return out, result
 
 

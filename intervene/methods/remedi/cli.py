@@ -14,21 +14,41 @@ history, held-out metrics and the inspection figures for ``quirky:facts``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from intervene.command import add_config_arguments, config_from_args, guard, load_model_args, load_single
+from intervene.command import (
+    RAW,
+    Steps,
+    add_config_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    config_from_args,
+    describe,
+    guard,
+    load_model_args,
+    load_single,
+    progress_of,
+    write_json,
+)
 from intervene.methods.remedi.config import RemediConfig
+
+DATA_HELP = "a CounterFact JSON / JSON-lines file, or quirky:facts (the demo world's counterfactual edits)"
+NOTE = """\
+DATA: a CounterFact-format JSON or JSON-lines file (ROME's requested_rewrite records, split by subject into
+fitting and held-out parts) or quirky:facts (the demo world's counterfactual edits; the fitting and held-out
+entities are disjoint)."""
+EXAMPLES = __doc__.split("\n\n")[1]
 
 
 def _model_args(p: argparse.ArgumentParser, batch_and_seed: bool = True) -> None:
-    p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    add_model_arguments(p)
+    add_progress_argument(p)
     if batch_and_seed:  # `fit` takes both from RemediConfig
-        p.add_argument("--batch-size", type=int, default=RemediConfig.batch_size, help="examples per forward pass")
-        p.add_argument("--seed", type=int, default=RemediConfig.seed, help="seeds the sample split")
+        p.add_argument("--batch-size", type=int, default=RemediConfig.batch_size,
+                       help=f"examples per forward pass (default {RemediConfig.batch_size})")
+        p.add_argument("--seed", type=int, default=RemediConfig.seed, help="seeds the sample split (default "
+                                                                           f"{RemediConfig.seed})")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -38,30 +58,46 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
+    """Add ``remedi`` (``fit``, ``eval``) to the ``intervene`` command."""
     top = subparsers.add_parser("remedi", help="REMEDI learned representation editors: fit, evaluate",
-                                description=__doc__.splitlines()[0])
-    sub = top.add_subparsers(dest="remedi_command", metavar="REMEDI_COMMAND")
+                                description=describe(
+                                    "REMEDI (Hernandez, Li & Andreas, 2023): learn an editor that maps a "
+                                    "description of a new attribute to a change of an entity's hidden state, "
+                                    "so the model then treats the entity as having that attribute.",
+                                    EXAMPLES, NOTE), formatter_class=RAW)
+    sub = top.add_subparsers(dest="remedi_command", metavar="REMEDI_COMMAND", title="commands")
     top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
-    p = sub.add_parser("fit", help="train an editor; write the diff and metrics.json")
+    p = sub.add_parser("fit", help="train an editor; write the diff and metrics.json",
+                       description=describe(
+                           "Train a REMEDI editor at one block and write OUT: the diff (intervene_config.json, "
+                           "intervene_weights.safetensors, README.md) and metrics.json (training history, held-out "
+                           "efficacy / paraphrase / neighborhood / fluency, and for quirky:facts what the edited "
+                           "states decode to).", NOTE), formatter_class=RAW)
     _model_args(p, batch_and_seed=False)
-    p.add_argument("data", help="CounterFact JSON file or quirky:facts")
+    p.add_argument("data", help=DATA_HELP)
     p.add_argument("--layer", type=int, required=True, help="edit the output (or, with --side input, the input) "
                                                             "of this block")
     p.add_argument("--out", required=True, help="output directory")
     add_config_arguments(p, RemediConfig)
     p.add_argument("--n-train", type=int, default=1000, help="training samples (default 1000)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="CounterFact: subjects held out for eval")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="CounterFact: fraction of subjects held out for evaluation (default 0.2)")
     _eval_args(p)
     p.set_defaults(func=guard(_fit))
 
-    p = sub.add_parser("eval", help="efficacy / paraphrase / neighborhood / fluency of a saved editor")
+    p = sub.add_parser("eval", help="efficacy / paraphrase / neighborhood / fluency of a saved editor",
+                       description=describe(
+                           "Evaluate a saved REMEDI editor against the unedited model on held-out samples: "
+                           "efficacy, paraphrase, neighborhood and fluency, with 95% intervals. Prints a summary "
+                           "and writes the numbers as JSON (default: DIFF/eval_<data>.json).", NOTE),
+                       formatter_class=RAW)
     _model_args(p)
     p.add_argument("diff", help="diff directory or Hub repo written by `remedi fit`")
-    p.add_argument("data", help="CounterFact JSON file or quirky:facts (its test split)")
+    p.add_argument("data", help=f"{DATA_HELP} (its held-out split)")
     p.add_argument("--alpha", type=float, default=None, help="override the editor's alpha")
-    p.add_argument("--out", default=None, help="also write the metrics JSON here")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: DIFF/eval_<data>.json, or "
+                                               "./remedi_eval_<data>.json for a Hub diff)")
     _eval_args(p)
     p.set_defaults(func=guard(_eval))
 
@@ -101,13 +137,17 @@ def _fit(args: argparse.Namespace) -> int:
     from intervene.methods.remedi.evaluate import evaluate_remedi
     from intervene.methods.remedi.intervention import Remedi
 
+    steps = Steps(args, 4)
+    steps("loading the model")
     model, tok = load_model_args(args)
     train = load_samples(args.data, "train", args.n_train, args.seed, args.test_fraction)
     test = load_samples(args.data, "test", args.n_eval, args.seed, args.test_fraction)
+    steps(f"training the editor on {len(train)} samples")
     editor = Remedi.fit(model, tok, train, args.layer, config_from_args(RemediConfig, args),
-                        progress=not args.no_progress)
+                        progress=progress_of(args))
     result: dict[str, Any] = {"history": editor.history_, "best_epoch": editor.best_epoch_,
                               "n_train": editor.n_train_, "n_val": editor.n_val_}
+    steps(f"evaluating on {len(test)} held-out samples")
     if test:
         result["held_out"] = evaluate_remedi(editor, model, tok, test, fluency=not args.no_fluency,
                                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -117,6 +157,7 @@ def _fit(args: argparse.Namespace) -> int:
 
         result["inspection"] = inspect_attributes(editor, model, tok, quirky_items("test"), seed=args.seed,
                                                   batch_size=args.batch_size)
+    steps("writing the diff and metrics.json")
     out = Path(args.out)
     ivm = Intervenable(model, [editor], attach=False)
     held = result.get("held_out", {}).get("edited", {})
@@ -125,27 +166,36 @@ def _fit(args: argparse.Namespace) -> int:
                     **{f"held_out_{k}": round(v["estimate"], 4) for k, v in held.items()
                        if v.get("estimate") is not None}}
     ivm.save_pretrained(out)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "metrics.json", result)
     line = _summary(result["held_out"]) if test else "no held-out samples"
-    print(f"REMEDI at {editor.site} (best epoch {editor.best_epoch_}): {line}; wrote {out}")
+    print(f"REMEDI at {editor.site} (best epoch {editor.best_epoch_}): {line}. Wrote the diff and metrics.json "
+          f"to {out} ({steps.elapsed():.0f} s).")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from intervene.data.loaders import dataset_slug
+    from intervene.hubio import resolve_diff_dir
     from intervene.intervenable import Intervenable
     from intervene.methods.remedi.evaluate import evaluate_remedi
     from intervene.methods.remedi.intervention import Remedi
 
+    steps = Steps(args, 2)
+    diff = resolve_diff_dir(args.diff)  # a missing diff is reported before the model loads
+    steps("loading the model and the editor")
     model, tok = load_model_args(args)
-    editor = load_single(args.diff, model, Remedi, "REMEDI editors", args.alpha)
+    editor = load_single(str(diff), model, Remedi, "REMEDI editors", args.alpha)
     part = "test" if args.data.startswith("quirky:") else "all"
     samples = load_samples(args.data, part, args.n_eval, args.seed)
+    steps(f"evaluating on {len(samples)} held-out samples" + ("" if args.no_fluency else " (with generations)"))
     ivm = Intervenable(model, [editor], attach=False)  # only the editor: other edits would confound
     report = evaluate_remedi(editor, ivm, tok, samples, fluency=not args.no_fluency,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     report["alpha"] = editor.alpha
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    name = dataset_slug(args.data)
+    path = Path(args.out) if args.out else (Path(args.diff) / f"eval_{name}.json" if Path(args.diff).is_dir()
+                                            else Path(f"remedi_eval_{name}.json"))
+    write_json(path, report)
+    print(f"REMEDI at {editor.site}, {len(samples)} samples: {_summary(report)}. Wrote {path} "
+          f"({steps.elapsed():.0f} s).")
     return 0

@@ -32,9 +32,10 @@ REMEDI cannot be baked into weights.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -56,13 +57,27 @@ from intervene.methods.remedi.states import (
     unwrap,
 )
 from intervene.positions import CallContext, Positions, expand_mask
+from intervene.schemas.base import Index, JSONObject, PosInt, Strict, Width, validate
 from intervene.sites import Site, hidden_size
+from intervene.tensorfile import check_tensor
 
 if TYPE_CHECKING:
     from intervene.intervenable import Intervenable
 
 __all__ = ["Remedi", "RemediEditor", "attribute_states", "entity_states", "find_token_span", "layer_means",
            "left_pad", "prompt_entity_tokens", "tokenize_with_span"]
+
+
+class RemediParams(Strict):
+    """``params`` of a saved ``remedi`` intervention."""
+
+    layer: Index
+    side: Literal["output", "input"] = "output"
+    hidden_size: Width
+    rank: PosInt | None = None
+    alpha: float = 1.0
+    use_entity: bool = False
+    config: JSONObject = {}
 
 
 class RemediEditor(nn.Module):
@@ -128,6 +143,20 @@ class RemediEditor(nn.Module):
         """Parameter name -> shape, as :meth:`state_dict` would hold them."""
         return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
+    @staticmethod
+    def expected_shapes(hidden: int, rank: int | None, use_entity: bool) -> dict[str, tuple[int, ...]]:
+        """:meth:`shapes` of an editor with these settings, computed without building it (a loader must not
+        allocate what a file merely declares)."""
+        out: dict[str, tuple[int, ...]] = {"attr_mean": (hidden,), "attr_scale": (1,), "out_scale": (1,)}
+        if use_entity:
+            out |= {"entity_mean": (hidden,), "entity_scale": (1,)}
+        width = hidden * (2 if use_entity else 1)
+        if rank is None:
+            out |= {"proj.weight": (hidden, width), "proj.bias": (hidden,)}
+        else:
+            out |= {"down.weight": (rank, width), "up.weight": (hidden, rank), "up.bias": (hidden,)}
+        return out
+
 
 @dataclass(frozen=True)
 class _EditState:
@@ -165,6 +194,9 @@ class Remedi(Intervention):
         super().__init__(self.site, positions="prompt", name=name)
         self.hidden_size = int(hidden_size)
         self.alpha = float(alpha)
+        if self.layer < 0 or self.hidden_size <= 0 or not math.isfinite(self.alpha):
+            raise InterventionError(f"REMEDI needs layer >= 0, hidden_size > 0 and a finite alpha; got {layer}, "
+                                    f"{hidden_size}, {alpha}")
         if editor is None:
             editor = RemediEditor(self.hidden_size, rank, use_entity)
         else:  # rank / use_entity may be left at their defaults: the editor knows them
@@ -320,21 +352,30 @@ class Remedi(Intervention):
     @classmethod
     def from_saved(cls, sites: list[str], positions: Positions, name: str, params: dict[str, Any],
                    tensors: Mapping[str, torch.Tensor]) -> Remedi:
-        layer, hidden, side = int(params["layer"]), int(params["hidden_size"]), str(params.get("side", "output"))
-        want_site = f"layers.{layer}" + (":input" if side == "input" else "")
+        # Everything is checked against the file before the editor is built, so its size is that of the
+        # tensors actually present, never just what hidden_size declares.
+        p = validate(RemediParams, params, InterventionError, None, "params")
+        want_site = f"layers.{p.layer}" + (":input" if p.side == "input" else "")
         if sites != [want_site]:
-            raise InterventionError(f"REMEDI sites {sites} do not match its layer {layer} ({side})")
-        rank = params.get("rank")
-        editor = RemediEditor(hidden, None if rank is None else int(rank), bool(params.get("use_entity", False)))
-        want = {f"editor.{k}": s for k, s in editor.shapes().items()}
+            raise InterventionError(f"REMEDI sites {sites} do not match its layer {p.layer} ({p.side})")
+        if p.rank is not None and p.rank > p.hidden_size:
+            raise InterventionError(f"params.rank: expected at most hidden_size={p.hidden_size}, got {p.rank}")
+        want = {f"editor.{k}": s for k, s in RemediEditor.expected_shapes(p.hidden_size, p.rank, p.use_entity).items()}
         have = {k: tuple(v.shape) for k, v in tensors.items()}
         if want != have:
             raise InterventionError(f"REMEDI tensors {have} do not match its config (expects {want})")
-        dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
-        editor.to(dtype)
+        dtypes = {v.dtype for v in tensors.values()}
+        for k, v in tensors.items():
+            check_tensor(v, InterventionError, None, f"tensor {k!r}")
+            if k.endswith("_scale") and k != "editor.out_scale" and not bool((v > 0).all()):
+                raise InterventionError(f"tensor {k!r}: expected a positive scale (it divides), got {float(v[0])}")
+        if len(dtypes) > 1:  # loading them into one module would round some of them
+            raise InterventionError(f"REMEDI tensors: expected one dtype, got {sorted(map(str, dtypes))}")
+        editor = RemediEditor(p.hidden_size, p.rank, p.use_entity)
+        editor.to(dtypes.pop())
         editor.load_state_dict({k[len("editor."):]: v for k, v in tensors.items()})
-        return cls(layer, hidden, editor.rank, float(params.get("alpha", 1.0)), editor.use_entity, editor=editor,
-                   name=name, config=params.get("config") or {}, side=side)
+        return cls(p.layer, p.hidden_size, editor.rank, p.alpha, editor.use_entity, editor=editor, name=name,
+                   config=p.config, side=p.side)
 
     def expected_shapes(self, sites: Mapping[str, Site]) -> dict[str, tuple[int, ...]]:
         return {}  # checked in bind: the editor's width against the site's

@@ -12,14 +12,15 @@ Targets are scored on their **first token** by default; ``full_sequence_targets=
 target (teacher forced: ``log p̃(t) = Σ_j log p̃(t_j | prompt, t_<j)``). An example without
 ``target_true`` (or whose true and new first tokens coincide) adds nothing to the λ_u term.
 
-The LM stays frozen without touching it: gradients are taken with ``torch.autograd.grad`` with respect
-to the editor's parameters only, so no ``.grad`` is ever allocated on the model and its
-``requires_grad`` flags are never changed; base passes run under ``torch.no_grad()``.
+The loop is the shared :class:`~intervene.training.Trainer` (one example = one sample's index; the
+forward computes the directions and runs the edited and base passes). The LM stays frozen: its
+``requires_grad`` flags are off during the run and restored after, gradients are taken with
+``torch.autograd.grad`` with respect to the editor's parameters only, so no ``.grad`` is ever allocated on
+the model; base passes run under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from intervene.errors import InterventionError
 from intervene.intervenable import Intervenable
@@ -42,6 +42,7 @@ from intervene.methods.remedi.states import (
     pad_id_of,
     prompt_entity_tokens,
 )
+from intervene.training import TrainConfig, Trainer, TrainResult, split_indices
 
 __all__ = ["EncodedSamples", "LossParts", "check_fit_inputs", "encode_samples", "remedi_loss", "target_ids",
            "train_editor"]
@@ -193,12 +194,6 @@ def remedi_loss(remedi: Any, ivm: Intervenable, enc: EncodedSamples, idx: Sequen
     return LossParts(total, loss_new, loss_true, loss_kl, norm)
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
-    return perm[n_val:], perm[:n_val]
-
-
 def check_fit_inputs(model: nn.Module, samples: Sequence[Mapping[str, Any]]) -> None:
     """Refuse what would train wrongly: bad samples, or gradient checkpointing re-running unedited blocks."""
     check_samples(samples)
@@ -213,8 +208,9 @@ def check_fit_inputs(model: nn.Module, samples: Sequence[Mapping[str, Any]]) -> 
 
 
 def train_editor(remedi: Any, model: nn.Module, tok: Any, samples: Sequence[Mapping[str, Any]],
-                 cfg: RemediConfig, progress: bool = True, encode_batch_size: int = 32) -> None:
-    """Train ``remedi.editor`` in place with AdamW and early stopping on a seeded validation split.
+                 cfg: RemediConfig, progress: bool = True, encode_batch_size: int = 32) -> TrainResult:
+    """Train ``remedi.editor`` in place on the shared :class:`~intervene.training.Trainer` (AdamW, early stopping
+    on a seeded validation split; one example = one sample index, the forward is :func:`remedi_loss`).
 
     Stops after ``cfg.patience`` epochs without a lower validation loss and keeps the best editor (the
     untrained, no-op editor counts too). Sets ``history_``, ``best_epoch_``, ``n_train_``, ``n_val_`` on
@@ -222,66 +218,20 @@ def train_editor(remedi: Any, model: nn.Module, tok: Any, samples: Sequence[Mapp
     """
     editor = remedi.editor
     enc = encode_samples(remedi, model, tok, samples, encode_batch_size)
-    train_idx, val_idx = _split(len(enc), cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_indices(len(enc), cfg.val_fraction, cfg.seed)
     editor.set_input_stats(enc.h_attr[train_idx], None if enc.h_ent is None else enc.h_ent[train_idx])
     loss_kw = dict(lam_m=cfg.lam_m, lam_u=cfg.lam_u, lam_kl=cfg.lam_kl, norm_penalty=cfg.norm_penalty,
                    full_sequence_targets=cfg.full_sequence_targets)
-    batch_size, patience = cfg.batch_size, cfg.patience
-    params = list(editor.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    n_batches = math.ceil(len(train_idx) / batch_size)
-    history: list[dict[str, float]] = []
-
-    def mean_loss(indices: list[int]) -> float:
-        total = 0.0
-        with torch.no_grad():
-            for s in range(0, len(indices), batch_size):
-                chunk = indices[s:s + batch_size]
-                total += float(remedi_loss(remedi, ivm, enc, chunk, **loss_kw).total) * len(chunk)
-        return total / max(1, len(indices))
-
-    ivm = Intervenable(model, [remedi], attach=False)
-    with ivm:
-        criterion_idx = val_idx or train_idx
-        best, best_epoch, bad = mean_loss(criterion_idx), 0, 0
-        best_state = copy.deepcopy(editor.state_dict())
-        history.append({"epoch": 0, "train_loss": mean_loss(train_idx) if val_idx else best,
-                        "val_loss": best if val_idx else float("nan")})
-        bar = tqdm(total=cfg.epochs * n_batches, desc="REMEDI", disable=not progress)
-        for epoch in range(1, cfg.epochs + 1):
-            order = [train_idx[j] for j in torch.randperm(len(train_idx), generator=gen).tolist()]
-            running = 0.0
-            for s in range(0, len(order), batch_size):
-                chunk = order[s:s + batch_size]
-                parts = remedi_loss(remedi, ivm, enc, chunk, **loss_kw)
-                if parts.total.requires_grad:
-                    # Only the editor's parameters: nothing is accumulated on the frozen LM.
-                    grads = torch.autograd.grad(parts.total, params, allow_unused=True)
-                    for p_, g in zip(params, grads):
-                        p_.grad = torch.zeros_like(p_) if g is None else g
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                running += float(parts.total.detach()) * len(chunk)
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(parts.total.detach()):.3f}")
-            train_loss = running / max(1, len(order))
-            val_loss = mean_loss(val_idx) if val_idx else float("nan")
-            history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-            score = val_loss if val_idx else train_loss
-            if score < best:
-                best, best_epoch, bad = score, epoch, 0
-                best_state = copy.deepcopy(editor.state_dict())
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
-        bar.close()
+    loop = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                       val_fraction=cfg.val_fraction, patience=max(1, cfg.patience), seed=cfg.seed)
+    trainer = Trainer(model, [remedi], lambda parts, idx: parts.total, loop,
+                      forward=lambda ivm, idx: remedi_loss(remedi, ivm, enc, idx, **loss_kw),
+                      progress=progress, desc="REMEDI")
+    result = trainer.fit(train_idx, val_idx)
     remedi.clear_edit()
-    editor.load_state_dict(best_state)
-    remedi.invalidate()
-    remedi.history_ = history
-    remedi.best_epoch_ = best_epoch
-    remedi.n_train_, remedi.n_val_ = len(train_idx), len(val_idx)
-    remedi.config.update(best_epoch=best_epoch, epochs_run=len(history) - 1,
-                         best_loss=None if math.isnan(best) else round(best, 6))
+    remedi.history_ = [{k: h[k] for k in ("epoch", "train_loss", "val_loss")} for h in result.history]
+    remedi.best_epoch_ = result.best_epoch
+    remedi.n_train_, remedi.n_val_ = result.n_train, result.n_val
+    remedi.config.update(best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                         best_loss=None if result.best_loss is None else round(result.best_loss, 6))
+    return result

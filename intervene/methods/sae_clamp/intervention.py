@@ -16,17 +16,35 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from intervene.errors import InterventionError
 from intervene.features.sae import SAE
 from intervene.intervention import Intervention
 from intervene.methods.steering import Steering
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.schemas.base import Index, PosInt, Strict, Text, Width, validate
 from intervene.sites import Site
+from intervene.tensorfile import check_tensor
+
+MAX_LATENTS = 1 << 16
+
+
+class ClampParams(Strict):
+    """``params`` of a saved ``sae_clamp`` intervention."""
+
+    latents: Annotated[list[Index], Field(min_length=1, max_length=MAX_LATENTS)]
+    values: Annotated[list[float], Field(min_length=1, max_length=MAX_LATENTS)]
+    activation: Literal["relu", "jumprelu", "topk"]
+    k: PosInt | None = None
+    d_sae: Width
+    d_in: Width
+    source: Text | None = None
 
 
 def steering_from_sae(sae: SAE, latent: int, scale: float = 1.0, positions: PositionsSpec = "all",
@@ -66,8 +84,8 @@ class LatentClamp(Intervention):
         if not idx or len(set(idx)) != len(idx) or not all(0 <= i < sae.d_sae for i in idx):
             raise InterventionError(f"latents must be distinct indices in [0, {sae.d_sae}), got {idx}")
         vals = [float(values)] * len(idx) if isinstance(values, (int, float)) else [float(v) for v in values]
-        if len(vals) != len(idx):
-            raise InterventionError(f"{len(vals)} values for {len(idx)} latents")
+        if len(vals) != len(idx) or not all(math.isfinite(v) for v in vals):
+            raise InterventionError(f"{len(vals)} values for {len(idx)} latents (one finite value each)")
         sel = torch.tensor(idx)
         if sae.activation == "topk":
             enc_w, enc_b = sae.W_enc, sae.b_enc  # membership in the top k needs every latent
@@ -164,12 +182,29 @@ class LatentClamp(Intervention):
     @classmethod
     def from_saved(cls, sites: list[str], positions: Positions, name: str, params: dict[str, Any],
                    tensors: Mapping[str, torch.Tensor]) -> LatentClamp:
-        need = {"enc_w", "enc_b", "dec_w"}
-        if params.get("activation") == "jumprelu":
-            need.add("threshold")
-        missing = sorted(need - set(tensors))
-        if missing or len(sites) != 1:
-            raise InterventionError(f"sae_clamp {name!r}: missing tensors {missing} or not exactly one site")
+        # The constructor's checks, on the saved form: distinct latents in range, one finite value each, a k
+        # only (and always) for top-k, and floating, finite tensors of exactly the shapes the clamp uses.
+        p = validate(ClampParams, params, InterventionError, None, "params")
+        n = len(p.latents)
+        if len(set(p.latents)) != n or max(p.latents) >= p.d_sae or len(p.values) != n:
+            raise InterventionError(f"sae_clamp {name!r}: params: expected {n} distinct latents below d_sae={p.d_sae} "
+                                    f"and one value each, got latents {p.latents[:8]} and {len(p.values)} values")
+        if (p.activation == "topk") != (p.k is not None) or (p.k is not None and p.k > p.d_sae):
+            raise InterventionError(f"sae_clamp {name!r}: params.k: expected 1 <= k <= d_sae for topk and null "
+                                    f"otherwise, got {p.k} for {p.activation}")
+        if len(sites) != 1:
+            raise InterventionError(f"sae_clamp {name!r}: expected exactly one site, got {sites}")
+        width = p.d_sae if p.activation == "topk" else n
+        want: dict[str, tuple[int, ...]] = {"enc_w": (p.d_in, width), "enc_b": (width,), "dec_w": (n, p.d_in)}
+        if p.activation == "jumprelu":
+            want["threshold"] = (n,)
+        if "b_dec" in tensors:
+            want["b_dec"] = (p.d_in,)
+        if set(tensors) != set(want):
+            raise InterventionError(f"sae_clamp {name!r}: expected tensors {sorted(want)}, got {sorted(tensors)}")
+        for key, shape in want.items():
+            check_tensor(tensors[key], InterventionError, None, f"tensor {key!r}", shape)
+        params = p.model_dump()
         obj = cls.__new__(cls)
         obj._init(sites[0], positions, name, params, tensors)
         return obj

@@ -7,6 +7,7 @@ along it (``+ value * r``), as in refusal-direction ablation / activation clampi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,7 +16,30 @@ import torch
 from intervene.errors import InterventionError
 from intervene.intervention import Intervention
 from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.schemas.base import Strict, validate
 from intervene.sites import Site, wildcard_match
+from intervene.tensorfile import check_tensor
+
+# Directions are saved unit-norm in float32; a 16-bit copy is unit within its own rounding.
+UNIT_TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
+UNIT_TOL_DEFAULT = 1e-4
+
+
+class SteeringParams(Strict):
+    """``params`` of a saved ``steering`` intervention."""
+
+    scale: float = 1.0
+
+
+class AblationParams(Strict):
+    """``params`` of a saved ``directional_ablation``: the value added back along the direction, or null."""
+
+    value: float | None = None
+
+
+def _check_vector(what: str, site: str, v: object, name: str = "vector") -> torch.Tensor:
+    """A real floating vector with finite values (the same checks for constructors and ``from_saved``)."""
+    return check_tensor(v, InterventionError, what, f"the {name} for {site!r}")
 
 
 def _as_site_dict(vectors: Mapping[str, torch.Tensor] | torch.Tensor, sites: str | list[str] | None,
@@ -24,13 +48,13 @@ def _as_site_dict(vectors: Mapping[str, torch.Tensor] | torch.Tensor, sites: str
         if sites is None:
             raise InterventionError(f"{what}: pass sites=... with a single vector, or a dict {{site: vector}}")
         sites = [sites] if isinstance(sites, str) else list(sites)
-        return {s: vectors for s in sites}
-    if sites is not None:
+        out = {s: vectors for s in sites}
+    elif sites is not None:
         raise InterventionError(f"{what}: sites=... is only for a single vector; the dict already names them")
-    out = dict(vectors)
+    else:
+        out = dict(vectors)
     for s, v in out.items():
-        if not isinstance(v, torch.Tensor) or v.is_complex() or not v.dtype.is_floating_point:
-            raise InterventionError(f"{what}: the vector for {s!r} must be a real floating tensor")
+        _check_vector(what, s, v)
     return out
 
 
@@ -70,9 +94,14 @@ class _PerSite(Intervention):
             pat = self._pattern_for(concrete)
             v = self.vectors[pat]
             shape = site.shape
-            if shape is not None and v.numel() != int(torch.Size(shape).numel()):
+            # The site's own shape, or flat (a head site's [n_heads * head_dim]); anything else, e.g. a
+            # [1, hidden] vector with a batch dimension left on, is a mistake that must not broadcast.
+            if shape is not None and tuple(v.shape) != tuple(shape) and not (
+                    v.ndim == 1 and v.numel() == int(torch.Size(shape).numel())):
+                hint = ("; drop the leading dimension (v.squeeze(0) or v[0])" if v.ndim > 1 and v.shape[0] == 1
+                        and tuple(v.shape[1:]) in (tuple(shape), (int(torch.Size(shape).numel()),)) else "")
                 raise InterventionError(f"{self.name}: the vector for {concrete!r} has shape {tuple(v.shape)}, "
-                                        f"the site's activation is {tuple(shape)}")
+                                        f"the site's activation is {tuple(shape)}{hint}")
             self._key_of[concrete] = pat
             self._shape_of[concrete] = tuple(shape) if shape is not None else tuple(v.shape)
         self.invalidate()
@@ -121,6 +150,8 @@ class Steering(_PerSite):
                  positions: PositionsSpec = "all", name: str | None = None, sites: str | list[str] | None = None) -> None:
         super().__init__(_as_site_dict(vectors, sites, "Steering"), positions, name)
         self._scale = float(scale)
+        if not math.isfinite(self._scale):
+            raise InterventionError(f"Steering: scale must be finite, got {scale!r}")
 
     @property
     def scale(self) -> float:
@@ -148,8 +179,8 @@ class Steering(_PerSite):
 
     @classmethod
     def from_saved(cls, sites, positions: Positions, name, params, tensors) -> Steering:
-        return cls(cls._vectors_from(tensors, "vector", sites), scale=params.get("scale", 1.0),
-                   positions=positions, name=name)
+        p = validate(SteeringParams, params, InterventionError, None, "params")
+        return cls(cls._vectors_from(tensors, "vector", sites), scale=p.scale, positions=positions, name=name)
 
     @classmethod
     def from_probe(cls, probe: Any, site: str | list[str], scale: float = 1.0, positions: PositionsSpec = "all",
@@ -197,6 +228,8 @@ class DirectionalAblation(_PerSite):
             unit[s] = d / n
         super().__init__(unit, positions, name)
         self.value = None if value is None else float(value)
+        if self.value is not None and not math.isfinite(self.value):
+            raise InterventionError(f"DirectionalAblation: value must be finite or None, got {value!r}")
 
     def apply(self, site: str, h: torch.Tensor, ctx: CallContext) -> torch.Tensor:
         m = ctx.mask(self.positions, h.device)
@@ -217,10 +250,21 @@ class DirectionalAblation(_PerSite):
 
     @classmethod
     def from_saved(cls, sites, positions: Positions, name, params, tensors) -> DirectionalAblation:
-        # Saved directions are already unit: normalising again would move their last bits.
+        # The constructor's checks (real, floating, finite, non-zero), plus: saved directions are already
+        # unit (within the rounding of their dtype), so they are used as stored -- normalising again
+        # would move their last bits.
+        p = validate(AblationParams, params, InterventionError, None, "params")
+        dirs = cls._vectors_from(tensors, "direction", sites)
+        for s, d in dirs.items():
+            _check_vector("DirectionalAblation", s, d, "direction")
+            norm = float(d.double().norm())
+            tol = UNIT_TOL.get(d.dtype, UNIT_TOL_DEFAULT)
+            if not abs(norm - 1.0) <= tol:
+                raise InterventionError(f"DirectionalAblation: the direction for {s!r} must be unit-norm "
+                                        f"(within {tol}), got norm {norm:.6g}")
         obj = cls.__new__(cls)
-        _PerSite.__init__(obj, cls._vectors_from(tensors, "direction", sites), positions, name)
-        obj.value = params.get("value")
+        _PerSite.__init__(obj, dirs, positions, name)
+        obj.value = p.value
         return obj
 
     @classmethod

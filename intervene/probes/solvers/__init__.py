@@ -2,12 +2,16 @@
 
 * :mod:`~intervene.probes.solvers.newton` — damped Newton (a Gram matrix per iteration; few iterations);
 * :mod:`~intervene.probes.solvers.pcg` — preconditioned nonlinear CG with a fixed Böhning-bound
-  preconditioner (two feature passes per iteration; many small problems, e.g. one per head);
+  preconditioner (:mod:`~intervene.probes.solvers.precond`: its diagonal, or one Gram matrix per feature
+  matrix; then two feature passes per iteration); :mod:`~intervene.probes.solvers.heads` applies it to
+  one probe per attention head (ITI's head ranking);
 * :mod:`~intervene.probes.solvers.lbfgs` — batched L-BFGS for wide features.
 
 All minimise scikit-learn's L2 objective (same minimiser as ``LogisticRegression(C=C)``).
+``LogisticRegressionProbe(solver="auto")`` picks among them by shape (:func:`intervene.probes.lr.auto_solver`).
 """
 
+from intervene.probes.solvers.heads import HeadProbes, fit_head_probes
 from intervene.probes.solvers.lbfgs import lbfgs_linear
 from intervene.probes.solvers.newton import (
     DEFAULT_CHUNK_BYTES,
@@ -17,7 +21,7 @@ from intervene.probes.solvers.newton import (
     psd_cholesky,
     psd_solve,
 )
-from intervene.probes.solvers.pcg import HeadProbes, fit_head_probes
+from intervene.probes.solvers.pcg import PCGFit, fit_pcg
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "HeadProbes", "LogisticFit", "fit_head_probes", "fit_logistic", "fit_logistic_1d",
-           "lbfgs_linear", "psd_cholesky", "psd_solve"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "HeadProbes", "LogisticFit", "PCGFit", "fit_head_probes", "fit_logistic",
+           "fit_logistic_1d", "fit_pcg", "lbfgs_linear", "psd_cholesky", "psd_solve"]
