@@ -30,8 +30,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import intervene as iv
 from intervene.errors import InterveneError
-from intervene.site_discovery import discover
 from intervene.sites import in_table, layer_parts, num_layers
+from intervene.sites.discovery import discover
 from tests import site_reference as ref
 from tests.coverage_build import IDS, BuildError, build, causal_lm_types
 

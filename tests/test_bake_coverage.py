@@ -26,7 +26,7 @@ PINNED = {  # model_type -> kinds that bake (hand-checked against each config's 
     "olmoe": {"attn", "heads", "embed"},  # MoE experts hold no bias
     "openai-gpt": {"attn", "mlp", "heads", "embed"},  # post-LN: the residual after a block is a norm's output
     "bloom": {"block", "attn", "mlp", "heads"},  # a LayerNorm right after the embedding
-    # followed step by step (intervene/site_chain.py)
+    # followed step by step (intervene/sites/chain.py)
     "doge": set(KINDS),  # per-channel residual gains: a constant after the block is divided by the MLP's
     "falcon_h1": set(KINDS),  # Mamba beside attention: a third writer, before the MLP
     "mamba": {"block", "attn", "embed"},  # one writer (the mixer): no MLP, no heads

@@ -12,8 +12,8 @@ import transformers as T
 
 import intervene as iv
 from intervene.bake import bake_with_report
-from intervene.site_discovery import discover
 from intervene.sites import FAMILIES, layer_parts, num_layers, resolve_site, site_names
+from intervene.sites.discovery import discover
 from tests.coverage_build import IDS, build
 from tests.tiny_models import CONFIGS, tiny_model
 
@@ -293,7 +293,7 @@ def test_bake_through_discovery_in_bf16(model_type: str) -> None:
     assert float((got.float() - hooked.float()).abs().max()) < 0.1 * float((hooked.float() - base.float()).abs().max())
 
 
-# ---- blocks followed step by step (intervene/site_chain.py) --------------------------------------
+# ---- blocks followed step by step (intervene/sites/chain.py) --------------------------------------
 # (model_type, block, blocks, attn writer, mlp writer, heads module, heads, extra writers, absent parts); paths
 # hand-read from each family's decoder layer in transformers 5.25
 CHAINED = [

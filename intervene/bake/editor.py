@@ -35,10 +35,10 @@ from intervene.bake.layout import (
 )
 from intervene.bake.records import BakeReport, Op, Plan, Units, Writer
 from intervene.errors import NotBakeableError
-from intervene.site_discovery import config_of
-from intervene.site_probe import input_embeddings, weight_of
-from intervene.site_residual import gain_tensor
 from intervene.sites import hidden_size, num_layers
+from intervene.sites.discovery import config_of
+from intervene.sites.probe import input_embeddings, weight_of
+from intervene.sites.residual import gain_tensor
 
 
 class WeightEditor:

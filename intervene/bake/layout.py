@@ -6,7 +6,7 @@ only where we know the block's arithmetic: ``out = x + attn(...) + mlp(...)`` wi
 that vanilla ``from_pretrained`` will load. Families are listed only once checked against their
 ``transformers`` source (5.x) and the property tests; anything else is refused with a reason.
 
-Families without an entry in ``LAYOUTS`` get one derived from :mod:`intervene.site_discovery`,
+Families without an entry in ``LAYOUTS`` get one derived from :mod:`intervene.sites.discovery`,
 whose probe has already checked the arithmetic: the writers sum to ``out - in``, which MLPs read the
 block input (parallel), how block 0's input follows the embedding, and which config flag (a boolean
 ``*bias*`` attribute) creates a projection's bias, found by building the model on the meta device
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from intervene.errors import NotBakeableError, UnsupportedModelError
-from intervene.site_discovery import LayerParts, config_of, discover
 from intervene.sites import Site, block_path, in_table, layer_parts, num_layers
+from intervene.sites.discovery import LayerParts, config_of, discover
 
 Part = Literal["attn", "mlp"]
 

@@ -2,26 +2,26 @@
 
 Used by :mod:`intervene.sites` for every ``config.model_type`` that is not in its table. Nothing is
 taken from names alone: candidates come from the module tree, and probe forward passes
-(:mod:`intervene.site_probe`) on a few tokens decide.
+(:mod:`intervene.sites.probe`) on a few tokens decide.
 
 1. **Blocks**: ``ModuleList`` s inside ``get_decoder()`` (else the whole model) whose elements are the
    classes named in ``_no_split_modules``, ``GradientCheckpointingLayer`` subclasses, or as many as
    ``num_hidden_layers``; the best-ranked one that runs on text. Checked: each block runs once, and
    block ``i``'s output is block ``i+1``'s input (or a constant times it: RWKV halves the residual every
    ``rescale_every`` blocks; recorded in ``Discovered.between``).
-2. **Residual writers** (:mod:`intervene.site_residual`): for block ``i``, the two submodules (attention
+2. **Residual writers** (:mod:`intervene.sites.residual`): for block ``i``, the two submodules (attention
    first) whose outputs add up to ``output - input`` — exactly, or each times a constant (Granite's
    ``residual_multiplier``; the gain is recorded) — or, in a post-LN block, whose outputs are added
    before each of its two norms. Among modules with the same output the last Linear-like one is named
    (``self_attn.o_proj`` rather than ``self_attn``), else the outermost (a whole MoE block). A writer
    that is not Linear-like (a post-norm) gets a *projection*: the Linear whose output it reads.
-   Blocks this cannot explain are followed step by step (:mod:`intervene.site_chain`): residuals
+   Blocks this cannot explain are followed step by step (:mod:`intervene.sites.chain`): residuals
    scaled or gated by constants or per-channel vectors, a third writer, one writer; attention and MLP
    are then told apart by measurement (does the branch mix tokens; does it compute attention).
 3. **Heads**: the attention projection's input, ``in_features = n_heads * head_dim``, with ``n_heads``
    from the attention module or the (per-layer) config, used only when it divides exactly; *absent*
    when neither declares any head count (RWKV-4, Mamba-1: their mixers have no heads).
-4. **Wiring** (:func:`intervene.site_probe.parallel_mlps`, :func:`~intervene.site_probe.embedding_path`):
+4. **Wiring** (:func:`intervene.sites.probe.parallel_mlps`, :func:`~intervene.sites.probe.embedding_path`):
    a second pass holds every block's input fixed and perturbs attention's output; the MLP's output
    moving means sequential, staying put means parallel. A third perturbs the token embedding: how
    block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the logits move
@@ -43,13 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene import site_block
-from intervene import site_chain as chain
-from intervene import site_probe as probe
-from intervene import site_residual as residual
 from intervene.errors import UnsupportedModelError
-from intervene.site_chain import Step
-from intervene.site_residual import Gain, in_features, is_linear
+from intervene.sites import block as site_block
+from intervene.sites import chain, probe, residual
+from intervene.sites.chain import Step
+from intervene.sites.residual import Gain, in_features, is_linear
 
 __all__ = ["Discovered", "Gain", "LayerParts", "Step", "config_of", "discover", "in_features", "is_linear"]
 
@@ -67,7 +65,7 @@ class LayerParts:
     ``missing``: ``{"block"|"attn"|"mlp"|"heads"|"attn_proj"|"mlp_proj": why it did not resolve}``;
     ``absent``: the parts among those the block does not have at all (not merely unresolved).
 
-    Blocks resolved step by step (``steps`` non-empty, :class:`~intervene.site_chain.Step`) may also
+    Blocks resolved step by step (``steps`` non-empty, :class:`~intervene.sites.chain.Step`) may also
     have: gains per hidden channel (tuples), each writer's gain being the one at the step that adds
     it; ``resid_gain``, how the block's input reaches its output (``None``: through a norm, ``normed``);
     ``offset``, a constant added besides the writers; ``extra``, further writers (neither attention nor
@@ -217,8 +215,8 @@ def _writers(rec: probe.Record, i: int, block: nn.Module, dtype: torch.dtype,
              call: tuple[tuple, dict] | None = None, h: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
     """``(found, {part: why missing})`` for block ``i``: ``found`` has ``attn`` / ``mlp`` / ``attn_proj`` /
     ``mlp_proj`` and the arithmetic (``gains``, ``post_norm``, and for chains the :class:`LayerParts`
-    fields named alike). The two-writer check first (:mod:`intervene.site_residual`); a block it cannot
-    explain is followed step by step (:mod:`intervene.site_chain`, which re-runs it: ``call``)."""
+    fields named alike). The two-writer check first (:mod:`intervene.sites.residual`); a block it cannot
+    explain is followed step by step (:mod:`intervene.sites.chain`, which re-runs it: ``call``)."""
     x, y = rec.block_in.get(i), rec.block_out.get(i)
     if x is None or y is None:
         why = f"block {i} does not take and return one [batch, seq, hidden] tensor"

@@ -10,7 +10,7 @@ from input to output whose every step is an exact identity on the recorded float
 before adding to it); the writers are submodule outputs that finished before the new state is read,
 that no other submodule transforms, each in its own branch of the block and used once; ``r`` / ``g``
 are constants or per-channel vectors (learned residual gates), ``c`` a per-channel constant (a bias
-added outside the writer, as in GPT-NeoX-Japanese); :mod:`intervene.site_fit` checks each step. Scaled and gated residuals (Beam, Doge, Ergo, Zaya, MiniMax), a third writer
+added outside the writer, as in GPT-NeoX-Japanese); :mod:`intervene.sites.fit` checks each step. Scaled and gated residuals (Beam, Doge, Ergo, Zaya, MiniMax), a third writer
 (Gemma-4's per-layer input, Falcon-H1's Mamba beside attention) and one-writer blocks (Mamba,
 Nemotron-H) all come out as chains; a chain is used only when it is the only one (up to skipped states).
 
@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene import site_probe as probe
-from intervene.site_block import held_rerun, module_mixes, position0_noise
-from intervene.site_fit import Fit, fit_step, gain
-from intervene.site_residual import (
+from intervene.sites import probe
+from intervene.sites.block import held_rerun, module_mixes, position0_noise
+from intervene.sites.fit import Fit, fit_step, gain
+from intervene.sites.residual import (
     Gain,
     Group,
     branch_members,
@@ -303,7 +303,7 @@ def unexplained(rec: probe.Record, i: int, block: nn.Module, found_groups: list[
 def chain_writers(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], x: torch.Tensor,
                   y: torch.Tensor, tol: float, call: tuple[tuple, dict] | None,
                   h: int) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(found, missing)`` for block ``i`` as :func:`intervene.site_discovery._writers` returns them,
+    """``(found, missing)`` for block ``i`` as :func:`intervene.sites.discovery._writers` returns them,
     from its unique chain; the reason in ``missing`` when there is none, or several."""
     chains, pts, gave_up = find_chains(rec, i, block, found_groups, x, y, tol)
     sets = {frozenset(id(g) for _, _, ws, _ in c for g in ws) for c in chains}

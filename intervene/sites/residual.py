@@ -1,12 +1,12 @@
 """What a block writes into its residual stream: the two-writer checks, and helpers shared with
-:mod:`intervene.site_chain`.
+:mod:`intervene.sites.chain`.
 
-Everything here reads one block's float32 re-run (:func:`intervene.site_block.rerun`). Submodules
+Everything here reads one block's float32 re-run (:func:`intervene.sites.block.rerun`). Submodules
 whose outputs are the same values form a :class:`Group`; a *writer* is a group whose output the block
 adds to the residual. :func:`two_writers` is the common case, checked first: two groups (attention
 first) whose outputs add up to ``output - input`` — exactly, or each times a constant (Granite's
 ``residual_multiplier``; the gain is recorded) — or, in a post-LN block, whose outputs are added
-before each of its two norms. Blocks it cannot explain go to :func:`intervene.site_chain.chain_writers`.
+before each of its two norms. Blocks it cannot explain go to :func:`intervene.sites.chain.chain_writers`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene import site_probe as probe
+from intervene.sites import probe
 
 # A gain with which a writer's output (or the residual itself) enters the residual: one constant, or
 # one per hidden channel (Doge's and Ergo's learned residual gates).
@@ -166,7 +166,7 @@ def computes_attention(rec: probe.Record, i: int, block: nn.Module, members: lis
 
 def found_pair(rec: probe.Record, i: int, block: nn.Module, found_groups: list[Group], fit: Fit,
                post_norm: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """The ``found`` / ``missing`` entries (see :func:`intervene.site_discovery._writers`) for one pair."""
+    """The ``found`` / ``missing`` entries (see :func:`intervene.sites.discovery._writers`) for one pair."""
     a, m, gains = fit
     found: dict[str, Any] = {"attn": pick(a, block), "mlp": pick(m, block), "gains": gains, "post_norm": post_norm,
                              "attention": computes_attention(rec, i, block,

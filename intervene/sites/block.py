@@ -1,6 +1,6 @@
-"""One decoder block re-run on its own, in float32: the passes behind :mod:`intervene.site_residual`.
+"""One decoder block re-run on its own, in float32: the passes behind :mod:`intervene.sites.residual`.
 
-:func:`rerun` repeats block ``i``'s call from the model's probe pass (:mod:`intervene.site_probe`) and
+:func:`rerun` repeats block ``i``'s call from the model's probe pass (:mod:`intervene.sites.probe`) and
 records every descendant's residual-shaped input and output, when each was read and finished, and
 which modules were running when a softmax over key positions (attention) was computed.
 :func:`held_rerun` repeats it with chosen modules' inputs replaced, which is how a branch is tested for
@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from intervene.site_probe import (
+from intervene.sites.probe import (
     BATCH,
     PostHook,
     PreHook,

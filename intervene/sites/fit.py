@@ -1,6 +1,6 @@
-"""Exact fits of one residual step: ``target = r * base + Σ g_j * writer_j (+ c)``, for :mod:`intervene.site_chain`.
+"""Exact fits of one residual step: ``target = r * base + Σ g_j * writer_j (+ c)``, for :mod:`intervene.sites.chain`.
 
-The values are one block's float32 re-run (:func:`intervene.site_block.rerun`) in float64, ``[tokens,
+The values are one block's float32 re-run (:func:`intervene.sites.block.rerun`) in float64, ``[tokens,
 hidden]`` after flattening. The simplest form that holds to within the rounding allowance at *every*
 element wins: a plain sum, then constants, then one coefficient per hidden channel (each channel its own
 least-squares fit over the probe's tokens), each without and with a per-channel offset. A fit whose
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from intervene.site_residual import Gain, gain_tensor
+from intervene.sites.residual import Gain, gain_tensor
 
 _SCREEN = 16  # channels tried first in a per-channel fit
 

@@ -1,7 +1,7 @@
 """Architecture-neutral site names resolved to modules: a per-family table, else automatic discovery.
 
 Families in ``FAMILIES`` (or taught with :func:`register_family`) resolve from the table and the config.
-Any other decoder-only causal LM is resolved by :mod:`intervene.site_discovery`, which finds the block
+Any other decoder-only causal LM is resolved by :mod:`intervene.sites.discovery`, which finds the block
 list, the residual writers and the attention output projection and checks them with a probe forward
 pass on first use; what it cannot resolve raises ``SiteError`` / ``UnsupportedModelError`` naming why.
 
@@ -29,7 +29,7 @@ from typing import Any, Literal, cast
 from torch import nn
 
 from intervene.errors import SiteError, UnsupportedModelError
-from intervene.site_discovery import Discovered, LayerParts, config_of, discover, in_features
+from intervene.sites.discovery import Discovered, LayerParts, config_of, discover, in_features
 
 Side = Literal["input", "output"]
 

@@ -1,7 +1,7 @@
-"""The probe forward passes behind :mod:`intervene.site_discovery`: hooks that record, hold and perturb.
+"""The probe forward passes behind :mod:`intervene.sites.discovery`: hooks that record, hold and perturb.
 
 A probe is ``BATCH x SEQ`` low token ids run through the model in eval mode under ``no_grad``. Pass 1
-(:func:`record`) keeps, per block, its input, output and call (which :mod:`intervene.site_block`
+(:func:`record`) keeps, per block, its input, output and call (which :mod:`intervene.sites.block`
 re-runs alone to look inside it), plus the token embedding's output and the logits. Later passes
 (:func:`perturb`) replace every block's input by the one pass 1 saw (so each block sees only its own
 perturbation), add noise to chosen module outputs and record others: :func:`parallel_mlps` and
@@ -97,7 +97,7 @@ def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, 
 @dataclass
 class Record:
     """What a pass saw. Keys of ``out`` / ``inp`` / ``order`` / ``read`` are ``"{block}/{path in block}"``
-    (filled by :func:`intervene.site_block.rerun`; pass 1 records blocks, embeddings and logits only)."""
+    (filled by :func:`intervene.sites.block.rerun`; pass 1 records blocks, embeddings and logits only)."""
 
     block_in: dict[int, torch.Tensor] = field(default_factory=dict)
     block_out: dict[int, torch.Tensor] = field(default_factory=dict)
