@@ -133,6 +133,12 @@ def add_progress_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (including the model-loading one)")
 
 
+def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint-dir`` and ``--resume`` of a training command (intervene.training's checkpoints)."""
+    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+
+
 def progress_of(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False)
 

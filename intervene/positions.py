@@ -276,3 +276,9 @@ def _table(p: Positions) -> tuple[torch.Tensor, torch.Tensor]:
 def expand_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """View a ``[batch, seq]`` mask so it broadcasts against ``like`` (``[batch, seq, ...]``)."""
     return mask.view(*mask.shape, *([1] * (like.ndim - 2)))
+
+
+def at_positions(mask: torch.Tensor | None, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``new`` where ``mask`` (``[batch, seq]``, from ``CallContext.mask``) is set and ``h`` elsewhere;
+    ``new`` itself when ``mask`` is None (every position selected). ``new`` and ``h``: ``[batch, seq, ...]``."""
+    return new if mask is None else torch.where(expand_mask(mask, h), new, h)

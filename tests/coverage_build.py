@@ -62,6 +62,9 @@ _FIXES: dict[str, dict[str, Any]] = {
     "dots3_note_text": dict(head_dim=16),
     "dots3_note": dict(text_config=dict(head_dim=16), vision_config=dict(adapter_in_dim=HIDDEN, adapter_out_dim=HIDDEN),
                        audio_config=dict(adapter_input_size=HIDDEN, adapter_out_dim=HIDDEN)),
+    # RWKV halves the residual every rescale_every blocks in eval mode (6 by default, so never in 2 blocks):
+    # every block here, as in any real checkpoint of 6+ blocks
+    "rwkv": dict(rescale_every=1),
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 16], max_position_embeddings=256),
 }
 
@@ -179,9 +182,12 @@ def tiny_config(model_type: str) -> Any:
     return cfg
 
 
-def build(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` (fp32, eval, eager attention)."""
+def build(model_type: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A tiny random ``AutoModelForCausalLM`` of ``model_type`` (fp32, eval, eager attention); ``overrides``
+    are set on the shrunk config (residual multipliers a test wants away from 1, say)."""
     cfg = tiny_config(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     torch.manual_seed(seed)
     try:
         with warnings.catch_warnings():

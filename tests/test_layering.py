@@ -17,8 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "intervene"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("intervene.errors", "intervene.fileio", "intervene.version", "intervene.hparams",
                     "intervene.autoload", "intervene.htmlpage", "intervene.safeio", "intervene.schemas", "intervene.tensorfile")),
-    ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.site_discovery",
-                                       "intervene.site_probe", "intervene.hooks")),
+    ("core: sites, positions, hooks", ("intervene.positions", "intervene.sites", "intervene.hooks")),
     ("core: interventions", ("intervene.intervention", "intervene.registry")),
     ("core: diffs and baking", ("intervene.cards", "intervene.load_sites", "intervene.diff_format", "intervene.hubio",
                                 "intervene.bake")),

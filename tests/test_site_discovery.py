@@ -12,8 +12,8 @@ import transformers as T
 
 import intervene as iv
 from intervene.bake import bake_with_report
-from intervene.site_discovery import discover
-from intervene.sites import FAMILIES, layer_parts, resolve_site, site_names
+from intervene.sites import FAMILIES, layer_parts, num_layers, resolve_site, site_names
+from intervene.sites.discovery import discover
 from tests.coverage_build import IDS, build
 from tests.tiny_models import CONFIGS, tiny_model
 
@@ -191,9 +191,13 @@ def test_bake_refusals_name_the_reason(model_type: str, site: str, why: str) -> 
 
 
 @pytest.mark.parametrize(("model_type", "site", "why"), [
-    ("mamba", "layers.1.attn", "writes one thing into the residual"),
+    ("zamba", "layers.1.mlp", "reach the residual only through it"),  # the shared transformer feeds Mamba
     ("jetmoe", "layers.1.heads", "is not a Linear layer"),
-    ("doge", "layers.1.mlp", "no two submodule outputs add up"),
+    ("granitemoehybrid", "layers.1.mlp", "split across block_sparse_moe, shared_mlp"),
+    ("longcat_flash", "layers.1.attn", "token mixers after per-position ones"),  # two attention + MLP pairs
+    # reversible: the feed-forward reads attention's output, not the residual, so it moves with the residual
+    # held although it acts per position: not called attention (nor MLP) on that evidence
+    ("reformer", "layers.1.attn", "could not tell whether feed_forward.output.dense mixes tokens"),
 ])
 def test_unresolved_parts_raise_site_error_naming_why(model_type: str, site: str, why: str) -> None:
     model = build(model_type)
@@ -212,8 +216,9 @@ def test_unsupported_structures_raise_naming_why(model_type: str, why: str) -> N
         resolve_site(build(model_type), "layers.0")
 
 
-def test_probe_leaves_the_model_as_it_was() -> None:
-    model = build("cohere").train()  # dropout on: the probe must switch it off and back
+@pytest.mark.parametrize("model_type", ["cohere", "falcon_h1", "mamba"])  # two writers; a chain; one writer
+def test_probe_leaves_the_model_as_it_was(model_type: str) -> None:
+    model = build(model_type).train()  # dropout on: the probe must switch it off and back
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     discover(model)
@@ -286,3 +291,219 @@ def test_bake_through_discovery_in_bf16(model_type: str) -> None:
     with torch.no_grad():
         hooked, got, base = ivm(input_ids=IDS).logits, baked(input_ids=IDS).logits, model(input_ids=IDS).logits
     assert float((got.float() - hooked.float()).abs().max()) < 0.1 * float((hooked.float() - base.float()).abs().max())
+
+
+# ---- blocks followed step by step (intervene/sites/chain.py) --------------------------------------
+# (model_type, block, blocks, attn writer, mlp writer, heads module, heads, extra writers, absent parts); paths
+# hand-read from each family's decoder layer in transformers 5.25
+CHAINED = [
+    ("beam", 1, "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj", (4, 16),
+     (), set()),  # depth-scaled residual: r * sqrt((k-1)/k) + branch / sqrt(k)
+    ("doge", 1, "model.layers", "self_attn.o_proj", "mlp.down_proj", "self_attn.o_proj", (4, 16), (), set()),
+    ("ergo", 1, "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj", (4, 16),
+     (), set()),  # learned per-channel gates on branch and residual
+    ("zaya", 1, "model.layers", "self_attn.o_proj", "mlp", "self_attn.o_proj", (4, 16), (), set()),  # scales + biases
+    ("gpt_neox_japanese", 1, "gpt_neox_japanese.layers", "attention.dense", "mlp.dense_4h_to_h", "attention.dense",
+     (4, 16), (), set()),  # the last layer adds the attention bias outside the attention module
+    ("minimax", 1, "model.layers", "self_attn.out_proj", "mlp", "self_attn.out_proj", (4, 16), (), set()),  # normed
+    ("falcon_h1", 1, "model.layers", "self_attn.o_proj", "feed_forward.down_proj", "self_attn.o_proj", (4, 16),
+     ("mamba.out_proj",), set()),  # Mamba beside attention
+    ("gemma4_text", 1, "model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "self_attn.o_proj",
+     (4, 16), ("post_per_layer_input_norm",), set()),  # the per-layer-input branch after the MLP
+    ("rwkv", 0, "rwkv.blocks", "attention.output", "feed_forward", None, None, (), {"heads"}),  # pre_ln in block 0
+    ("mamba", 1, "backbone.layers", "mixer.out_proj", None, None, None, (), {"mlp", "heads"}),
+    ("mamba2", 1, "backbone.layers", "mixer.out_proj", None, "mixer.out_proj", (8, 16), (), {"mlp"}),
+    ("nemotron_h", 0, "model.layers", "mixer.out_proj", None, "mixer.out_proj", (4, 16), (), {"mlp"}),  # Mamba-2
+    ("nemotron_h", 1, "model.layers", None, "mixer", None, None, (), {"attn", "heads"}),  # MoE only
+    ("nemotron_h", 2, "model.layers", "mixer.o_proj", None, "mixer.o_proj", (4, 16), (), {"mlp"}),  # attention only
+]
+_IDS = [f"{c[0]}-{c[1]}" for c in CHAINED]
+
+
+@pytest.mark.parametrize("case", CHAINED, ids=_IDS)
+def test_chained_structure(case: tuple) -> None:
+    model_type, i, layers, attn, mlp, proj, heads, extra, absent = case
+    model = build(model_type)
+    assert model.config.model_type not in FAMILIES
+    p = layer_parts(model, i)
+    assert (p.attn, p.mlp, p.extra, set(p.absent)) == (attn, mlp, extra, absent)
+    for kind, rel in (("attn", attn), ("mlp", mlp)):
+        if rel is not None:
+            assert resolve_site(model, f"layers.{i}.{kind}").module_path == f"{layers}.{i}.{rel}"
+    if heads is not None:
+        h = resolve_site(model, f"layers.{i}.heads")
+        assert (h.module_path, h.side, h.heads) == (f"{layers}.{i}.{proj}", "input", heads)
+    for kind in absent:  # a part the block does not have: a SiteError that says so, and no such name
+        with pytest.raises(iv.SiteError, match="does not exist"):
+            resolve_site(model, f"layers.{i}.{kind}")
+        assert f"layers.{i}.{kind}" not in site_names(model)
+
+
+@pytest.mark.parametrize("case", CHAINED, ids=_IDS)
+def test_steering_through_chains_is_exact(case: tuple) -> None:
+    model_type, i, layers, attn, mlp, proj, heads, *_ = case
+    model = build(model_type)
+    cases = {f"layers.{i}": (f"{layers}.{i}", "output", 64), f"layers.{i}:input": (f"{layers}.{i}", "input", 64)}
+    if attn is not None:
+        cases[f"layers.{i}.attn"] = (f"{layers}.{i}.{attn}", "output", 64)
+    if mlp is not None:
+        cases[f"layers.{i}.mlp"] = (f"{layers}.{i}.{mlp}", "output", 64)
+    if heads is not None:
+        cases[f"layers.{i}.heads"] = (f"{layers}.{i}.{proj}", "input", heads[0] * heads[1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    for site, (path, side, width) in cases.items():
+        v = torch.randn(width, generator=g)
+        with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
+            got = ivm(input_ids=IDS).logits
+        assert torch.equal(got, _hooked(model, path, side, 1.5 * v)), f"{model_type} {site}"
+        assert not torch.equal(got, base), f"{model_type} {site}: no effect"
+
+
+def _steps(model: torch.nn.Module, i: int) -> list[tuple]:
+    return [(s.target, s.base, s.writers) for s in layer_parts(model, i).steps]
+
+
+def _close(got: float | tuple[float, ...] | None, want: torch.Tensor | float) -> bool:
+    return got is not None and torch.allclose(torch.as_tensor(got, dtype=torch.float64),
+                                              torch.as_tensor(want, dtype=torch.float64).expand(64), rtol=1e-5,
+                                              atol=1e-6)
+
+
+def test_depth_scaled_residual_gains_are_the_sources() -> None:
+    """Beam, block 1 (its adds are the 4th and 5th): r * sqrt((k-1)/k) + branch / sqrt(k)."""
+    s1, s2 = layer_parts(build("beam"), 1).steps
+    assert _close(s1.resid, (3 / 4) ** 0.5) and _close(s1.gains[0], 1 / 4 ** 0.5)
+    assert _close(s2.resid, (4 / 5) ** 0.5) and _close(s2.gains[0], 1 / 5 ** 0.5)
+
+
+def test_per_channel_residual_gains_are_the_parameters() -> None:
+    model = build("doge")  # residual * input_residual + attn; then * post_attention_residual + mlp
+    block = model.model.layers[1]
+    s1, s2 = layer_parts(model, 1).steps
+    assert _close(s1.resid, block.input_residual.detach()) and s1.gains == (1.0,)
+    assert _close(s2.resid, block.post_attention_residual.detach()) and s2.gains == (1.0,)
+    w = build("ergo").model.layers[1].attention_residual_gate.weight.detach().double()  # ErgoResidualGate
+    s1 = layer_parts(build("ergo"), 1).steps[0]
+    assert _close(s1.gains[0], w.sigmoid())
+    assert _close(s1.resid, (1 + w.sigmoid()).sqrt() * torch.exp(-0.5 * torch.nn.functional.softplus(w)))
+
+
+def test_residual_scaling_with_biases_is_gains_and_offset() -> None:
+    model = build("zaya")  # ZayaResidualScaling: (branch + b_h) * s_h + (residual + b_r) * s_r
+    sc = model.model.layers[1].post_attention_residual_scale
+    s_h, b_h, s_r, b_r = (t.detach().double() for t in (sc.hidden_states_scale, sc.hidden_states_bias,
+                                                       sc.residual_scale, sc.residual_bias))
+    s1 = layer_parts(model, 1).steps[0]
+    assert _close(s1.gains[0], s_h) and _close(s1.resid, s_r) and _close(s1.offset, b_h * s_h + b_r * s_r)
+    p = layer_parts(model, 1)
+    assert p.offset and p.resid_gain is not None and not isinstance(p.resid_gain, float)
+
+
+def test_bias_added_outside_the_attention_is_an_offset() -> None:
+    model = build("gpt_neox_japanese")  # only the last layer's attention has dense_bias, added by the block
+    s1, s2 = layer_parts(model, 1).steps
+    assert _close(s1.offset, model.gpt_neox_japanese.layers[1].attention.dense_bias.detach())
+    assert (s1.gains, s1.resid, s2.offset) == ((1.0,), 1.0, None)
+    assert not layer_parts(model, 0).offset and layer_parts(model, 0).steps == ()  # plain: the two-writer check
+
+
+def test_residual_normalised_before_the_add() -> None:
+    """MiniMax: h = a_attn * N1(x) + b_attn * attn; out = a_mlp * N2(h) + b_mlp * mlp."""
+    model = build("minimax", linear_attn_alpha_factor=0.7, linear_attn_beta_factor=1.3, mlp_alpha_factor=0.6,
+                  mlp_beta_factor=1.5)
+    assert _steps(model, 1) == [("post_attention_layernorm:input", "input_layernorm:output", ("self_attn.out_proj",)),
+                                ("output", "post_attention_layernorm:output", ("mlp",))]
+    s1, s2 = layer_parts(model, 1).steps
+    assert _close(s1.resid, 0.7) and _close(s1.gains[0], 1.3) and _close(s2.resid, 0.6) and _close(s2.gains[0], 1.5)
+    p = layer_parts(model, 1)
+    assert p.normed and p.resid_gain is None and _close(p.mlp_gain, 1.5)
+
+
+def test_mamba_beside_attention_is_an_extra_writer() -> None:
+    """Falcon-H1: x + ssm_out * mamba(N(x)) + attn_out * attn(N(x)), then + MLP; both mix tokens, only the
+    attention computes a softmax over keys, so it is .attn."""
+    model = build("falcon_h1", ssm_out_multiplier=0.5, attention_out_multiplier=1.75)
+    assert _steps(model, 1) == [("pre_ff_layernorm:input", "input", ("mamba.out_proj", "self_attn.o_proj")),
+                                ("output", "pre_ff_layernorm:input", ("feed_forward.down_proj",))]
+    p = layer_parts(model, 1)
+    assert _close(p.steps[0].gains[0], 0.5) and _close(p.attn_gain, 1.75) and p.mlp_gain == 1.0
+    assert p.parallel is False and p.mlp_last
+
+
+@pytest.mark.parametrize(("model_type", "why"), [
+    ("zamba", "reach the residual only through it"),  # Zamba has attention and an MLP; they feed Mamba
+    ("granitemoehybrid", "split across"),
+])
+def test_unresolved_is_not_absent(model_type: str, why: str) -> None:
+    p = layer_parts(build(model_type), 1)
+    assert "mlp" not in p.absent and why in p.missing["mlp"]
+    with pytest.raises(iv.SiteError, match="does not resolve"):
+        resolve_site(build(model_type), "layers.1.mlp")
+
+
+@pytest.mark.parametrize(("model_type", "attn", "heads_elsewhere"), [
+    # a chain block (one writer); Zamba's attention runs in the shared transformer, which only feeds the
+    # Mamba mixer, so no block has a heads view of its own
+    ("zamba", "mamba.out_proj", False),
+    ("jamba", "mamba.out_proj", True),  # a two-writer block: Mamba-1 mixer + MLP
+    ("recurrent_gemma", "temporal_block.linear_out", True),  # the RG-LRU recurrent block
+])
+def test_config_attention_heads_do_not_apply_to_a_non_attention_mixer(model_type: str, attn: str,
+                                                                      heads_elsewhere: bool) -> None:
+    """Block 0's token mixer declares no heads and computes no attention while attention runs elsewhere in
+    the model: the config's head count is attention's, so no heads view (it used to be the config's, a guess)."""
+    model = build(model_type)
+    p = layer_parts(model, 0)
+    assert p.attn == attn and p.heads is None and "attention's" in p.missing["heads"]
+    assert "heads" not in p.absent  # the model has attention heads, only not in this branch
+    assert any(layer_parts(model, i).heads for i in range(1, num_layers(model))) == heads_elsewhere
+
+
+@pytest.mark.parametrize(("model_type", "sites", "why"), [
+    ("doge", ["layers.*:input", "layers.*.attn", "layers.*"], "scales its residual per channel"),
+    ("falcon_h1", ["layers.*:input", "layers.*.attn", "layers.*"], "adds mamba.out_proj besides"),
+    ("mamba", ["layers.*:input", "layers.*.attn", "layers.*"], "has no attention and MLP writer pair"),
+])
+def test_residual_ablation_refuses_where_writers_do_not_span_the_residual(model_type: str, sites: list[str],
+                                                                          why: str) -> None:
+    model = build(model_type)
+    abl = iv.DirectionalAblation(_vec(model, "layers.0", 7), sites=sites)
+    with pytest.raises(iv.NotBakeableError, match=why):
+        iv.Intervenable(model, abl, attach=False).bake()
+
+
+def test_constant_after_a_block_with_a_writer_after_the_mlp_refuses() -> None:
+    model = build("gemma4_text")
+    with pytest.raises(iv.NotBakeableError, match="after its MLP"):
+        iv.Intervenable(model, iv.Steering({"layers.1": _vec(model, "layers.1", 0)}), attach=False).bake()
+
+
+@pytest.mark.parametrize(("model_type", "sites"), [
+    ("doge", ["layers.1", "layers.0.attn", "layers.1.mlp", "layers.1.heads"]),  # per-channel residual gains
+    ("falcon_h1", ["layers.1", "layers.0.attn", "layers.1.heads"]),  # a third writer before the MLP
+    ("mamba", ["layers.1", "layers.0.attn", "layers.0:input"]),  # one writer: the constant goes to the mixer
+])
+def test_bake_through_chains_is_exact(model_type: str, sites: list[str], tmp_path) -> None:
+    model = build(model_type)
+    steer = iv.Steering({s: _vec(model, s, i) for i, s in enumerate(sites)}, scale=2.0)
+    delta, effect = _bake_delta(model, steer, tmp_path)
+    assert effect > 1e-2 and delta < 1e-4, f"{model_type}: baked differs from hooked by {delta:.2e}"
+
+
+def test_residual_rescaled_between_blocks() -> None:
+    """RWKV halves the residual every rescale_every blocks in eval mode (every block in this build):
+    layers.0 and layers.1:input are then different points, both steered exactly; a constant at
+    layers.1:input is not one of block 0's writers' biases, so it does not bake."""
+    model = build("rwkv")
+    assert discover(model).between == (0.5,)
+    g = torch.Generator().manual_seed(0)
+    points = {"layers.0": ("rwkv.blocks.0", "output"), "layers.1:input": ("rwkv.blocks.1", "input")}
+    for site, (path, side) in points.items():
+        v = torch.randn(64, generator=g)
+        with iv.Intervenable(model, iv.Steering({site: v})) as ivm, torch.no_grad():
+            got = ivm(input_ids=IDS).logits
+        assert torch.equal(got, _hooked(model, path, side, v)), site
+    with pytest.raises(iv.NotBakeableError, match="multiplies the residual by 0.5 between blocks 0 and 1"):
+        iv.Intervenable(model, iv.Steering({"layers.1:input": torch.randn(64)}), attach=False).bake()

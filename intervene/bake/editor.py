@@ -25,7 +25,9 @@ from intervene.bake.layout import (
     Loc,
     Part,
     get_flag,
+    last_writer,
     layout_of,
+    plain_problem,
     proj_paths,
     set_flag,
     skeleton,
@@ -33,9 +35,10 @@ from intervene.bake.layout import (
 )
 from intervene.bake.records import BakeReport, Op, Plan, Units, Writer
 from intervene.errors import NotBakeableError
-from intervene.site_discovery import config_of
-from intervene.site_probe import input_embeddings, weight_of
 from intervene.sites import hidden_size, num_layers
+from intervene.sites.discovery import config_of
+from intervene.sites.probe import input_embeddings, weight_of
+from intervene.sites.residual import gain_tensor
 
 
 class WeightEditor:
@@ -109,6 +112,10 @@ class WeightEditor:
         if any(self.layout.arithmetic(self.source, i).post_norm for i in range(self.n_layers)):
             raise NotBakeableError(f"{why}: the blocks are post-LN, so the residual stream is a norm's output and no "
                                    "projection of the writers keeps it orthogonal to r")
+        for i in range(self.n_layers):
+            if (problem := plain_problem(self.layout.arithmetic(self.source, i))) is not None:
+                raise NotBakeableError(f"{why}: block {i} {problem}, so projecting its attention and MLP writers "
+                                       "does not keep the residual stream orthogonal to r")
         self._push(Loc("embed"), Op(r, None, 9, why))
         for i in range(self.n_layers):
             for part in ("attn", "mlp"):
@@ -126,16 +133,22 @@ class WeightEditor:
             self._check_width(op, self.hidden)
             key = self._block_of(loc, op)
             if loc.kind == "resid":
-                # the residual after block i is what its last writer added to: fold there (order > 0)
-                parts = self.layout.arithmetic(self.source, key[0])
-                if parts.post_norm:
-                    raise NotBakeableError(f"{op.why}: block {loc.layer} is post-LN, so the residual after it is a "
-                                           "LayerNorm's output, which no writer's bias can shift")
-                if parts.mlp_gain != 1.0 and op.c is not None:  # the block scales the writer's output
-                    op = Op(op.r, op.c / parts.mlp_gain, op.order, op.why, op.seq)
+                key, op = self._last_writer(key[0], op)
             self._out.setdefault(key, []).append(op)
         else:
             self._in.setdefault(self._block_of(loc, op), []).append(op)
+
+    def _last_writer(self, layer: int, op: Op) -> tuple[tuple[int, Part], Op]:
+        """The residual after block ``layer`` is what its last writer added to: ``(that writer, the edit in
+        its units)``. The MLP, or the one branch of a block that has no MLP (a Mamba block)."""
+        parts = self.layout.arithmetic(self.source, layer)
+        part, why = last_writer(parts, layer)
+        if part is None:
+            raise NotBakeableError(f"{op.why}: {why}")
+        gain = parts.attn_gain if part == "attn" else parts.mlp_gain
+        if gain != 1.0 and op.c is not None:  # the block scales the writer's output (per channel, maybe)
+            op = Op(op.r, op.c / gain_tensor(gain, op.c.numel()), op.order, op.why, op.seq)
+        return (layer, part), op
 
     @staticmethod
     def _block_of(loc: Loc, op: Op) -> tuple[int, Part]:
@@ -198,7 +211,9 @@ class WeightEditor:
                 oflag = None if ow is None else self._bias_flag(ow, other)
                 if ow is not None and (ow.bias is not None or oflag is not None):
                     gains = self.layout.arithmetic(self.source, i)
-                    b = b * getattr(gains, f"{part}_gain") / getattr(gains, f"{other}_gain")  # in the partner's units
+                    ratio = gain_tensor(getattr(gains, f"{part}_gain"), b.numel()) / gain_tensor(
+                        getattr(gains, f"{other}_gain"), b.numel())
+                    b = b * ratio.to(b.device)  # in the partner's units
                     shift[opath] = shift[opath] + b if opath in shift else b
                     drop.add(path)
                     units.setdefault(opath, ((i, other), [], []))

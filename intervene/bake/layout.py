@@ -6,7 +6,7 @@ only where we know the block's arithmetic: ``out = x + attn(...) + mlp(...)`` wi
 that vanilla ``from_pretrained`` will load. Families are listed only once checked against their
 ``transformers`` source (5.x) and the property tests; anything else is refused with a reason.
 
-Families without an entry in ``LAYOUTS`` get one derived from :mod:`intervene.site_discovery`,
+Families without an entry in ``LAYOUTS`` get one derived from :mod:`intervene.sites.discovery`,
 whose probe has already checked the arithmetic: the writers sum to ``out - in``, which MLPs read the
 block input (parallel), how block 0's input follows the embedding, and which config flag (a boolean
 ``*bias*`` attribute) creates a projection's bias, found by building the model on the meta device
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from intervene.errors import NotBakeableError, UnsupportedModelError
-from intervene.site_discovery import LayerParts, config_of, discover
 from intervene.sites import Site, block_path, in_table, layer_parts, num_layers
+from intervene.sites.discovery import LayerParts, config_of, discover
 
 Part = Literal["attn", "mlp"]
 
@@ -91,6 +91,36 @@ class Layout:
     def embed_problem(self, model: nn.Module) -> str | None:
         r = self.embed_refusal
         return r(model) if callable(r) else r
+
+
+def plain_problem(parts: LayerParts) -> str | None:
+    """Why block arithmetic is not ``c0 * in + c1 * attn + c2 * mlp`` with constants (``None`` when it is):
+    only such a block keeps the residual orthogonal to a direction both its writers are projected off."""
+    if parts.attn is None or parts.mlp is None:
+        return "has no attention and MLP writer pair"
+    if parts.extra:
+        return f"adds {', '.join(parts.extra)} besides its attention and MLP"
+    if parts.normed or parts.resid_gain is None:
+        return "normalises the residual itself"
+    if parts.offset:
+        return "adds a constant besides its writers"
+    if not all(isinstance(g, float) for g in (parts.attn_gain, parts.mlp_gain, parts.resid_gain)):
+        return "scales its residual per channel"
+    return None
+
+
+def last_writer(parts: LayerParts, layer: int) -> tuple[Part | None, str]:
+    """The writer the residual after block ``layer`` was last added to, whose bias can shift it: the MLP, or
+    the one branch of a block that has no MLP (a Mamba block); else ``(None, why not)``."""
+    if parts.post_norm:
+        return None, (f"block {layer} is post-LN, so the residual after it is a LayerNorm's output, which no "
+                      "writer's bias can shift")
+    if parts.mlp is None and "mlp" in parts.absent and parts.attn is not None and not parts.extra:
+        return "attn", ""
+    if not parts.mlp_last:
+        return None, (f"block {layer} adds {', '.join(parts.extra)} after its MLP, which would also see a constant "
+                      "added at the MLP's output, so no writer's bias shifts only the residual after the block")
+    return "mlp", ""
 
 
 _ATTN_FLAG = {"attn": "attention_bias"}
@@ -166,7 +196,16 @@ def _derive(model: nn.Module) -> Layout:
         offset_why = ("something besides the token embedding (and no position embedding module intervene could "
                       "identify) is added before block 0, so projecting the embedding rows would miss it")
     return Layout(parallel=parallel, bias_flags=_bias_flags(model), pos_embed=found.pos_embed,
-                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts)
+                  embed_refusal=embed_why, embed_gain=found.embed_gain, embed_offset=offset_why, wiring=found.parts,
+                  refusal=_rescale_refusal if any(s != 1.0 for s in found.between) else None)
+
+
+def _rescale_refusal(model: nn.Module) -> str:
+    i, s = next((i, s) for i, s in enumerate(discover(model).between) if s != 1.0)
+    return (f"{type(model).__name__} multiplies the residual by {s:g} between blocks {i} and {i + 1}; a model that "
+            "does so (RWKV in eval mode, every rescale_every blocks) also rescales its own weights in place when it "
+            "changes mode, so the weights it saves depend on the mode it last ran in and a baked copy would not "
+            "reload as hooked")
 
 
 def _bias_flags(model: nn.Module) -> dict[str, str]:
@@ -248,9 +287,21 @@ class Loc:
     order: int = 0
 
 
+class _Writers(dict):
+    """``{part: path}`` of the writers that resolved; looking up one that did not raises why."""
+
+    def __init__(self, found: dict, why: dict[str, str]) -> None:
+        super().__init__(found)
+        self.why = why
+
+    def __missing__(self, part: str) -> str:
+        raise NotBakeableError(self.why.get(part, f"no {part} writer"))
+
+
 def writer_paths(model: nn.Module, layer: int) -> dict[Part, str]:
     """Module paths (on ``model``) of block ``layer``'s attention and MLP writers: what they output is
-    added to the residual. Raises ``NotBakeableError`` where the structure did not resolve."""
+    added to the residual. Looking up one that did not resolve (a Mamba block has no MLP) raises
+    ``NotBakeableError`` saying why."""
     return _paths(model, layer, proj=False, strict=True)
 
 
@@ -264,13 +315,23 @@ def _paths(model: nn.Module, layer: int, proj: bool, strict: bool) -> dict:
     bpath, _ = block_path(model, layer)
     p = layer_parts(model, layer)
     out: dict = {}
+    why: dict[str, str] = {}
     for part in ("attn", "mlp"):
         rel = getattr(p, f"{part}_proj") if proj else getattr(p, part)
         if rel is None and strict:
-            raise NotBakeableError(f"block {layer} of {type(model).__name__}: its {part} writer did not resolve "
-                                   f"({p.missing.get(part, 'unknown')})")
+            why[part] = (f"block {layer} of {type(model).__name__}: its {part} writer did not resolve "
+                         f"({p.missing.get(part, 'unknown')})")
+            continue
         out[part] = None if rel is None else f"{bpath}.{rel}"
-    return out
+    return _Writers(out, why) if strict else out
+
+
+def _between(model: nn.Module, i: int) -> float:
+    """The constant block ``i + 1``'s input is block ``i``'s output times (1.0 for table families)."""
+    if in_table(model):
+        return 1.0
+    between = discover(model).between
+    return between[i] if i < len(between) else 1.0
 
 
 def locate(model: nn.Module, site: Site) -> Loc:
@@ -285,6 +346,10 @@ def locate(model: nn.Module, site: Site) -> Loc:
         if site.module is block:
             if site.side == "output":
                 return Loc("resid", i, order=1)
+            if i > 0 and (s := _between(model, i - 1)) != 1.0:
+                raise NotBakeableError(f"site {site.name!r}: {type(model).__name__} multiplies the residual by {s:g} "
+                                       f"between blocks {i - 1} and {i}, so an edit of block {i}'s input is not one "
+                                       f"of block {i - 1}'s writers; bake at layers.{i - 1} instead")
             return Loc("embed") if i == 0 else Loc("resid", i - 1, order=2)
         if site.side == "output":
             for part, path in _paths(model, i, proj=False, strict=False).items():

@@ -14,7 +14,7 @@ from torch import nn
 
 from intervene.bake.layout import Part
 from intervene.errors import NotBakeableError
-from intervene.site_probe import weight_of
+from intervene.sites.probe import weight_of
 
 op_order = itertools.count()
 

@@ -19,14 +19,21 @@ import random
 from pathlib import Path
 from typing import Any
 
-from intervene.command import add_config_arguments, config_from_args, guard, load_model_args, load_single
+from intervene.command import (
+    add_checkpoint_arguments,
+    add_config_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    config_from_args,
+    guard,
+    load_model_args,
+    load_single,
+)
 from intervene.methods.das.config import DASConfig
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
+    add_model_arguments(p)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -50,9 +57,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     add_config_arguments(p, DASConfig)
     _data_args(p)
-    p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_checkpoint_arguments(p)
+    add_progress_argument(p)
     p.set_defaults(func=guard(_fit))
 
     p = sub.add_parser("eval", help="IIA of a saved DAS on held-out pairs", description='IIA of a saved DAS on held-out pairs.')

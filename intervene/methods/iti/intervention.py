@@ -44,7 +44,7 @@ from intervene.errors import InterventionError
 from intervene.hparams import as_dict, make_config
 from intervene.intervention import Intervention
 from intervene.methods.iti.config import ITIConfig
-from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.positions import CallContext, Positions, PositionsSpec, at_positions
 from intervene.schemas.base import Index, JSONObject, Strict, pair, validate
 from intervene.sites import Site
 from intervene.tensorfile import check_tensor
@@ -175,9 +175,7 @@ class ITI(Intervention):
         if m is False or self._alpha == 0.0:
             return h
         v = self._shift_like(site, h)
-        if m is None:
-            return h + v
-        return torch.where(expand_mask(m, h), h + v, h)
+        return at_positions(m, h + v, h)
 
     # ---- persistence ---------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

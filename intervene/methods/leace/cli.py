@@ -15,15 +15,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.command import add_config_arguments, config_from_args, guard, load_model_args
+from intervene.command import (
+    add_config_arguments,
+    add_model_arguments,
+    config_from_args,
+    guard,
+    load_model_args,
+)
 from intervene.methods.leace.config import ConceptErasureConfig
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="local dir, Hub id, or 'demo'")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    add_model_arguments(p, batch_size=16)
 
 
 def register(subparsers: Any) -> None:

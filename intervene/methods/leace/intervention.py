@@ -21,7 +21,7 @@ import torch
 
 from intervene.errors import InterventionError
 from intervene.intervention import Intervention
-from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.positions import CallContext, Positions, PositionsSpec, at_positions
 from intervene.sites import Site, wildcard_match
 
 Eraser = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (proj_left [D, k], proj_right [k, D], bias [D])
@@ -119,9 +119,7 @@ class ConceptErasure(Intervention):
         delta = x - bias if bias is not None else x
         # LeaceEraser.__call__, term for term: the same order of operations gives the same bits
         new = (x - (delta @ right.mH) @ left.mH).type_as(x).view_as(h)
-        if m is None:
-            return new
-        return torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     # ---- saving --------------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

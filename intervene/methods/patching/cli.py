@@ -19,15 +19,20 @@ import json
 from pathlib import Path
 from typing import Any
 
-from intervene.command import add_config_arguments, config_from_args, guard, load_model_args
+from intervene.command import (
+    add_config_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    config_from_args,
+    guard,
+    load_model_args,
+)
 from intervene.methods.patching.config import SweepConfig, TraceConfig
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a local directory, a Hub id, or 'demo' (the shipped quirky model)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_model_arguments(p)
+    add_progress_argument(p)
 
 
 def register(subparsers: Any) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from intervene.errors import InterventionError
 from intervene.intervention import Intervention
-from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.positions import CallContext, Positions, PositionsSpec, at_positions
 from intervene.sites import Site, wildcard_match
 
 
@@ -175,9 +175,7 @@ class Patch(Intervention):
         if self.heads is not None:
             sel = self._head_mask(h)
             new = torch.where(sel, new, h)
-        if m is None:
-            return new
-        return torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     def _head_mask(self, h: torch.Tensor) -> torch.Tensor:
         """``[n_heads, 1]`` bool: the heads this patch replaces."""
@@ -333,7 +331,7 @@ class Noise(Intervention):
             rows, cols = ((pos == p) & sel).nonzero(as_tuple=True)
             eps[rows, cols] = self.draw(site, n_ids, int(p), tuple(h.shape[2:]))[ids[rows]]
         new = (h.float() + self.scale * eps.to(h.device)).to(h.dtype)
-        return new if m is None else torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     def params(self) -> dict[str, Any]:
         if self.example_ids is not None:

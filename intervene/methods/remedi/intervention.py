@@ -56,7 +56,7 @@ from intervene.methods.remedi.states import (
     tokenize_with_span,
     unwrap,
 )
-from intervene.positions import CallContext, Positions, expand_mask
+from intervene.positions import CallContext, Positions, at_positions
 from intervene.schemas.base import Index, JSONObject, PosInt, Strict, Width, validate
 from intervene.sites import Site, hidden_size
 from intervene.tensorfile import check_tensor
@@ -225,9 +225,7 @@ class Remedi(Intervention):
             return h
         d = st.directions.to(device=h.device, dtype=h.dtype)[ctx.example_index().to(h.device)]  # [batch, hidden]
         new = h + self.alpha * d[:, None, :]
-        if m is None:
-            return new
-        return torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     # ---- per-call edits ------------------------------------------------------------------------
     def set_edit(self, directions: torch.Tensor, entity_positions: Sequence[int | Sequence[int]],

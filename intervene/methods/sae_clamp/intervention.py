@@ -27,7 +27,7 @@ from intervene.errors import InterventionError
 from intervene.features.sae import SAE
 from intervene.intervention import Intervention
 from intervene.methods.steering import Steering
-from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.positions import CallContext, Positions, PositionsSpec, at_positions
 from intervene.schemas.base import Index, PosInt, Strict, Text, Width, validate
 from intervene.sites import Site
 from intervene.tensorfile import check_tensor
@@ -147,9 +147,7 @@ class LatentClamp(Intervention):
         like = flat.new_empty((), dtype=torch.float32)
         delta = (self.cast("values", self._values, like) - z) @ self.cast("dec_w", self._t["dec_w"], like)
         new = (flat.float() + delta).to(h.dtype).view_as(h)
-        if m is None:
-            return new
-        return torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     # ---- persistence -------------------------------------------------------------------------
     def params(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 
 from intervene.errors import InterventionError
 from intervene.intervention import Intervention
-from intervene.positions import CallContext, Positions, PositionsSpec, expand_mask
+from intervene.positions import CallContext, Positions, PositionsSpec, at_positions
 from intervene.schemas.base import Strict, validate
 from intervene.sites import Site, wildcard_match
 from intervene.tensorfile import check_tensor
@@ -170,9 +170,7 @@ class Steering(_PerSite):
         if m is False or self._scale == 0.0:
             return h
         v = self._vec(site, h)
-        if m is None:
-            return h + v
-        return torch.where(expand_mask(m, h), h + v, h)
+        return at_positions(m, h + v, h)
 
     def params(self) -> dict[str, Any]:
         return {"scale": self._scale}
@@ -241,9 +239,7 @@ class DirectionalAblation(_PerSite):
         proj = hf @ flat_r  # [batch, seq]
         coef = proj if self.value is None else proj - self.value
         new = (hf - coef[..., None] * flat_r).view_as(h)
-        if m is None:
-            return new
-        return torch.where(expand_mask(m, h), new, h)
+        return at_positions(m, new, h)
 
     def params(self) -> dict[str, Any]:
         return {"value": self.value}

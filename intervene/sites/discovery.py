@@ -2,34 +2,39 @@
 
 Used by :mod:`intervene.sites` for every ``config.model_type`` that is not in its table. Nothing is
 taken from names alone: candidates come from the module tree, and probe forward passes
-(:mod:`intervene.site_probe`) on a few tokens decide.
+(:mod:`intervene.sites.probe`) on a few tokens decide.
 
 1. **Blocks**: ``ModuleList`` s inside ``get_decoder()`` (else the whole model) whose elements are the
    classes named in ``_no_split_modules``, ``GradientCheckpointingLayer`` subclasses, or as many as
    ``num_hidden_layers``; the best-ranked one that runs on text. Checked: each block runs once, and
-   block ``i``'s output is block ``i+1``'s input.
-2. **Residual writers**: for block ``i``, the two submodules (attention first) whose outputs add up to
-   ``output - input`` — exactly, or each times a constant (Granite's ``residual_multiplier``; the gain
-   is recorded) — or, in a post-LN block, whose outputs are added before each of its two norms. Among
-   modules with the same output the last Linear-like one is named (``self_attn.o_proj`` rather than
-   ``self_attn``), else the outermost (a whole MoE block). A writer that is not Linear-like (a
-   post-norm) gets a *projection*: the Linear whose output it reads.
+   block ``i``'s output is block ``i+1``'s input (or a constant times it: RWKV halves the residual every
+   ``rescale_every`` blocks; recorded in ``Discovered.between``).
+2. **Residual writers** (:mod:`intervene.sites.residual`): for block ``i``, the two submodules (attention
+   first) whose outputs add up to ``output - input`` — exactly, or each times a constant (Granite's
+   ``residual_multiplier``; the gain is recorded) — or, in a post-LN block, whose outputs are added
+   before each of its two norms. Among modules with the same output the last Linear-like one is named
+   (``self_attn.o_proj`` rather than ``self_attn``), else the outermost (a whole MoE block). A writer
+   that is not Linear-like (a post-norm) gets a *projection*: the Linear whose output it reads.
+   Blocks this cannot explain are followed step by step (:mod:`intervene.sites.chain`): residuals
+   scaled or gated by constants or per-channel vectors, a third writer, one writer; attention and MLP
+   are then told apart by measurement (does the branch mix tokens; does it compute attention).
 3. **Heads**: the attention projection's input, ``in_features = n_heads * head_dim``, with ``n_heads``
-   from the attention module or the (per-layer) config, used only when it divides exactly.
-4. **Wiring** (:func:`intervene.site_probe.parallel_mlps`, :func:`~intervene.site_probe.embedding_path`):
+   from the attention module or the (per-layer) config, used only when it divides exactly; *absent*
+   when neither declares any head count (RWKV-4, Mamba-1: their mixers have no heads).
+4. **Wiring** (:func:`intervene.sites.probe.parallel_mlps`, :func:`~intervene.sites.probe.embedding_path`):
    a second pass holds every block's input fixed and perturbs attention's output; the MLP's output
    moving means sequential, staying put means parallel. A third perturbs the token embedding: how
    block 0's input follows gives ``embed_gain`` (``None`` through a norm, or when the logits move
    too, i.e. the embedding feeds more than block 0).
 
 What cannot be resolved is recorded per block with the reason (``LayerParts.missing``), which
-:mod:`intervene.sites` raises as ``SiteError`` for the sites that need it; a block list that fails the
-checks raises ``UnsupportedModelError``.
+:mod:`intervene.sites` raises as ``SiteError`` for the sites that need it; parts the block provably
+does not have (no MLP in a Mamba block) are marked ``LayerParts.absent`` besides. A block list that
+fails the checks raises ``UnsupportedModelError``.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,8 +43,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from intervene import site_probe as probe
 from intervene.errors import UnsupportedModelError
+from intervene.sites import block as site_block
+from intervene.sites import chain, probe, residual
+from intervene.sites.chain import Step
+from intervene.sites.residual import Gain, in_features, is_linear
+
+__all__ = ["Discovered", "Gain", "LayerParts", "Step", "config_of", "discover", "in_features", "is_linear"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,14 @@ class LayerParts:
     the Linear-like module producing that value before any post-norm (the writer itself when there is
     none); ``attn_proj``'s input is the heads site. ``heads``: ``(n_heads, head_dim)`` of that input.
     ``parallel``: the MLP reads the block input rather than input + attention (``None``: unknown).
-    ``missing``: ``{"block"|"attn"|"mlp"|"heads"|"attn_proj"|"mlp_proj": why it did not resolve}``.
+    ``missing``: ``{"block"|"attn"|"mlp"|"heads"|"attn_proj"|"mlp_proj": why it did not resolve}``;
+    ``absent``: the parts among those the block does not have at all (not merely unresolved).
+
+    Blocks resolved step by step (``steps`` non-empty, :class:`~intervene.sites.chain.Step`) may also
+    have: gains per hidden channel (tuples), each writer's gain being the one at the step that adds
+    it; ``resid_gain``, how the block's input reaches its output (``None``: through a norm, ``normed``);
+    ``offset``, a constant added besides the writers; ``extra``, further writers (neither attention nor
+    the MLP); ``mlp_last``: nothing is added after the MLP.
     """
 
     attn: str | None = None
@@ -61,10 +78,25 @@ class LayerParts:
     mlp_proj: str | None = None
     heads: tuple[int, int] | None = None
     parallel: bool | None = None
-    attn_gain: float = 1.0
-    mlp_gain: float = 1.0
+    attn_gain: Gain = 1.0
+    mlp_gain: Gain = 1.0
     post_norm: bool = False
     missing: Mapping[str, str] = field(default_factory=dict)
+    absent: frozenset[str] = frozenset()
+    resid_gain: Gain | None = 1.0
+    offset: bool = False
+    extra: tuple[str, ...] = ()
+    normed: bool = False
+    mlp_last: bool = True
+    steps: tuple[Step, ...] = ()
+
+    @property
+    def plain(self) -> bool:
+        """``out = c0 * in + c1 * attn + c2 * mlp`` with constants and nothing else (what projecting the
+        residual stream through its writers needs)."""
+        gains = (self.attn_gain, self.mlp_gain, self.resid_gain)
+        return (self.attn is not None and self.mlp is not None and not self.post_norm and not self.normed
+                and not self.offset and not self.extra and all(isinstance(g, float) for g in gains))
 
 
 @dataclass(frozen=True)
@@ -76,6 +108,8 @@ class Discovered:
     embedding's own scale times any multiplier after it; ``None``: not linearly, e.g. through a norm,
     or the embedding also feeds something besides block 0). ``pos_embed``: a learned position
     embedding added before block 0, if any; ``embed_offset``: something else (unidentified) is.
+    ``between[i]``: block ``i + 1``'s input is block ``i``'s output times this (1.0 but for models that
+    rescale the residual between blocks: then ``layers.{i}`` and ``layers.{i+1}:input`` differ by it).
     """
 
     layers: str
@@ -84,6 +118,7 @@ class Discovered:
     embed_gain: float | None = None
     pos_embed: str | None = None
     embed_offset: bool = False
+    between: tuple[float, ...] = ()
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, Discovered] = weakref.WeakKeyDictionary()
@@ -101,27 +136,6 @@ def discover(model: nn.Module) -> Discovered:
 
 
 # ---- small helpers ------------------------------------------------------------------------------
-def is_linear(module: nn.Module) -> bool:
-    """``nn.Linear``, GPT-2's ``Conv1D``, or anything with a 2-D weight and an ``in_features``."""
-    if isinstance(module, nn.Linear):
-        return True
-    w = getattr(module, "weight", None)
-    if not isinstance(w, torch.Tensor) or w.ndim != 2:
-        return False
-    return type(module).__name__ == "Conv1D" or isinstance(getattr(module, "in_features", None), int)
-
-
-def in_features(module: nn.Module) -> int | None:
-    """Width of a Linear-like module's input (GPT-2's ``Conv1D`` stores its weight as ``[in, out]``)."""
-    n = getattr(module, "in_features", None)
-    if isinstance(n, int):
-        return int(n)
-    w = getattr(module, "weight", None)
-    if isinstance(w, torch.Tensor) and w.ndim == 2 and type(module).__name__ == "Conv1D":
-        return int(w.shape[0])
-    return None
-
-
 def config_of(model: nn.Module) -> Any:
     """``model.config`` (a ``transformers`` config: any attributes, so ``Any``). ``nn.Module.__getattr__``
     types every attribute as ``Tensor | Module``; this is the one place that says otherwise. Raises
@@ -197,106 +211,25 @@ def _pick_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 # ---- 2. residual writers ------------------------------------------------------------------------
-@dataclass
-class _Group:
-    """Submodules of one block whose outputs are the same tensor values."""
-
-    value: torch.Tensor
-    members: list[str]
-    order: int
-
-
-def _groups(rec: probe.Record, i: int, block: nn.Module) -> list[_Group]:
-    groups: list[_Group] = []
-    rels = [r for r, _ in block.named_modules() if r and f"{i}/{r}" in rec.out]
-    for rel in sorted(rels, key=lambda r: rec.order[f"{i}/{r}"]):
-        v = rec.out[f"{i}/{rel}"]
-        g = next((g for g in groups if torch.equal(g.value, v)), None)
-        if g is None:
-            groups.append(_Group(v, [rel], rec.order[f"{i}/{rel}"]))
-        else:
-            g.members.append(rel)
-    return groups
-
-
-def _pick(g: _Group, block: nn.Module) -> str:
-    """The name for a group: its last Linear-like member, else its outermost (an MoE block, say)."""
-    lin = [r for r in g.members if is_linear(block.get_submodule(r))]
-    return lin[-1] if lin else min(g.members, key=lambda r: r.count("."))
-
-
-def _fit(target: torch.Tensor, a: torch.Tensor, m: torch.Tensor, tol: float) -> tuple[float, float] | None:
-    """Constants ``(α, β)`` with ``target = α a + β m`` to within ``tol``, else ``None`` (1.0 when exact)."""
-    if float((target - a - m).abs().max()) <= tol:
-        return 1.0, 1.0
-    basis = torch.stack([a.reshape(-1), m.reshape(-1)], 1)
-    coef = torch.linalg.lstsq(basis, target.reshape(-1, 1)).solution[:, 0]
-    if float((basis @ coef - target.reshape(-1)).abs().max()) > tol or bool((coef.abs() < 1e-3).any()):
-        return None
-    return float(coef[0]), float(coef[1])
-
-
-def _writers(rec: probe.Record, i: int, block: nn.Module, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, str]]:
-    """``({"attn", "mlp", "attn_proj", "mlp_proj", "gains", "post_norm"}, {part: why missing})`` for block ``i``."""
+def _writers(rec: probe.Record, i: int, block: nn.Module, dtype: torch.dtype,
+             call: tuple[tuple, dict] | None = None, h: int = 0) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(found, {part: why missing})`` for block ``i``: ``found`` has ``attn`` / ``mlp`` / ``attn_proj`` /
+    ``mlp_proj`` and the arithmetic (``gains``, ``post_norm``, and for chains the :class:`LayerParts`
+    fields named alike). The two-writer check first (:mod:`intervene.sites.residual`); a block it cannot
+    explain is followed step by step (:mod:`intervene.sites.chain`, which re-runs it: ``call``)."""
     x, y = rec.block_in.get(i), rec.block_out.get(i)
     if x is None or y is None:
         why = f"block {i} does not take and return one [batch, seq, hidden] tensor"
         return {}, {"attn": why, "mlp": why}
-    groups = [g for g in _groups(rec, i, block) if g.value.shape == x.shape]
-    tol = probe.tol(x, y, *(g.value for g in groups), dtype=dtype)
-    live = [g for g in groups if float(g.value.abs().max()) > 100 * tol]  # a writer must be visible
-    # the two writers live in different children of the block: two halves of one MoE are not attn + MLP
-    pairs = [(a, m) for a, m in itertools.combinations(live, 2) if _top(_pick(a, block)) != _top(_pick(m, block))]
-    fits = [(a, m, gains) for a, m in pairs if (gains := _fit(y - x, a.value, m.value, tol)) is not None]
-    post_norm = False
-    if not fits:
-        fits, post_norm = _post_ln(rec, i, block, x, y, groups, tol), True
-    if len(fits) != 1:
-        single = [g for g in live if float((y - x - g.value).abs().max()) <= tol]
-        why = (f"block {i} writes one thing into the residual ({_pick(single[0], block)}); attention and MLP "
-               "sites need two" if single else
-               f"block {i}: several pairs of submodules add up to its output minus its input" if fits else
-               f"block {i}: no two submodule outputs add up to its output minus its input (the residual itself "
-               "is scaled or gated, or more than two branches write it)")
+    found_groups = [g for g in residual.groups(rec, i, block) if g.value.shape == x.shape]
+    tol = probe.tol(x, y, *(g.value for g in found_groups), dtype=dtype)
+    fits, post_norm = residual.two_writers(rec, i, block, x, y, found_groups, tol)
+    if len(fits) == 1:
+        return residual.found_pair(rec, i, block, found_groups, fits[0], post_norm)
+    if fits:
+        why = f"block {i}: several pairs of submodules add up to its output minus its input"
         return {}, {"attn": why, "mlp": why}
-    a, m, gains = fits[0]
-    found: dict[str, Any] = {"attn": _pick(a, block), "mlp": _pick(m, block), "gains": gains, "post_norm": post_norm}
-    missing: dict[str, str] = {}
-    for part in ("attn", "mlp"):
-        writer = block.get_submodule(found[part])
-        if is_linear(writer):
-            found[f"{part}_proj"] = found[part]
-            continue
-        win = rec.inp.get(f"{i}/{found[part]}")
-        src = next((g for g in groups if win is not None and torch.equal(g.value, win)), None)
-        lin = [r for r in (src.members if src else []) if is_linear(block.get_submodule(r))]
-        if lin:
-            found[f"{part}_proj"] = lin[-1]  # a post-norm (or short conv): the projection whose output it reads
-        else:
-            missing[f"{part}_proj"] = (f"{found[part]} ({type(writer).__name__}) is not a Linear layer and reads "
-                                       "no Linear layer's output")
-    return found, missing
-
-
-def _top(rel: str) -> str:
-    return rel.split(".", 1)[0]
-
-
-def _post_ln(rec: probe.Record, i: int, block: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: list[_Group],
-             tol: float) -> list[tuple[_Group, _Group, tuple[float, float]]]:
-    """Post-LN writer pairs: a norm ``N2`` outputs ``y`` and reads ``N1(x + a) + m``; ``N1`` reads ``x + a``."""
-    fits = []
-    for n2, n2_in in ((r, rec.inp.get(f"{i}/{r}")) for r, _ in block.named_modules() if r):
-        if n2_in is None or n2_in.shape != y.shape or not torch.equal(rec.out.get(f"{i}/{n2}", x[:0]), y):
-            continue
-        for g1 in groups:
-            m = next((g for g in groups if g is not g1 and float((n2_in - g1.value - g.value).abs().max()) <= tol),
-                     None)
-            n1_in = [rec.inp[k] for r in g1.members if (k := f"{i}/{r}") in rec.inp and rec.inp[k].shape == x.shape]
-            a = next((g for g in groups for u in n1_in if float((u - x - g.value).abs().max()) <= tol), None)
-            if m is not None and a is not None and a.order < m.order:
-                fits.append((a, m, (1.0, 1.0)))
-    return fits[:1] if fits and all(f[:2] == fits[0][:2] for f in fits) else fits
+    return chain.chain_writers(rec, i, block, found_groups, x, y, tol, call, h)
 
 
 # ---- 3. heads -----------------------------------------------------------------------------------
@@ -313,11 +246,16 @@ def _layer_config(model: nn.Module, i: int) -> Any:
         return cfg
 
 
-def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple[int, int] | None, str]:
-    """``(n_heads, head_dim)`` of ``proj``'s input (the attention module's own count wins over the config)."""
+def _heads(model: nn.Module, block: nn.Module, i: int, proj: str,
+           from_config: bool = True) -> tuple[tuple[int, int] | None, str, bool]:
+    """``((n_heads, head_dim), "", False)`` of ``proj``'s input (the attention module's own count wins over
+    the config), else ``(None, why, absent)``: ``absent`` when neither declares any head count at all.
+
+    ``from_config=False``: attention was seen in the model but not in this branch (a Mamba mixer in a
+    hybrid stack), so the config's *attention* head count says nothing about it; only its own module's."""
     width = in_features(block.get_submodule(proj))
     if width is None:
-        return None, f"{proj} has no in_features"
+        return None, f"{proj} has no in_features", False
     owners = [block.get_submodule(proj.rsplit(".", k)[0]) for k in range(1, proj.count(".") + 1)] + [block]
     n_mod = next((n for m in owners if (n := _cfg_int(m, _N_HEADS)) is not None), None)
     hd_mod = next((d for m in owners if (d := _cfg_int(m, _HEAD_DIM)) is not None), None)
@@ -325,14 +263,31 @@ def _heads(model: nn.Module, block: nn.Module, i: int, proj: str) -> tuple[tuple
     per_layer = getattr(lcfg, "num_attention_heads_per_layer", None)
     n_cfg = per_layer[i] if isinstance(per_layer, (list, tuple)) and len(per_layer) > i else \
         _cfg_int(lcfg, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
+    if not from_config and n_mod is None and hd_mod is None and n_cfg is not None:
+        return None, (f"{proj}'s module declares no head count, and the config's ({n_cfg}) is attention's: this "
+                      "branch computes no attention"), False
+    n_cfg = n_cfg if from_config else None
     if n_mod and width % n_mod == 0:
-        return (n_mod, width // n_mod), ""
+        return (n_mod, width // n_mod), "", False
     if n_cfg and width % n_cfg == 0 and (hd_mod is None or width // n_cfg == hd_mod):
-        return (n_cfg, width // n_cfg), ""
+        return (n_cfg, width // n_cfg), "", False
     if n_mod is None and n_cfg is None and hd_mod and width % hd_mod == 0:
-        return (width // hd_mod, hd_mod), ""
+        return (width // hd_mod, hd_mod), "", False
+    if n_mod is None and n_cfg is None and hd_mod is None and not _declares_heads(lcfg):
+        return None, (f"{proj}'s input has no heads: neither its module nor the config declares a head count or "
+                      f"head size (the architecture's mixer has no heads)"), True
     return None, (f"{proj} takes {width} inputs, which is not n_heads x head_dim for n_heads {n_mod or n_cfg} / "
-                  f"head_dim {hd_mod} (from the attention module and config)")
+                  f"head_dim {hd_mod} (from the attention module and config)"), False
+
+
+def _declares_heads(cfg: Any) -> bool:
+    """Whether a config names any head count or size (a per-layer one included)."""
+    names = _N_HEADS + _HEAD_DIM + ("num_attention_heads_per_layer", "num_key_value_heads", "n_head_kv")
+    try:
+        keys = set(cfg.to_dict())
+    except Exception:  # noqa: BLE001 - not a transformers config: judge by attributes
+        keys = {n for n in names if hasattr(cfg, n)}
+    return any(n in keys for n in names)
 
 
 # ---- putting it together -------------------------------------------------------------------------
@@ -356,7 +311,7 @@ def _discover(model: nn.Module) -> Discovered:
         raise UnsupportedModelError(f"{name}: the self-check forward pass on {probe.BATCH}x{probe.SEQ} token ids "
                                     f"failed ({type(e).__name__}: {e})") from e
     dtype = next(iter(rec.raw_in.values())).dtype if rec.raw_in else torch.float32
-    why_out = _check_chain(name, path, rec, len(blocks), dtype)
+    why_out, between = _check_chain(name, path, rec, len(blocks), dtype)
     found, missing = [], []
     for i, block in enumerate(blocks):
         f, m = _analyse(rec, i, block, h, dtype) if i not in why_out else ({}, {})
@@ -366,26 +321,41 @@ def _discover(model: nn.Module) -> Discovered:
         found.append(f)
         missing.append(m)
     try:
-        writers = [(f["attn"], f["mlp"]) if "attn" in f else None for f in found]
+        writers = [(f["attn"], f["mlp"]) if f.get("attn") and f.get("mlp") else None for f in found]
         parallel = probe.parallel_mlps(model, blocks, rec, writers, h)
         gain, pos, offset = probe.embedding_path(model, blocks, rec, emb, h)
     except Exception as e:
         raise UnsupportedModelError(f"{name}: the self-check's later passes (block inputs held fixed) failed "
                                     f"({type(e).__name__}: {e})") from e
-    parts = []
-    for i, block in enumerate(blocks):
-        f, m = found[i], missing[i]
-        heads = None
-        if "attn_proj" in f:
-            heads, why = _heads(model, block, i, f["attn_proj"])
-            if heads is None:
-                m["heads"] = why
-        else:
-            m.setdefault("heads", m.get("attn_proj") or m.get("attn") or "no attention output projection")
-        gains = f.get("gains", (1.0, 1.0))
-        parts.append(LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads,
-                                parallel[i], gains[0], gains[1], f.get("post_norm", False), m))
-    return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset)
+    # where attention is seen (eager or SDPA attention) in some block, a branch seen computing none is not
+    # attention, so the config's attention head count says nothing about it (Jamba's Mamba-1 layers);
+    # where it is seen nowhere (a fused kernel), nothing is known and the config applies as before
+    visible = any(f.get("attention_seen") for f in found)
+    parts = [_parts(model, block, i, found[i], missing[i], parallel[i], visible) for i, block in enumerate(blocks)]
+    return Discovered(path, tuple(parts), names.get(id(emb)), gain, pos, offset, between)
+
+
+def _parts(model: nn.Module, block: nn.Module, i: int, f: dict[str, Any], m: dict[str, str],
+           parallel: bool | None, attention_visible: bool) -> LayerParts:
+    """Block ``i``'s :class:`LayerParts` from what :func:`_writers` found, with its heads (the config's
+    attention head count used unless attention is seen elsewhere in the model but not in this branch)."""
+    heads = None
+    absent = set(f.get("absent", ()))
+    if "attn_proj" in f:
+        heads, why, none = _heads(model, block, i, f["attn_proj"], f.get("attention", True) or not attention_visible)
+        if heads is None:
+            m["heads"] = why
+            if none:
+                absent.add("heads")
+    else:
+        m.setdefault("heads", m.get("attn_proj") or m.get("attn") or "no attention output projection")
+        if "attn" in absent:
+            absent.add("heads")
+    gains = f.get("gains", (1.0, 1.0))
+    return LayerParts(f.get("attn"), f.get("mlp"), f.get("attn_proj"), f.get("mlp_proj"), heads, parallel, gains[0],
+                      gains[1], f.get("post_norm", False), m, frozenset(absent), f.get("resid_gain", 1.0),
+                      f.get("offset", False), f.get("extra", ()), f.get("normed", False), f.get("mlp_last", True),
+                      f.get("steps", ()))
 
 
 def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
@@ -395,7 +365,8 @@ def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
         return {}, {"block": f"block {i} was not called with a [batch, seq, hidden] input"}
     try:
         # the clone of its input taken before it ran: a block may have added into that tensor in place
-        again = probe.rerun(block, i, probe.replace_input(*rec.args[i], rec.raw_in[i]), h)
+        call = probe.replace_input(*rec.args[i], rec.raw_in[i])
+        again = site_block.rerun(block, i, call, h)
     except Exception as e:  # noqa: BLE001 - a block that cannot run on its own is reported, not guessed at
         why = f"block {i} cannot be re-run on its own for the self-check ({type(e).__name__}: {e})"
         return {}, {"attn": why, "mlp": why}
@@ -404,13 +375,18 @@ def _analyse(rec: probe.Record, i: int, block: nn.Module, h: int,
             float((a - b).abs().max()) > 0.05 * float(b.abs().max()) + probe.tol(b, dtype=dtype):
         why = f"block {i} run again on its own does not reproduce its output (it depends on state from the pass)"
         return {}, {"attn": why, "mlp": why}
-    return _writers(again, i, block, torch.float32)
+    found, missing = _writers(again, i, block, torch.float32, call, h)
+    found["attention_seen"] = bool(again.attention)  # anywhere in the block (Zamba's shared transformer)
+    return found, missing
 
 
-def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.dtype) -> dict[int, str]:
-    """``{block: why it is out}`` for blocks that did not run exactly once.
+def _check_chain(name: str, path: str, rec: probe.Record, n: int,
+                 dtype: torch.dtype) -> tuple[dict[int, str], tuple[float, ...]]:
+    """``({block: why it is out}, between)`` for blocks that did not run exactly once; ``between[i]``: the
+    constant block ``i + 1``'s input is block ``i``'s output times (1.0 but where the model rescales the
+    residual between blocks, as RWKV does every ``rescale_every`` blocks in eval mode).
 
-    Raises ``UnsupportedModelError`` when block ``i``'s output is not block ``i+1``'s input.
+    Raises ``UnsupportedModelError`` when block ``i+1``'s input is not a constant times block ``i``'s output.
     """
     out: dict[int, str] = {}
     for i in range(n):
@@ -422,6 +398,7 @@ def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.d
     if len(out) == n:
         raise UnsupportedModelError(f"{name}: no block of {path} ran exactly once during the self-check forward "
                                     f"pass ({out[0]})")
+    between = [1.0] * max(n - 1, 0)
     for i in range(n - 1):
         if i not in out and i + 1 not in out:
             a, b = rec.block_out.get(i), rec.block_in.get(i + 1)
@@ -429,8 +406,13 @@ def _check_chain(name: str, path: str, rec: probe.Record, n: int, dtype: torch.d
                 raise UnsupportedModelError(
                     f"{name}: {path}.{i} does not pass one [batch, seq, hidden] tensor to {path}.{i + 1} (several "
                     "residual streams, as with hyper-connections or AltUp, or a sequence-first layout)")
-            if a.shape != b.shape or float((a - b).abs().max()) > probe.tol(a, b, dtype=dtype):
+            if a.shape == b.shape and float((a - b).abs().max()) <= probe.tol(a, b, dtype=dtype):
+                continue
+            s = probe.scalar(b, a, dtype) if a.shape == b.shape else None
+            if s is None:
                 raise UnsupportedModelError(
-                    f"{name}: {path}.{i}'s output is not {path}.{i + 1}'s input, so {path} is not one residual "
-                    "stream (something runs between blocks, or the blocks do not return the hidden state first)")
-    return out
+                    f"{name}: {path}.{i}'s output is not (a constant times) {path}.{i + 1}'s input, so {path} is "
+                    "not one residual stream (something runs between blocks, or the blocks do not return the "
+                    "hidden state first)")
+            between[i] = s
+    return out, tuple(between)

@@ -1,7 +1,7 @@
 """Architecture-neutral site names resolved to modules: a per-family table, else automatic discovery.
 
 Families in ``FAMILIES`` (or taught with :func:`register_family`) resolve from the table and the config.
-Any other decoder-only causal LM is resolved by :mod:`intervene.site_discovery`, which finds the block
+Any other decoder-only causal LM is resolved by :mod:`intervene.sites.discovery`, which finds the block
 list, the residual writers and the attention output projection and checks them with a probe forward
 pass on first use; what it cannot resolve raises ``SiteError`` / ``UnsupportedModelError`` naming why.
 
@@ -9,7 +9,10 @@ Names (docs/architecture.md):
 
 * ``layers.{i}`` — output of decoder block ``i`` (the residual stream after it);
   ``layers.{i}:input`` — its input.
-* ``layers.{i}.attn`` / ``layers.{i}.mlp`` — what attention / the MLP write into the residual.
+* ``layers.{i}.attn`` / ``layers.{i}.mlp`` — what attention / the MLP write into the residual. ``attn`` is
+  the block's token-mixing branch: attention, or in a state-space / recurrent layer the mixer in its
+  place (a Mamba layer's ``mixer``); ``mlp`` the branch acting on each position alone. A part a block
+  does not have (no MLP in a Mamba block) raises ``SiteError`` saying so.
 * ``layers.{i}.heads`` — the input of the attention output projection viewed as
   ``[..., n_heads, head_dim]`` (exact under grouped-query attention: it is after attention).
 * any module path (``model.layers.3.self_attn.o_proj``) with an optional ``:input`` / ``:output``.
@@ -26,7 +29,7 @@ from typing import Any, Literal, cast
 from torch import nn
 
 from intervene.errors import SiteError, UnsupportedModelError
-from intervene.site_discovery import Discovered, LayerParts, config_of, discover, in_features
+from intervene.sites.discovery import Discovered, LayerParts, config_of, discover, in_features
 
 Side = Literal["input", "output"]
 
@@ -230,6 +233,9 @@ def _resolve_canonical(model: nn.Module, name: str, m: re.Match) -> Site:
         raise SiteError(_unknown_message(model, name))
     parts = layer_parts(model, layer)
     part = m.group(3) or "block"
+    if part in parts.absent:
+        raise SiteError(f"site {name!r} does not exist on {type(model).__name__}: {parts.missing[part]}; the "
+                        "architecture has no such part in this block (other blocks may: see site_names())")
     if part in parts.missing:
         raise SiteError(f"site {name!r} does not resolve on {type(model).__name__}: {parts.missing[part]}. Use a "
                         "raw module path instead, or teach the structure with intervene.register_family()")

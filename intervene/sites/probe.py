@@ -1,8 +1,8 @@
-"""The probe forward passes behind :mod:`intervene.site_discovery`: hooks that record, hold and perturb.
+"""The probe forward passes behind :mod:`intervene.sites.discovery`: hooks that record, hold and perturb.
 
 A probe is ``BATCH x SEQ`` low token ids run through the model in eval mode under ``no_grad``. Pass 1
-(:func:`record`) keeps, per block, its input and output and every descendant's input and output that
-has the residual's shape, plus the token embedding's output and the logits. Later passes
+(:func:`record`) keeps, per block, its input, output and call (which :mod:`intervene.sites.block`
+re-runs alone to look inside it), plus the token embedding's output and the logits. Later passes
 (:func:`perturb`) replace every block's input by the one pass 1 saw (so each block sees only its own
 perturbation), add noise to chosen module outputs and record others: :func:`parallel_mlps` and
 :func:`embedding_path` turn them into wiring facts. Activations are kept as float64
@@ -12,7 +12,6 @@ perturbation), add noise to chosen module outputs and record others: :func:`para
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -97,8 +96,8 @@ def replace_input(args: tuple, kwargs: dict, new: torch.Tensor) -> tuple[tuple, 
 
 @dataclass
 class Record:
-    """What a pass saw. Keys of ``out`` / ``inp`` / ``order`` are ``"{block}/{path in block}"`` (filled by
-    :func:`rerun`; pass 1 records blocks, embeddings and logits only)."""
+    """What a pass saw. Keys of ``out`` / ``inp`` / ``order`` / ``read`` are ``"{block}/{path in block}"``
+    (filled by :func:`intervene.sites.block.rerun`; pass 1 records blocks, embeddings and logits only)."""
 
     block_in: dict[int, torch.Tensor] = field(default_factory=dict)
     block_out: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -108,13 +107,17 @@ class Record:
     out: dict[str, torch.Tensor] = field(default_factory=dict)
     inp: dict[str, torch.Tensor] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)  # when each module's forward finished
+    read: dict[str, int] = field(default_factory=dict)  # when it started (same clock as ``order``)
+    attention: set[str] = field(default_factory=set)  # modules running during an attention softmax
+    combines: set[str] = field(default_factory=set)  # modules called with two residual-shaped tensors
+    sub_args: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # each descendant's first call
     embed_out: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # other embeddings' outputs (positions)
     logits: torch.Tensor | None = None
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) for the probe, restoring each module's own flag afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -148,7 +151,7 @@ def run(model: nn.Module, hooks: list[Hook]) -> torch.Tensor | None:
         params = inspect.signature(model.forward).parameters
         if "use_cache" in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
             kw["use_cache"] = False
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             out = model(**kw)
         logits = getattr(out, "logits", None)
         if not isinstance(logits, torch.Tensor):  # a bare base model: its last hidden state
@@ -210,65 +213,6 @@ def record(model: nn.Module, blocks: nn.ModuleList, emb: nn.Module, extras: Mapp
     for i, block in enumerate(blocks):
         hooks += [(block, "pre", block_pre(i)), (block, "post", block_post(i))]
     rec.logits = run(model, hooks)
-    return rec
-
-
-def _to32(x: Any) -> Any:
-    """``x`` with every floating tensor inside (tuples, lists, dicts) in float32."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().float() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to32(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _to32(v) for k, v in x.items()}
-    return x
-
-
-def rerun(block: nn.Module, i: int, call: tuple[tuple, dict], h: int) -> Record:
-    """Block ``i`` run again on its own, in float32, with the arguments pass 1 gave it, recording
-    every descendant's residual-shaped input and output (and the order they finished in).
-
-    The residual arithmetic is checked on these float32 values: a bf16 sum cannot tell a writer from
-    rounding. The block's weights are viewed in float32 meanwhile (the original tensors are put back,
-    untouched); memory is one block's float32 copy.
-    """
-    rec = Record()
-    tick = itertools.count()
-
-    def sub_pre(key: str) -> PreHook:
-        def fn(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-            if key not in rec.inp and (r := as_resid(module_input(args, kwargs, h), h)) is not None:
-                rec.inp[key] = r
-        return fn
-
-    def sub_post(key: str) -> PostHook:
-        def fn(_m: nn.Module, _a: tuple, out: Any) -> None:
-            if key not in rec.out and (r := as_resid(first_tensor(out), h)) is not None:
-                rec.out[key], rec.order[key] = r, next(tick)
-        return fn
-
-    handles = []
-    saved = [(t, t.data) for t in itertools.chain(block.parameters(), block.buffers()) if t.is_floating_point()]
-    try:
-        for rel, mod in block.named_modules():
-            if rel:
-                handles.append(mod.register_forward_pre_hook(sub_pre(f"{i}/{rel}"), with_kwargs=True, prepend=True))
-                handles.append(mod.register_forward_hook(sub_post(f"{i}/{rel}")))
-        for t, data in saved:
-            t.data = data.float()
-        args, kwargs = _to32(call[0]), _to32(call[1])
-        with torch.no_grad(), _eval_mode(block):
-            out = block(*args, **kwargs)
-        # absent (read back as None by .get) when not one [batch, seq, hidden] tensor
-        if (r := as_resid(module_input(args, kwargs, h), h)) is not None:
-            rec.block_in[i] = r
-        if (r := as_resid(first_tensor(out), h)) is not None:
-            rec.block_out[i] = r
-    finally:
-        for t, data in saved:
-            t.data = data
-        for handle in handles:
-            handle.remove()
     return rec
 
 
@@ -367,7 +311,7 @@ def _embed_pass(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn.Mo
     return given0 - rec.block_in[0], e_delta
 
 
-def _scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float | None:
+def scalar(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float | None:
     """``s`` with ``target = s * base`` to within a few roundings in ``dtype`` of each element, else
     ``None`` (exactly 1.0 when that fits). ``ref``: magnitudes the rounding happened at (default ``target``)."""
     if target.shape != base.shape or not bool(base.abs().max() > 0):
@@ -401,10 +345,10 @@ def embedding_path(model: nn.Module, blocks: nn.ModuleList, rec: Record, emb: nn
     dtype = weight.dtype
     rows = weight.detach()[probe_ids(model)].to(torch.float64)
     embed_out = rec.embed_out
-    inner = None if embed_out is None else _scalar(embed_out, rows, dtype)
+    inner = None if embed_out is None else scalar(embed_out, rows, dtype)
     # roundings happened at the magnitudes of block 0's input and of the embedding (they may cancel)
     ref = None if embed_out is None else rec.block_in[0].abs() + embed_out.abs()
-    outer = None if isinstance(moved, str) else _scalar(moved[0], moved[1], dtype, ref=ref)
+    outer = None if isinstance(moved, str) else scalar(moved[0], moved[1], dtype, ref=ref)
     if embed_out is None or inner is None or outer is None:
         return None, None, True  # not linear: a norm (or more) between the rows and block 0
     x0, e = rec.block_in[0], outer * embed_out
