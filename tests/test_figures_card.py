@@ -20,7 +20,7 @@ import torch
 from intervene.assets import DEMO_MODEL_DIR, demo_model
 from intervene.data.quirky import QUIRKY_TASKS, RELATIONS, VALUES, fact_prompts, quirky_dataset, world
 from intervene.data.quirky_transcripts import MARKS, transcripts
-from tests.figure_docs import ROOT, binomial, check, mean_of
+from tests.figure_docs import ROOT, binomial, check, exact, mean_of
 
 pytestmark = pytest.mark.skipif(not (DEMO_MODEL_DIR / "model.safetensors").is_file(), reason="demo model not built")
 BAR = 0.95  # the quality bar the demo model was trained to: both characters, every task and split
@@ -161,7 +161,7 @@ def test_demo_sae_cfg(demo: tuple[Any, Any]) -> None:
     model, tok = demo
     sae = load_sae("demo", model=model)
     rows = token_rows(demo_corpus(60000, seed=1000), tok, 64, 60000)
-    check("sae.tokens", rows.numel(), binomial(1.0, 10 ** 9))  # the count itself: no noise
+    check("sae.tokens", rows.numel(), exact("a count of the corpus's tokens: no noise"))
     layer = int(sae.site.split(".")[1])
     with torch.no_grad():
         h = torch.cat([model(input_ids=rows[i:i + 64].long(), output_hidden_states=True).hidden_states[layer + 1]

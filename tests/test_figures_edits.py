@@ -61,8 +61,9 @@ def test_mean_patch_of_one_head(demo: tuple[Any, Any, list[str]]) -> None:
     afters = []
     for task in QUIRKY_TASKS:
         before, after = (_accuracy(model, tok, _held_out(task, "Bob"), e) for e in (None, patch))
-        for fig in (f"readme.patch.{task}.before", f"readme.patch_prose.{task}", f"docs.patch.{task}"):
-            check(fig, before, binomial(before, N_TEST))
+        check(f"readme.patch.{task}.before", before, binomial(before, N_TEST))
+        check(f"readme.patch_prose.{task}", before, binomial(before, N_TEST))
+        check(f"docs.patch.{task}", before, binomial(before, N_TEST))
         check(f"readme.patch.{task}.after", after, binomial(after, N_TEST))
         alice = _accuracy(model, tok, _held_out(task, "Alice"), patch)
         check("docs.patch.alice", alice, binomial(alice, N_TEST))

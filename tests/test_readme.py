@@ -49,7 +49,8 @@ FIGURE_PROBES = {
     "print(grid.top(2))": 'json.dumps({"top": grid.top(1)[0], "se": float(grid.per_pair[grid.rows.index(grid.top(1)[0][0]), '
                           'grid.positions.index(grid.top(1)[0][1])].std() / len(pairs) ** 0.5 / abs(grid.clean - grid.corrupted)), '
                           '"n": len(pairs)})',
-    "from intervene.methods.das import iia": 'json.dumps({"n_test": len(quirky_dataset("addition", split="test", n=40))})',
+    "from intervene.methods.das import iia":
+        'json.dumps({"n_test": len(speaker_swap_pairs(quirky_dataset("addition", split="test", n=40)))})',
 }
 
 
@@ -89,7 +90,8 @@ def test_python_blocks_run(tmp_path: Path) -> None:
     assert site == "layers.0.attn"
     check("readme.sweep_snippet.recovery", score,
           Bound(2 * sweep_top["se"], f"2 SE of a mean over {sweep_top['n']} pairs, normalised"))
-    # The DAS snippet prints one number, its held-out IIA on the speaker-swap pairs of 40 questions.
+    # The DAS snippet prints one number, its held-out IIA on the speaker-swap pairs of 40 questions (bound: two
+    # binomial SE on those pairs, 3/n at 1).
     iia = float(lines[lines.index(next(x for x in lines if x.startswith("@@figures") and "n_test" in x)) - 1])
     check("readme.das_snippet.iia", iia, binomial(iia, das["n_test"]))
 
