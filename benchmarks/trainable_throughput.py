@@ -6,7 +6,8 @@ RotatedSpaceIntervention, on the same model, data, batch size, rotation start an
 
 Each run is a child process (``--child ours|pyvene``) that loads the model, warms up, times ``--steps``
 optimizer steps of batch ``--batch`` (base + source forwards, backward, AdamW) and reports examples/s and its
-own peak resident memory (``getrusage`` in the child, so the parent's memory does not count) as JSON. The parent
+own peak resident memory (``VmHWM`` of /proc/self/status, read in the child: ``getrusage``'s ``ru_maxrss`` would
+start at the parent's peak, which survives ``exec``) as JSON. The parent
 alternates the two libraries ``--repeats`` times (order flipped every repeat), prints each run, the medians, the
 ratio ours / pyvene, and the load average before and after (the machine is shared). Both sides start from the
 same rotation, so their loss on the first batch is checked equal. Asserts nothing.
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -125,14 +127,25 @@ def run_pyvene(model: torch.nn.Module, batches: list, layer: int, k: int, lr: fl
     return time.perf_counter() - t0, start_loss
 
 
+def peak_rss_kib() -> float:
+    """This process's own peak RSS in KiB: VmHWM (Linux; reset by exec), else ru_maxrss (may include the parent's)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform == "darwin" else float(peak)
+
+
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, vocab = build(args.model)
     batches = data(args.steps + 2, args.batch, args.seq, vocab)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_loaded = peak_rss_kib()
     fn = run_ours if args.child == "ours" else run_pyvene
     seconds, loss = fn(model, batches, args.layer, args.k, args.lr)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = peak_rss_kib()
     print(json.dumps({"lib": args.child, "examples_per_s": args.steps * args.batch / seconds, "seconds": seconds,
                       "start_loss": loss, "peak_rss_mib": peak / 1024, "rss_after_load_mib": rss_loaded / 1024}))
 
