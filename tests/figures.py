@@ -137,6 +137,11 @@ PROSE: tuple[Prose, ...] = (
              r"an 8-layer 512-wide Llama at `layers\.1`: ratio (?P<ratio1>[\d.]+) \((?P<rss1>\d+) vs "
              r"(?P<rss1_pyvene>\d+) MiB\), at `layers\.6`: ratio (?P<ratio6>[\d.]+) \((?P<rss6>\d+) vs "
              r"(?P<rss6_pyvene>\d+) MiB\)\.", "readme.bench.trainable", BENCH + "trainable_throughput.py"),
+    Prose(R, r"At 1B scale \(`benchmarks/memory_1b\.py`: TinyLlama-1\.1B's shape built from its config in bf16, 2 threads, "
+             r"idle machine\): steered `generate` takes (?P<generate>[\d.]+)x the plain time .*? peaks at "
+             r"(?P<rss_small>[\d.]+)x the weights' (?P<weights>[\d.]+) GiB of resident memory for 2,400 tokens and "
+             r"(?P<rss_large>[\d.]+)x for 24,000: memory grows (?P<growth>[\d.]+)x while the tokens grow 10x\.",
+          "readme.bench.memory_1b", BENCH + "memory_1b.py"),
     Prose(R, r"\(e\.g\. 4 x 80 GB, bf16 weights ~140 GB\)", None,
           "setting: an example hardware layout (70e9 parameters x 2 bytes)"),
     Prose(R, r"On 2 shared cores \(load average (?P<load>[\d.]+)\), `benchmarks/collect_distributed\.py` measures "
