@@ -20,13 +20,10 @@ of the features (``--floor 0.3``: ~75 steps, the default: ~160); the batched sol
 preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it. Ours runs ``--repeat``
 times (on torch's threads, then on one), alternating with as many parts of scikit-learn's loop.
 
-Measured (2 shared cores, load average 4.2-4.5, other jobs leaving about one core), the headline at
-equal CPU (one thread each): 4.5 s CPU for the 1,024 heads against scikit-learn's 53 s, ~12x; top-48
-overlap 47/48, validation accuracies within 0.012. Not at equal CPU (ours on 2 threads, scikit-learn on
-1): 8.6 s wall against 87 s, 10x on that loaded machine, 20.0x on a quieter one (3.7 s wall / 6.9 s CPU
-against 75 s, load ~3). The solver this file timed before the family was unified: 17.6x in this session's first run
-(2.6 s against 46 s, load ~4); alternating with it (3 runs each, load ~5), 4.9 s vs 5.5 s wall,
-4.1 s vs 4.6 s CPU, the same top-48.
+Measured on an idle machine (2 cores, load average 1.0), the headline at equal CPU (one thread each): 3.28 s
+for the 1,024 heads against scikit-learn's 43.9 s, 13.4x in wall and in CPU time; top-48 overlap 47/48,
+validation accuracies within 0.012 (mean 0.0016). Not at equal CPU (ours on 2 threads): 2.63 s wall, 16.7x.
+Earlier, on the same cores shared with other jobs (load 4.2-4.5): ~12x at equal CPU (4.5 s against 53 s of CPU).
 """
 
 from __future__ import annotations
