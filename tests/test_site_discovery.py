@@ -15,6 +15,7 @@ from intervene.bake import bake_with_report
 from intervene.sites import FAMILIES, layer_parts, num_layers, resolve_site, site_names
 from intervene.sites.discovery import discover
 from tests.coverage_build import IDS, build
+from tests.site_reference import hooked_logits
 from tests.tiny_models import CONFIGS, tiny_model
 
 # model_type -> (block list, attn writer, mlp writer, attention output projection, heads, MLP parallel to attn)
@@ -74,22 +75,6 @@ def test_post_norm_table_families_rediscovered(model_type: str) -> None:
                                                         "self_attn.o_proj", "mlp.down_proj")
 
 
-def _hooked(model: torch.nn.Module, path: str, side: str, vec: torch.Tensor) -> torch.Tensor:
-    mod = model.get_submodule(path)
-    if side == "output":
-        handle = mod.register_forward_hook(
-            lambda m, a, out: out + vec if isinstance(out, torch.Tensor) else (out[0] + vec, *out[1:]))
-    else:
-        def pre(m, args, kwargs):
-            if args:
-                return (args[0] + vec, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + vec}
-        handle = mod.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            return model(input_ids=IDS).logits
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("model_type", sorted(DISCOVERED))
@@ -106,7 +91,7 @@ def test_steering_through_discovery_is_exact(model_type: str) -> None:
         v = torch.randn(width, generator=g)
         with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
             got = ivm(input_ids=IDS).logits
-        want = _hooked(model, path, side, 1.5 * v)
+        want = hooked_logits(model, path, side, 1.5 * v)
         assert torch.equal(got, want), f"{model_type} {site}"
         assert not torch.equal(got, base), f"{model_type} {site}: no effect"
 
@@ -357,7 +342,7 @@ def test_steering_through_chains_is_exact(case: tuple) -> None:
         v = torch.randn(width, generator=g)
         with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
             got = ivm(input_ids=IDS).logits
-        assert torch.equal(got, _hooked(model, path, side, 1.5 * v)), f"{model_type} {site}"
+        assert torch.equal(got, hooked_logits(model, path, side, 1.5 * v)), f"{model_type} {site}"
         assert not torch.equal(got, base), f"{model_type} {site}: no effect"
 
 
@@ -504,6 +489,6 @@ def test_residual_rescaled_between_blocks() -> None:
         v = torch.randn(64, generator=g)
         with iv.Intervenable(model, iv.Steering({site: v})) as ivm, torch.no_grad():
             got = ivm(input_ids=IDS).logits
-        assert torch.equal(got, _hooked(model, path, side, v)), site
+        assert torch.equal(got, hooked_logits(model, path, side, v)), site
     with pytest.raises(iv.NotBakeableError, match="multiplies the residual by 0.5 between blocks 0 and 1"):
         iv.Intervenable(model, iv.Steering({"layers.1:input": torch.randn(64)}), attach=False).bake()
