@@ -133,6 +133,19 @@ def add_progress_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars (including the model-loading one)")
 
 
+def add_command_group(subparsers: Any, name: str, **parser_kw: Any) -> Any:
+    """Add ``intervene NAME`` with subcommands and return the object to add them to (``.add_parser``).
+
+    ``parser_kw`` go to ``add_parser`` (``help``, ``description``, ``formatter_class``). The chosen subcommand
+    lands in ``args.{name}_command`` (what :func:`command_name` reads); ``intervene NAME`` alone prints the
+    group's help and exits with status 2.
+    """
+    top = subparsers.add_parser(name, **parser_kw)
+    sub = top.add_subparsers(dest=f"{name}_command", metavar=f"{name.upper()}_COMMAND", title="commands")
+    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
+    return sub
+
+
 def add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """``--checkpoint-dir`` and ``--resume`` of a training command (intervene.training's checkpoints)."""
     p.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here (safetensors + JSON)")

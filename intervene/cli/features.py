@@ -25,7 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from intervene.command import MODEL_HELP, RAW, add_progress_argument, describe, guard, progress_of
+from intervene.command import (
+    MODEL_HELP,
+    RAW,
+    add_command_group,
+    add_progress_argument,
+    describe,
+    guard,
+    progress_of,
+)
 
 EXAMPLES, NOTE = __doc__.split("\n\n")[1:3]
 CACHE_HELP = "a latent cache directory written by `intervene features cache`"
@@ -33,13 +41,11 @@ CACHE_HELP = "a latent cache directory written by `intervene features cache`"
 
 def register(subparsers: Any) -> None:
     """Add ``features`` (``cache``, ``explain``, ``score``, ``report``) to the ``intervene`` command."""
-    top = subparsers.add_parser("features", help="SAE latents: cache activations, explain, score, and browse them as HTML",
+    sub = add_command_group(subparsers, "features", help="SAE latents: cache activations, explain, score, and browse them as HTML",
                                 description=describe(
                                     "SAE latents: record where each latent fires over a corpus (cache), browse "
                                     "them as static HTML pages (report), and explain and score them with a "
                                     "language model (explain, score).", EXAMPLES, NOTE), formatter_class=RAW)
-    sub = top.add_subparsers(dest="features_command", metavar="FEATURES_COMMAND", title="commands")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("cache", help="record every non-zero latent activation over a corpus",
                        description=describe("Run MODEL over a corpus and record every non-zero activation of the "

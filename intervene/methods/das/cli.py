@@ -21,6 +21,7 @@ from typing import Any
 
 from intervene.command import (
     add_checkpoint_arguments,
+    add_command_group,
     add_config_arguments,
     add_model_arguments,
     add_progress_argument,
@@ -45,10 +46,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    top = subparsers.add_parser("das", help="distributed alignment search: fit, evaluate (IIA)",
+    sub = add_command_group(subparsers, "das", help="distributed alignment search: fit, evaluate (IIA)",
                                 description='Distributed alignment search (Geiger et al. 2023): learn a rotation whose first k dimensions, interchanged between a base and a source prompt, carry a causal variable; report the interchange intervention accuracy (IIA) on held-out pairs against a random rotation.')
-    sub = top.add_subparsers(dest="das_command", metavar="DAS_COMMAND")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="train a rotation; write the diff and metrics.json", description='Train a rotation; write the diff and metrics.json.')
     _model_args(p)

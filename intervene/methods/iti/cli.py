@@ -21,6 +21,7 @@ from typing import Any
 from intervene.command import (
     RAW,
     Steps,
+    add_command_group,
     add_config_arguments,
     add_model_arguments,
     add_progress_argument,
@@ -82,14 +83,12 @@ def _ref_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``iti`` (``fit``, ``eval``, ``sweep``) to the ``intervene`` command."""
-    top = subparsers.add_parser("iti", help="Inference-Time Intervention: fit, evaluate, sweep",
+    sub = add_command_group(subparsers, "iti", help="Inference-Time Intervention: fit, evaluate, sweep",
                                 description=describe(
                                     "Inference-Time Intervention (Li et al., 2023): probe every attention head, "
                                     "pick the K whose probes separate true from false answers best, and shift "
                                     "them along their truth direction by alpha standard deviations.",
                                     EXAMPLES, NOTE), formatter_class=RAW)
-    sub = top.add_subparsers(dest="iti_command", metavar="ITI_COMMAND", title="commands")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="fit ITI heads and directions; write the diff, a head heat map and metrics",
                        description=describe(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from intervene.command import (
+    add_command_group,
     add_config_arguments,
     add_model_arguments,
     config_from_args,
@@ -30,10 +31,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    top = subparsers.add_parser("erase", help="LEACE concept erasure: fit an eraser, erase the quirky speaker",
+    sub = add_command_group(subparsers, "erase", help="LEACE concept erasure: fit an eraser, erase the quirky speaker",
                                 description="LEACE concept erasure (Belrose et al. 2023): fit an eraser that removes every linear trace of a label (e.g. the quirky speaker) at a site, save it as a diff, or erase the speaker site by site and report how Bob's answers move and what it costs.")
-    sub = top.add_subparsers(dest="erase_command", metavar="ERASE_COMMAND")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="fit one LEACE eraser per site and write the diff", description='Fit one LEACE eraser per site and write the diff.')
     _model_args(p)

@@ -18,6 +18,7 @@ from typing import Any
 
 from intervene.command import (
     add_checkpoint_arguments,
+    add_command_group,
     add_config_arguments,
     add_model_arguments,
     add_progress_argument,
@@ -43,10 +44,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    top = subparsers.add_parser("reft", help="representation fine-tuning (LoReFT, DiReFT): fit, evaluate",
+    sub = add_command_group(subparsers, "reft", help="representation fine-tuning (LoReFT, DiReFT): fit, evaluate",
                                 description='Representation fine-tuning (Wu et al. 2024): train a LoReFT or DiReFT edit at one site with the model frozen, so each prompt is answered with its target; report accuracy per character and the CE cost on reference text.')
-    sub = top.add_subparsers(dest="reft_command", metavar="REFT_COMMAND")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="train a LoReFT / DiReFT; write the diff and metrics.json", description='Train a LoReFT / DiReFT; write the diff and metrics.json.')
     _model_args(p)

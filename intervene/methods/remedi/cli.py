@@ -20,6 +20,7 @@ from typing import Any
 from intervene.command import (
     RAW,
     Steps,
+    add_command_group,
     add_config_arguments,
     add_model_arguments,
     add_progress_argument,
@@ -59,14 +60,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``remedi`` (``fit``, ``eval``) to the ``intervene`` command."""
-    top = subparsers.add_parser("remedi", help="REMEDI learned representation editors: fit, evaluate",
+    sub = add_command_group(subparsers, "remedi", help="REMEDI learned representation editors: fit, evaluate",
                                 description=describe(
                                     "REMEDI (Hernandez, Li & Andreas, 2023): learn an editor that maps a "
                                     "description of a new attribute to a change of an entity's hidden state, "
                                     "so the model then treats the entity as having that attribute.",
                                     EXAMPLES, NOTE), formatter_class=RAW)
-    sub = top.add_subparsers(dest="remedi_command", metavar="REMEDI_COMMAND", title="commands")
-    top.set_defaults(func=lambda args: (top.print_help(), 2)[1])
 
     p = sub.add_parser("fit", help="train an editor; write the diff and metrics.json",
                        description=describe(
