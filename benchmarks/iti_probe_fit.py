@@ -20,9 +20,12 @@ of the features (``--floor 0.3``: ~75 steps, the default: ~160); the batched sol
 preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it. Ours runs ``--repeat``
 times (on torch's threads, then on one), alternating with as many parts of scikit-learn's loop.
 
-Measured on an idle machine (2 cores, load average 1.0), the headline at equal CPU (one thread each): 3.28 s
-for the 1,024 heads against scikit-learn's 43.9 s, 13.4x in wall and in CPU time; top-48 overlap 47/48,
-validation accuracies within 0.012 (mean 0.0016). Not at equal CPU (ours on 2 threads): 2.63 s wall, 16.7x.
+Measured on an idle machine (2 cores, load average 1.1-1.2), the headline at equal CPU (one thread each): 3.17 s
+for the 1,024 heads against scikit-learn's 43.8 s, 13.8x in wall and in CPU time; top-48 overlap 47/48,
+validation accuracies within 0.012 (mean 0.0016). Not at equal CPU (ours on 2 threads): 2.36 s wall, 18.5x.
+(Before the leaner solver iteration, same machine: 3.28 s, 13.4x; 2 threads 2.63 s, 16.7x.) Of ours' one-thread
+time, ~1.0 s is the ~11 passes per head over its features (memory-bound: the first from DRAM, the rest from L3),
+~0.4 s the preconditioner's Gram matrices and ~0.15 s their Cholesky factors; the rest is per-iteration overhead.
 Earlier, on the same cores shared with other jobs (load 4.2-4.5): ~12x at equal CPU (4.5 s against 53 s of CPU).
 """
 

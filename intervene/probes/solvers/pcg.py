@@ -172,16 +172,11 @@ def _solve_chunk(
     cdt, f64 = x.dtype, torch.float64
     if sw is not None:
         sw = sw / sw.sum(-1, keepdim=True).clamp_min(1e-300)
-    pc = Preconditioner(x, None if sw is None else sw.mean(1), l2, fit_intercept, sub,
-                        full=d <= FULL_GRAM_MAX_DIM if full_gram is None else full_gram)
-    mu = pc.mu.to(f64).unsqueeze(1)  # [c, 1, D]
-    one = torch.ones(c, 1, 1, dtype=f64)
-    shift = torch.cat([-mu, one], -1)  # X_c·d_w + d_b = X·d_w + shift·d, [c, 1, D+1]
-    mu0 = torch.cat([-mu, 0 * one], -1)  # Xᵀr - mu·Σr: the centred features' gradient
     pen = torch.cat([l2.unsqueeze(-1).expand(c, r, d), torch.zeros(c, r, 1, dtype=f64)], -1)  # b is free
     b_curv = 4.0 if fit_intercept else 0.0  # the intercept's curvature is at most 1/4 (Σ s_i = 1)
     yr = y.unsqueeze(1)  # [c, 1, N]
     wts = sw if sw is not None else torch.full((c, 1, n), 1.0 / n, dtype=f64)
+    neg_yw = -(yr * wts)  # dF/dz = p·s - y·s, one fused op per iteration
 
     theta = torch.zeros(c, r, d + 1, dtype=f64)  # [w, b]
     if fit_intercept:
@@ -197,33 +192,48 @@ def _solve_chunk(
     f_prev = torch.full((c, r), math.nan, dtype=f64)
     strikes = torch.zeros(c, r, dtype=torch.int64)
     stuck = torch.zeros(c, r, dtype=torch.bool)
-    live = list(range(c))
+    every = list(range(c))
+    live = every
+    xt = x.transpose(1, 2)
+    # The first pass (the gradient at w = 0) comes before the preconditioner's row sample: it streams
+    # the features from memory once, and the sample is then gathered from cache.
+    p = torch.sigmoid(z)
+    res = torch.addcmul(neg_yw, p, wts)
+    torch.bmm(res.to(cdt), x, out=xr)
+    pc = Preconditioner(x, None if sw is None else sw.mean(1), l2, fit_intercept, sub,
+                        full=d <= FULL_GRAM_MAX_DIM if full_gram is None else full_gram)
+    mu = pc.mu.to(f64).unsqueeze(1)  # [c, 1, D]
+    one = torch.ones(c, 1, 1, dtype=f64)
+    shift = torch.cat([-mu, one], -1)  # X_c·d_w + d_b = X·d_w + shift·d, [c, 1, D+1]
+    mu0 = torch.cat([-mu, 0 * one], -1)  # Xᵀr - mu·Σr: the centred features' gradient
     start = 0  # the iteration the current preconditioner started at
     gs_start = torch.ones(c, r, dtype=f64)  # gᵀP⁻¹g there
     for it in range(max_iter + 1):
-        p = torch.sigmoid(z)
-        res = (p - yr).mul_(wts)  # dF/dz, [c, R, N]
-        res_c = res.to(cdt)
-        for j in live:
-            torch.mm(res_c[j], x[j], out=xr[j])
+        if it > 0:
+            p = torch.sigmoid(z)
+            res = torch.addcmul(neg_yw, p, wts)  # dF/dz, [c, R, N]
+            res_c = res.to(cdt)
+            if live is every:  # one batched pass while every matrix is live
+                torch.bmm(res_c, x, out=xr)
+            else:
+                for j in live:
+                    torch.mm(res_c[j], x[j], out=xr[j])
         sr = res.sum(-1, keepdim=True)
         g = torch.cat([xr.to(f64), sr if fit_intercept else 0 * sr], -1).addcmul_(mu0, sr).addcmul_(pen, theta)
-        s = torch.cat([pc.solve(g[..., :d]), b_curv * g[..., d:]], -1)
+        s = pc.solve_ext(g, b_curv)
         gs = torch.linalg.vecdot(g, s)  # gᵀP⁻¹g
         restart_all = it == start
         if not pc.full and it - start >= 3 and bool((active & (gs > gs_start * 0.5 ** (it - start))).any()):
             # The diagonal preconditioner halves gᵀP⁻¹g less than once per iteration: the features are
             # badly conditioned, so the full Gram matrix pays for itself. Restart CG under it.
             pc.upgrade()
-            s = torch.cat([pc.solve(g[..., :d]), b_curv * g[..., d:]], -1)
+            s = pc.solve_ext(g, b_curv)
             gs = torch.linalg.vecdot(g, s)
             start, restart_all = it, True
             f_prev.fill_(math.nan)
         if it == start:
             gs_start = gs
-        done = torch.zeros_like(active)
-        if gtol > 0:
-            done |= g.abs().amax(-1) <= gtol
+        done = torch.linalg.vector_norm(g, math.inf, -1) <= gtol if gtol > 0 else torch.zeros_like(active)
         if dtol > 0:
             # Float32 passes put a noise floor under the gradient. Where P bounds the Hessian (the full
             # P does; its diagonal nearly, on the well-conditioned features it is kept for) a step along
@@ -237,13 +247,18 @@ def _solve_chunk(
             done |= (gs <= 2 * dtol) | ((strikes >= 2) & (gs <= 200 * dtol))
             stuck |= active & ~done & (strikes >= 5)  # no progress possible above the tolerance
             f_prev = f
-        active &= ~done & ~stuck
-        live = active.any(-1).nonzero().flatten().tolist()
-        if not live or it == max_iter:
+        active &= ~(done | stuck) if dtol > 0 else ~done
+        if bool(active.all()):
+            live = every
+        else:
+            live = active.any(-1).nonzero().flatten().tolist()
+            if not live:
+                break
+        if it == max_iter:
             break
         iters += active
         if not restart_all:  # Polak-Ribière+ in the preconditioned inner product
-            beta = torch.linalg.vecdot(g - g_prev, s).div_(gs_prev).clamp_min_(0.0)
+            beta = (gs - torch.linalg.vecdot(g_prev, s)).div_(gs_prev).clamp_min_(0.0)
             direction = direction.mul_(beta.unsqueeze(-1)).sub_(s)
         else:
             direction = -s
@@ -253,8 +268,11 @@ def _solve_chunk(
             direction = torch.where(restart.unsqueeze(-1), -s, direction)
             slope = torch.where(restart, -gs, slope)
         dir_c = direction[..., :d].to(cdt)
-        for j in live:
-            torch.mm(dir_c[j], x[j].T, out=q[j])
+        if live is every:
+            torch.bmm(dir_c, xt, out=q)
+        else:
+            for j in live:
+                torch.mm(dir_c[j], x[j].T, out=q[j])
         qd = q.to(f64).add_(torch.linalg.vecdot(shift, direction).unsqueeze(-1))  # X_c·d_w + d_b
         t = _line_search(z, p, qd, yr, wts, slope, torch.linalg.vecdot(theta * pen, direction),
                          torch.linalg.vecdot(direction * pen, direction))
@@ -285,11 +303,11 @@ def _line_search(z: torch.Tensor, p0: torch.Tensor, q: torch.Tensor, y: torch.Te
     """
     qs = q * s
     qqs = q * qs
-    d2 = torch.linalg.vecdot(p0 - p0 * p0, qqs).add_(ldd)
+    d2 = torch.linalg.vecdot(torch.addcmul(p0, p0, p0, value=-1), qqs).add_(ldd)
     t1 = -slope / d2  # d2 = 0 only for a zero direction: t = nan, dropped by the caller
-    p = torch.sigmoid(torch.addcmul(z, t1.unsqueeze(-1), q))
+    p = torch.sigmoid_(torch.addcmul(z, t1.unsqueeze(-1), q))
     d1 = torch.linalg.vecdot(p - y, qs).add_(lwd).addcmul_(t1, ldd)
-    newton = t1 - d1 / torch.linalg.vecdot(p - p * p, qqs).add_(ldd)
+    newton = t1 - d1 / torch.linalg.vecdot(p.addcmul_(p, p, value=-1), qqs).add_(ldd)
     over = d1 > 0
     lo = torch.where(over, 0.0, t1)
     hi = torch.where(over, t1, 4 * t1)

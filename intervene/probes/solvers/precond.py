@@ -15,6 +15,8 @@ Shapes: ``c`` feature matrices, ``R`` problems each, ``N`` rows, ``D`` features.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["FULL_GRAM_MAX_DIM", "Preconditioner"]
@@ -41,7 +43,8 @@ class Preconditioner:
                  rows: torch.Tensor, full: bool) -> None:
         c, n, d = x.shape
         self.l2 = l2
-        self.x_sub = x if rows.numel() == n else x.index_select(1, rows)
+        self.x_sub_owned = rows.numel() != n
+        self.x_sub = x if not self.x_sub_owned else x.index_select(1, rows)
         self.s_sub = None if s is None else s[:, rows] / s[:, rows].sum(-1, keepdim=True).clamp_min(1e-300)
         # The centring point only reparametrises (z = (X - mu) w + b, exactly), so the sampled rows' mean
         # is as good as the full mean and saves a pass.
@@ -51,7 +54,9 @@ class Preconditioner:
             self.mu = self.x_sub.mean(1)
         else:
             self.mu = torch.bmm(self.s_sub.to(x.dtype).unsqueeze(1), self.x_sub).squeeze(1)
-        self.chol: torch.Tensor | None = None  # [c, R, D, D] Cholesky factors of P (R = 1)
+        self.chol: torch.Tensor | None = None  # [c, R, D+1, D+1] float64 Cholesky factors of P (R = 1),
+        # bordered by the intercept's 1/sqrt(curvature bound) (see solve_ext)
+        self._b_curv = math.nan
         self.basis: tuple[torch.Tensor, torch.Tensor] | None = None  # eigenvectors, 1/eigenvalues of P (R > 1)
         self.inv_diag: torch.Tensor | None = None  # [c, R, D] 1/diag(P) (before the upgrade)
         if full:
@@ -77,9 +82,13 @@ class Preconditioner:
             self._factor()
 
     def _factor(self) -> None:
-        gram = _centred_gram(self.x_sub, self.mu, self.s_sub)
+        # A gathered row sample is a private copy: centre it in place (no further copies).
+        gram = _centred_gram(self.x_sub, self.mu, self.s_sub, in_place=self.x_sub_owned)
         if self.l2.shape[1] == 1:
-            self.chol = _spd_cholesky(gram.unsqueeze(1) / 4.0, self.l2)
+            chol = _spd_cholesky(gram.double().unsqueeze(1) / 4.0, self.l2)
+            c, r, d = chol.shape[0], chol.shape[1], chol.shape[-1]
+            self.chol = chol.new_zeros(c, r, d + 1, d + 1)
+            self.chol[..., :d, :d] = chol
         else:
             evals, evecs = torch.linalg.eigh(gram.double())  # float64: the small eigenvalues matter
             inv = 1.0 / (evals.clamp_min(0.0).unsqueeze(1) / 4.0 + self.l2.unsqueeze(-1))  # [c, R, D]
@@ -95,16 +104,44 @@ class Preconditioner:
             evecs, inv = self.basis
             return ((g @ evecs) * inv) @ evecs.transpose(-1, -2)
         assert self.chol is not None
-        return torch.cholesky_solve(g.to(self.chol.dtype).unsqueeze(-1), self.chol).squeeze(-1).to(g.dtype)
+        d = g.shape[-1]
+        return torch.cholesky_solve(g.to(self.chol.dtype).unsqueeze(-1),
+                                    self.chol[..., :d, :d]).squeeze(-1).to(g.dtype)
+
+    def solve_ext(self, g: torch.Tensor, b_curv: float) -> torch.Tensor:
+        """``P⁻¹ g`` for the whole gradient ``g = [g_w, g_b]`` ``[c, R, D+1]`` (float64), the intercept's
+        part scaled by ``b_curv`` (its curvature bound's inverse; 0: no intercept). The solver calls this
+        every iteration, so the common (Cholesky) case is one triangular solve of a factor bordered by
+        the intercept's ``1/sqrt(b_curv)``, not a split, a solve and a concatenation."""
+        if self.chol is not None:
+            d = self.chol.shape[-1] - 1
+            if self._b_curv != b_curv:
+                self._b_curv = b_curv
+                self.chol[..., d, d] = 1.0 / math.sqrt(b_curv) if b_curv > 0 else 1.0
+            low = torch.linalg.solve_triangular(self.chol, g.unsqueeze(-1), upper=False)  # cheaper than
+            s = torch.linalg.solve_triangular(self.chol.mT, low, upper=True).squeeze(-1)  # cholesky_solve
+            if b_curv <= 0:
+                s[..., d] = 0.0
+            return s
+        d = g.shape[-1] - 1
+        return torch.cat([self.solve(g[..., :d]), b_curv * g[..., d:]], -1)
 
 
-def _centred_gram(x: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor | None, block: int = 512
-                  ) -> torch.Tensor:
+def _centred_gram(x: torch.Tensor, mu: torch.Tensor, weights: torch.Tensor | None, block: int = 512,
+                  in_place: bool = False) -> torch.Tensor:
     """``Σ_i s_i (x_i - mu)(x_i - mu)ᵀ`` over the rows of ``x`` ``[c, M, D]`` (``s_i`` = ``weights``
-    ``[c, M]`` summing to one, or ``1/M``): ``[c, D, D]`` in ``x``'s dtype, accumulated over row blocks so
-    the centred copies stay cache-sized. (bfloat16 inputs would be ~1.5x faster on CPUs with native
-    bfloat16, but the CPU kernels round the *output* to bfloat16, which breaks positive definiteness.)"""
+    ``[c, M]`` summing to one, or ``1/M``): ``[c, D, D]`` in ``x``'s dtype. ``in_place``: ``x`` is a
+    scratch copy, centred (and weighted) in place and multiplied in one product; otherwise the rows are
+    centred a block at a time, so the centred copies stay cache-sized. (bfloat16 inputs would be ~1.5x
+    faster on CPUs with native bfloat16, but the CPU kernels round the *output* to bfloat16, which breaks
+    positive definiteness.)"""
     c, m, d = x.shape
+    if in_place:
+        xb = x.sub_(mu.unsqueeze(1))
+        if weights is not None:
+            xb.mul_(weights.sqrt().to(x.dtype).unsqueeze(-1))
+        gram = torch.bmm(xb.transpose(1, 2), xb)
+        return gram if weights is not None else gram.div_(m)
     gram = torch.zeros(c, d, d, dtype=x.dtype)
     for s in range(0, m, block):
         xb = x[:, s:s + block] - mu.unsqueeze(1)
