@@ -154,14 +154,7 @@ class Scorer:
         """Score several latents; all requests go to the client together (concurrently for HTTP clients)."""
         jobs: list[tuple[int, list[Sample], Messages]] = []
         per: list[tuple[int, str, list[Sample]]] = []
-        for k, (expl, ex) in enumerate(items):
-            if isinstance(expl, Explanation):
-                ex = ex or expl.examples
-                text, latent = expl.text, expl.latent
-            else:
-                text, latent = str(expl), ex.latent if ex is not None else -1
-            if ex is None:
-                raise ValueError("scoring needs the latent's examples (LatentExamples)")
+        for k, (latent, text, ex) in enumerate(labelled(items)):
             samples = self.samples(ex)
             random.Random(f"{self.seed}-{latent}-{self.name}").shuffle(samples)
             per.append((latent, text, samples))
@@ -275,3 +268,20 @@ def _random_marks(e: Example, k: int, rng: random.Random, threshold: float = 0.0
 
 
 SCORERS: dict[str, type[Scorer]] = {"detection": DetectionScorer, "fuzzing": FuzzingScorer}
+
+
+def labelled(items: Sequence[tuple[Explanation | str, LatentExamples | None]]
+              ) -> list[tuple[int, str, LatentExamples]]:
+    """``(latent, explanation text, examples)`` for each ``(explanation, examples)`` item; an
+    :class:`Explanation` brings its own examples when none are given."""
+    out = []
+    for expl, ex in items:
+        if isinstance(expl, Explanation):
+            ex = ex or expl.examples
+            text, latent = expl.text, expl.latent
+        else:
+            text, latent = str(expl), ex.latent if ex is not None else -1
+        if ex is None:
+            raise ValueError("scoring needs the latent's examples (LatentExamples)")
+        out.append((latent, text, ex))
+    return out

@@ -23,7 +23,7 @@ import torch
 from intervene.features.clients import Client, Messages
 from intervene.features.examples import Example, LatentExamples
 from intervene.features.explain import Explanation, TokenText, example_text
-from intervene.features.score import Sample, ScoreResult, _random_marks, highlighted
+from intervene.features.score import Sample, ScoreResult, _random_marks, highlighted, labelled
 
 INTRUDER_SYSTEM = """You are shown numbered text examples. In all but one of them, the marked tokens (<<like this>>)
 are where one hidden feature of a language model fires; in the remaining example, the intruder, the marked tokens
@@ -46,19 +46,6 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(a @ b) / den if den > 0 else None
 
 
-def _labelled(items: Sequence[tuple[Explanation | str, LatentExamples | None]]
-              ) -> list[tuple[int, str, LatentExamples]]:
-    out = []
-    for expl, ex in items:
-        if isinstance(expl, Explanation):
-            ex = ex or expl.examples
-            text, latent = expl.text, expl.latent
-        else:
-            text, latent = str(expl), ex.latent if ex is not None else -1
-        if ex is None:
-            raise ValueError("scoring needs the latent's examples (LatentExamples)")
-        out.append((latent, text, ex))
-    return out
 
 
 class IntruderScorer:
@@ -98,7 +85,7 @@ class IntruderScorer:
 
     def score_many(self, items: Sequence[tuple[Explanation | str, LatentExamples | None]]) -> list[ScoreResult]:
         jobs, per = [], []
-        for latent, text, ex in _labelled(items):
+        for latent, text, ex in labelled(items):
             rng = random.Random(f"{self.seed}-{latent}-intruder")
             samples = []
             for shown, at in self._trials(ex, rng):
@@ -153,7 +140,7 @@ class SimulationScorer:
 
     def score_many(self, items: Sequence[tuple[Explanation | str, LatentExamples | None]]) -> list[ScoreResult]:
         jobs, per = [], []
-        for latent, text, ex in _labelled(items):
+        for latent, text, ex in labelled(items):
             windows = [(e, 1) for e in ex.score_activating] + [(e, 0) for e in ex.score_nonactivating]
             rows = []
             for e, label in windows:

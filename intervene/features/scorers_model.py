@@ -24,8 +24,7 @@ import torch
 from intervene.errors import ClientError
 from intervene.features.examples import LatentExamples
 from intervene.features.explain import Explanation, TokenText
-from intervene.features.score import Sample, ScoreResult
-from intervene.features.scorers_client import _labelled
+from intervene.features.score import Sample, ScoreResult, labelled
 
 SURPRISAL_PREFIX = ("The following is a description of a feature of text, followed by sentences that contain "
                     "it.\nDescription: {}\nSentences:\n")
@@ -88,7 +87,7 @@ class SurprisalScorer:
 
         out = []
         base: dict[str, float] = {}
-        for latent, text, ex in tqdm(_labelled(items), desc="surprisal", disable=len(items) < 5):
+        for latent, text, ex in tqdm(labelled(items), desc="surprisal", disable=len(items) < 5):
             samples = _windows(ex, self.text)
             todo = [s.text for s in samples if s.text not in base]
             base.update(zip(todo, self.losses(SURPRISAL_PREFIX.format(NO_EXPLANATION), todo)))  # reused across latents
@@ -156,7 +155,7 @@ class EmbeddingScorer:
 
     def score_many(self, items: Sequence[tuple[Explanation | str, LatentExamples | None]]) -> list[ScoreResult]:
         out = []
-        for latent, text, ex in _labelled(items):
+        for latent, text, ex in labelled(items):
             samples = _windows(ex, self.text)
             vecs = torch.nn.functional.normalize(self.embed([EMBEDDING_QUERY + text] + [s.text for s in samples])
                                                  .float(), dim=-1)
