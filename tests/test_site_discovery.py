@@ -33,6 +33,21 @@ DISCOVERED = {
 PARALLEL = {"gptj", "gpt_neox", "falcon"}
 
 
+def _steering_equals_hooks(model: torch.nn.Module, model_type: str,
+                           cases: dict[str, tuple[str, str, int]]) -> None:
+    """Steering each site (``site -> (module path, side, width)``) equals the hand-written hook there bit for bit
+    and changes the logits."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        base = model(input_ids=IDS).logits
+    for site, (path, side, width) in cases.items():
+        v = torch.randn(width, generator=g)
+        with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
+            got = ivm(input_ids=IDS).logits
+        assert torch.equal(got, hooked_logits(model, path, side, 1.5 * v)), f"{model_type} {site}"
+        assert not torch.equal(got, base), f"{model_type} {site}: no effect"
+
+
 @pytest.mark.parametrize("model_type", sorted(DISCOVERED))
 def test_discovered_structure(model_type: str) -> None:
     model = build(model_type)
@@ -84,16 +99,7 @@ def test_steering_through_discovery_is_exact(model_type: str) -> None:
     cases = {"layers.1": (f"{layers}.1", "output", 64), "layers.1:input": (f"{layers}.1", "input", 64),
              "layers.1.attn": (f"{layers}.1.{attn}", "output", 64), "layers.1.mlp": (f"{layers}.1.{mlp}", "output", 64),
              "layers.1.heads": (f"{layers}.1.{proj}", "input", heads[0] * heads[1])}
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        base = model(input_ids=IDS).logits
-    for site, (path, side, width) in cases.items():
-        v = torch.randn(width, generator=g)
-        with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
-            got = ivm(input_ids=IDS).logits
-        want = hooked_logits(model, path, side, 1.5 * v)
-        assert torch.equal(got, want), f"{model_type} {site}"
-        assert not torch.equal(got, base), f"{model_type} {site}: no effect"
+    _steering_equals_hooks(model, model_type, cases)
 
 
 @pytest.mark.parametrize("model_type", ["smollm3", "cohere", "olmo3"])
@@ -335,15 +341,7 @@ def test_steering_through_chains_is_exact(case: tuple) -> None:
         cases[f"layers.{i}.mlp"] = (f"{layers}.{i}.{mlp}", "output", 64)
     if heads is not None:
         cases[f"layers.{i}.heads"] = (f"{layers}.{i}.{proj}", "input", heads[0] * heads[1])
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        base = model(input_ids=IDS).logits
-    for site, (path, side, width) in cases.items():
-        v = torch.randn(width, generator=g)
-        with iv.Intervenable(model, iv.Steering({site: v}, scale=1.5)) as ivm, torch.no_grad():
-            got = ivm(input_ids=IDS).logits
-        assert torch.equal(got, hooked_logits(model, path, side, 1.5 * v)), f"{model_type} {site}"
-        assert not torch.equal(got, base), f"{model_type} {site}: no effect"
+    _steering_equals_hooks(model, model_type, cases)
 
 
 def _steps(model: torch.nn.Module, i: int) -> list[tuple]:
