@@ -1,11 +1,11 @@
-"""ITI's all-head probing: the batched solver vs honest_llama's per-head scikit-learn loop.
+"""ITI's all-head probing: our head-probe solver vs honest_llama's per-head scikit-learn loop.
 
     python benchmarks/iti_probe_fit.py            # 32 layers x 32 heads x 128 dims, 5,000 examples
     python benchmarks/iti_probe_fit.py --small    # 4 layers x 32 heads, same sizes otherwise
 
 Synthetic head activations: anisotropic per-head covariance (a power-law spectrum in a random
-basis; ``--floor`` raises the smallest variances, i.e. improves the conditioning), a per-head mean, and a truth signal of per-head strength along a random direction, for
-pairs of answers (one true, one false) per question. Train/validation are split by question (20%
+basis; ``--floor`` raises the smallest variances, i.e. improves the conditioning), a per-head mean,
+and a truth signal of per-head strength along a random direction, for pairs of answers (one true, one false) per question. Train/validation are split by question (20%
 of questions held out), as ITI does. Both methods fit ``LogisticRegression(C=1.0)`` per head on
 the training rows and are scored on the validation rows; we report wall times, their ratio, the
 largest per-head difference in validation accuracy and the overlap of the top-K heads.
@@ -16,17 +16,17 @@ The headline is the speed-up at equal CPU: ours on one thread against scikit-lea
 (wall time of each, and the ratio of CPU times). Ours on torch's default threads is printed after it,
 marked as using more CPU than scikit-learn, so not a like-for-like ratio; on a machine shared with other
 jobs that wall-clock ratio also depends on how many cores each run actually got. L-BFGS's step count grows with the conditioning
-of the features (``--floor 0.3``: ~75 steps, the default: ~160); the batched solver's
-preconditioner (a sampled Gram matrix) makes its ~5 steps insensitive to it. Ours runs ``--repeat``
+of the features (``--floor 0.3``: ~75 steps, the default: ~160); our solver's
+preconditioner (the features' Gram matrix) makes its ~2 steps insensitive to it. Ours runs ``--repeat``
 times (on torch's threads, then on one), alternating with as many parts of scikit-learn's loop.
 
-Measured on an idle machine (2 cores, load average 1.1-1.2), the headline at equal CPU (one thread each): 3.17 s
-for the 1,024 heads against scikit-learn's 43.8 s, 13.8x in wall and in CPU time; top-48 overlap 47/48,
-validation accuracies within 0.012 (mean 0.0016). Not at equal CPU (ours on 2 threads): 2.36 s wall, 18.5x.
-(Before the leaner solver iteration, same machine: 3.28 s, 13.4x; 2 threads 2.63 s, 16.7x.) Of ours' one-thread
-time, ~1.0 s is the ~11 passes per head over its features (memory-bound: the first from DRAM, the rest from L3),
-~0.4 s the preconditioner's Gram matrices and ~0.15 s their Cholesky factors; the rest is per-iteration overhead.
-Earlier, on the same cores shared with other jobs (load 4.2-4.5): ~12x at equal CPU (4.5 s against 53 s of CPU).
+Measured on an idle machine (2 cores, load average 0.9-1.0), the headline at equal CPU (one thread each): 1.78 s
+for the 1,024 heads against scikit-learn's 43.9 s, 24.7x in wall time, 24.6x in CPU time; top-48 overlap 48/48,
+validation accuracies within 0.012 (mean 0.0015). Not at equal CPU (ours on 2 threads): 1.06 s wall, 41.6x.
+Ours is the one-problem-per-matrix PCG (``intervene/probes/solvers/pcg_single.py``): per head ~1.0 ms for the
+preconditioner's ``syrk`` (reading the features from memory), ~0.06 ms its Cholesky factor, 2.3 CG iterations of
+two ~35 µs passes and ~20 NumPy calls. (The batched form it replaced, a 1,024-row preconditioner and ~5.2
+iterations over chunks of heads, took 3.17 s here: 13.8x; 2.36 s on 2 threads.)
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def run_sklearn(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va
     return time.perf_counter() - t0, time.process_time() - c0, accs
 
 
-def run_batched(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: torch.Tensor,
+def run_ours(x_tr: torch.Tensor, y_tr: torch.Tensor, x_va: torch.Tensor, y_va: torch.Tensor,
                 jobs: int | None) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """Wall time, CPU time (all threads), validation accuracies ``[heads]`` and iterations ``[heads]``."""
+    """Ours (``fit_head_probes``): wall time, CPU time (all threads), validation accuracies ``[heads]`` and iterations ``[heads]``."""
     from intervene.probes.solvers import fit_head_probes
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=48, help="top-K heads compared")
     p.add_argument("--floor", type=float, default=0.05,
                    help="noise floor of the per-direction std (larger: better conditioned, fewer L-BFGS steps)")
-    p.add_argument("--jobs", type=int, default=None, help="threads for the batched solver (default: torch's)")
+    p.add_argument("--jobs", type=int, default=None, help="threads for our solver (default: torch's)")
     p.add_argument("--repeat", type=int, default=3, help="runs of ours, alternating with parts of sklearn's loop")
     p.add_argument("--skip-sklearn", action="store_true")
     args = p.parse_args(argv)
@@ -124,17 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     bounds = torch.linspace(0, n_heads, args.repeat + 1).round().long().tolist()
     threads = torch.get_num_threads()
     for rep in range(args.repeat):
-        t_ours, cpu_ours, acc_ours, iters = run_batched(x_tr, y_tr, x_va, y_va, args.jobs)
+        t_ours, cpu_ours, acc_ours, iters = run_ours(x_tr, y_tr, x_va, y_va, args.jobs)
         ours.append((t_ours, cpu_ours))
         torch.set_num_threads(1)  # scikit-learn's footing: one thread for everything, scoring included
-        ours_one.append(run_batched(x_tr, y_tr, x_va, y_va, 1)[:2])
+        ours_one.append(run_ours(x_tr, y_tr, x_va, y_va, 1)[:2])
         torch.set_num_threads(threads)
         if not args.skip_sklearn:
             part = slice(bounds[rep], bounds[rep + 1])
             sk_parts.append(run_sklearn(x_tr[part], y_tr, x_va[part], y_va))
     t_ours, cpu_ours = (statistics.median(t[i] for t in ours) for i in (0, 1))
     t_one, cpu_one = (statistics.median(t[i] for t in ours_one) for i in (0, 1))
-    print(f"batched solver: {t_ours:7.2f} s wall, {cpu_ours:7.2f} s CPU ({1e3 * t_ours / n_heads:.2f} ms/head; "
+    print(f"ours          : {t_ours:7.2f} s wall, {cpu_ours:7.2f} s CPU ({1e3 * t_ours / n_heads:.2f} ms/head; "
           f"{float(iters.float().mean()):.1f} iterations on average; {args.jobs or threads} threads; "
           f"median of {args.repeat})")
     print(f"  ... 1 thread: {t_one:7.2f} s wall, {cpu_one:7.2f} s CPU")

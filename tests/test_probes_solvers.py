@@ -168,3 +168,68 @@ def test_pcg_rejects_bad_arguments() -> None:
         fit_pcg(x, y, torch.ones(2, 1), dtol=1e-8)
     with pytest.raises(ValueError, match="sample_weight"):
         fit_pcg(x, y, torch.ones(1, 1), sample_weight=torch.ones(1, 2, 10), dtol=1e-8)
+
+
+# ---- the one-problem-per-matrix form (ITI's head probes) ----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pcg_single_reaches_the_sklearn_optimum(dtype: torch.dtype) -> None:
+    # Badly conditioned features with massive dims (|x| up to 580: the centring of the Gram matrix cancels
+    # digits there) and a non-default C; a gradient tolerance just above float32's noise floor (1e-7 is
+    # below it on these features).
+    from intervene.probes.solvers.pcg_single import fit_pcg_single
+
+    x, y, _ = planted_features(600, 24, batch=(3,), margin=1.5, seed=21)
+    xa = anisotropic(x).to(dtype)
+    coef, icpt, iters, conv = fit_pcg_single(xa, y, 1 / (0.3 * 600), gtol=1e-6 if dtype == torch.float32 else 1e-12)
+    assert bool(conv.all()) and coef.dtype == torch.float64 and coef.shape == (3, 24)
+    for i in range(3):
+        _assert_matches(coef[i], icpt[i], _sklearn(xa[i], y, 0.3), xa[i], y, 0.3)
+
+
+def test_pcg_single_agrees_with_the_batched_form_and_across_threads() -> None:
+    from intervene.probes.solvers.pcg_single import fit_pcg_single
+
+    x, y, _ = planted_features(800, 32, batch=(6,), margin=1.0, seed=22)
+    xa = anisotropic(x)
+    l2 = 1 / 800
+    one = fit_pcg_single(xa, y, l2, gtol=1e-6, n_jobs=1)
+    two = fit_pcg_single(xa, y, l2, gtol=1e-6, n_jobs=2)
+    for a, b in zip(one, two):  # each matrix is solved by one thread in the same order of operations
+        assert torch.equal(a, b)
+    batched = fit_pcg(xa, y, torch.full((6, 1), l2, dtype=torch.float64), gtol=1e-6)
+    torch.testing.assert_close(one[0], batched.coef[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one[1], batched.intercept[:, 0], atol=1e-5, rtol=1e-4)
+    assert bool(one[3].all()) and bool(batched.converged.all())
+    assert float(one[2].float().mean()) < float(batched.n_iter.float().mean())  # the full-rows preconditioner
+
+
+def test_pcg_single_on_degenerate_features() -> None:
+    # Constant and duplicated columns (a singular Gram matrix: the penalty keeps P definite), separable
+    # labels, an all-zero matrix, and NaN features: every matrix ends; the NaN one reports "not converged".
+    from intervene.probes.solvers.pcg_single import fit_pcg_single
+
+    n = 200
+    y = torch.arange(n) % 2
+    base = torch.randn(n, 5, generator=torch.Generator().manual_seed(3))
+    dup = torch.cat([base[:, :3], base[:, :2], torch.full((n, 1), 7.0)], 1)
+    separable = torch.randn(n, 6, generator=torch.Generator().manual_seed(4))
+    separable[:, 0] = (2 * y - 1) * 5.0
+    nan = torch.randn(n, 6)
+    nan[3, 2] = float("nan")
+    x = torch.stack([dup, separable, torch.zeros(n, 6), nan])
+    coef, icpt, iters, conv = fit_pcg_single(x, y, 1 / n, gtol=1e-6)
+    assert conv[:3].tolist() == [True, True, True] and not bool(conv[3])
+    for i in range(3):
+        _assert_matches(coef[i], icpt[i], _sklearn(x[i], y), x[i], y)
+
+
+def test_head_probes_warn_when_not_converged() -> None:
+    from intervene.probes.solvers import fit_head_probes
+
+    x = torch.randn(2, 100, 4)
+    x[1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="1 of 2 head probes did not reach"):
+        fit = fit_head_probes(x, torch.arange(100) % 2)
+    assert fit.converged.tolist() == [True, False]
+    with pytest.raises(ValueError, match="C must be positive"):
+        fit_head_probes(x, torch.arange(100) % 2, C=0.0)

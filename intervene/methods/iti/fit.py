@@ -1,7 +1,7 @@
 """ITI's data and selection: labelled prompt+answer texts, head activations, head ranking, directions, σ.
 
-The per-head probes themselves are fitted by :func:`intervene.probes.solvers.fit_head_probes`, the
-batched solver the probes share. Shapes: ``L`` layers, ``H`` heads, ``N`` examples, ``D`` head dim.
+The per-head probes themselves are fitted by :func:`intervene.probes.solvers.fit_head_probes`, from the
+solver family the probes share (docs/architecture.md, "The logistic-regression solvers"). Shapes: ``L`` layers, ``H`` heads, ``N`` examples, ``D`` head dim.
 """
 
 from __future__ import annotations

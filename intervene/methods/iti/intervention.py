@@ -270,7 +270,7 @@ class ITI(Intervention):
         train, val = split_by_group(ex.groups, cfg.val_fraction, cfg.seed)
         if y[train].unique().numel() < 2:
             raise ValueError("the training questions hold only one label; ITI's probes need both")
-        probes = fit_head_probes(x[:, :, train], y[train], C=cfg.C, seed=cfg.seed)
+        probes = fit_head_probes(x[:, :, train], y[train], C=cfg.C)
         val_acc = probes.accuracy(x[:, :, val], y[val])
         heads = rank_heads(val_acc, cfg.num_heads)
         dirs, sigma = head_directions(x, y, heads, cfg.direction, probes.coef, cfg.seed)  # type: ignore[arg-type]
