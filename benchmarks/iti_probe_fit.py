@@ -22,7 +22,9 @@ times (on torch's threads, then on one), alternating with as many parts of sciki
 
 Measured on an idle machine (2 cores, load average 0.9-1.0), the headline at equal CPU (one thread each): 1.78 s
 for the 1,024 heads against scikit-learn's 43.9 s, 24.7x in wall time, 24.6x in CPU time; top-48 overlap 48/48,
-validation accuracies within 0.012 (mean 0.0015). Not at equal CPU (ours on 2 threads): 1.06 s wall, 41.6x.
+validation accuracies within 0.012 (mean 0.0015); a second run 1.78 s vs 44.5 s, 25.0x. Not at equal CPU (ours
+on 2 threads): 1.06 s wall, 41.6x. On better-conditioned features (``--floor 0.3``) scikit-learn needs fewer
+steps (21.6 ms per head) and ours the same time: 12.4x at equal CPU, top-48 47/48.
 Ours is the one-problem-per-matrix PCG (``intervene/probes/solvers/pcg_single.py``): per head ~1.0 ms for the
 preconditioner's ``syrk`` (reading the features from memory), ~0.06 ms its Cholesky factor, 2.3 CG iterations of
 two ~35 µs passes and ~20 NumPy calls. (The batched form it replaced, a 1,024-row preconditioner and ~5.2
