@@ -21,6 +21,11 @@ Measured on 2 shared cores (AMD EPYC; load average 2.8-4.2, other jobs held abou
     anisotropic [12, 5000, 768]   pcg    1.91 / 1.79      1.80 / 1.58    21.9  / 18.5      11.5x 10.4x  11.7x
     ITI heads [64, 4000, 128]     pcg    0.41 / 0.37      0.35 / 0.29     0.56 / 0.43       1.4x  1.2x   1.5x
 
+On an idle machine (load average 1.0-1.1), same medians: isotropic 0.46 / 0.87 (2 threads), 0.74 (1 thread) against
+scikit-learn's 0.72: 1.6x wall, 1.0x at one thread each; anisotropic 0.83 / 1.58, 1.49 against 16.2: 10.9x at one
+thread each; ITI heads 0.20 / 0.34, 0.27 against 0.39: 1.5x at one thread each. (ITI itself fits its head probes
+with ``fit_head_probes``, see ``benchmarks/iti_probe_fit.py``; this section times the general probe on that shape.)
+
 Before this solver family (auto = Newton; the same comparison at load ~7): isotropic 0.15x CPU time
 (0.36x at one thread each), anisotropic 3.2x (7.7x), ITI heads 0.06x (0.37x).
 
