@@ -233,3 +233,18 @@ def test_head_probes_warn_when_not_converged() -> None:
     assert fit.converged.tolist() == [True, False]
     with pytest.raises(ValueError, match="C must be positive"):
         fit_head_probes(x, torch.arange(100) % 2, C=0.0)
+
+
+def test_pcg_single_stops_at_the_float32_noise_floor() -> None:
+    # A gradient tolerance float32 passes cannot reach: stop once the gradient stops improving (not
+    # converged) instead of running max_iter, at scikit-learn's optimum to float32 accuracy.
+    from intervene.probes.solvers.pcg_single import STALL, fit_pcg_single
+
+    x, y, _ = planted_features(2000, 64, margin=2.0, seed=18)
+    xa = anisotropic(x)
+    coef, icpt, iters, conv = fit_pcg_single(xa[None], y, 1 / 2000, gtol=1e-12, max_iter=500)
+    assert not bool(conv[0]) and int(iters[0]) < 100
+    reached = fit_pcg_single(xa[None], y, 1 / 2000, gtol=1e-6, max_iter=500)
+    assert bool(reached[3][0]) and int(iters[0]) >= int(reached[2][0]) + STALL
+    ref = _sklearn(xa, y)
+    assert _objective(xa, y, coef[0], icpt[0]) - _objective(xa, y, ref.coef_[0], ref.intercept_[0]) < 1e-9

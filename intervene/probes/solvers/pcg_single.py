@@ -31,6 +31,8 @@ from numpy.typing import NDArray
 
 __all__ = ["fit_pcg_single"]
 
+STALL = 10  # iterations without a new smallest gradient after which a problem stops, not converged
+
 
 def fit_pcg_single(x: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float, max_iter: int = 200,
                    n_jobs: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,7 +46,9 @@ def fit_pcg_single(x: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float, 
         y: labels ``[N]`` in {0, 1}, shared by every matrix.
         l2: the penalty of the mean-scaled objective.
         gtol: gradient tolerance (scikit-learn's L-BFGS criterion on the same objective).
-        max_iter: CG iterations at most.
+        max_iter: CG iterations at most. A problem also stops (not converged) once its gradient has not
+            reached a new minimum for ``STALL`` iterations: a ``gtol`` below the noise floor of float32
+            passes (~1e-7 times the features' scale) cannot be reached.
         n_jobs: threads (default: torch's thread count); each solves whole matrices.
 
     Returns:
@@ -138,6 +142,7 @@ def _solve_one(x: NDArray[np.floating], y: NDArray[np.floating], ybar: float, l2
     db = 0.0
     gw_prev = np.zeros(d)
     gb_prev = gs_prev = 0.0
+    best, best_it = math.inf, 0
     it = 0
     while True:
         if it > 0:
@@ -149,9 +154,14 @@ def _solve_one(x: NDArray[np.floating], y: NDArray[np.floating], ybar: float, l2
         gw -= sr * mu
         gw += l2 * w
         gb = sr
-        if max(float(np.abs(gw).max()), abs(gb)) <= gtol:
+        gmax = max(float(np.abs(gw).max()), abs(gb))
+        if gmax <= gtol:
             return w, b - float(mu @ w), it, True
-        if it == max_iter:
+        if gmax < best:
+            best, best_it = gmax, it
+        # No new smallest gradient in STALL iterations: it is at the noise floor of the dtype's passes,
+        # above the tolerance (or NaN); running on to max_iter would not get below it.
+        if it == max_iter or it - best_it >= STALL or math.isnan(gmax):
             return w, b - float(mu @ w), it, False
         sw = lapack.dpotrs(chol, gw, lower=1)[0]
         sb = 4.0 * gb
