@@ -23,11 +23,12 @@ Shapes: ``B`` feature matrices, ``N`` examples, ``D`` features.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
+
+from intervene.probes.solvers.pcg import run_chunks
 
 __all__ = ["fit_pcg_single"]
 
@@ -70,26 +71,16 @@ def fit_pcg_single(x: torch.Tensor, y: torch.Tensor, l2: float, *, gtol: float, 
     y_dt = yv.astype(dt)
     tdt = torch.float64 if dt is np.float64 else torch.float32
 
-    def solve(j: int) -> None:
-        xj = x[j].detach().to("cpu", tdt).contiguous().numpy()
-        coef[j], icpt[j], iters[j], conv[j] = _solve_one(xj, y_dt, ybar, l2, gtol, max_iter)
+    def solve(sl: slice) -> None:
+        for j in range(sl.start, sl.stop):
+            xj = x[j].detach().to("cpu", tdt).contiguous().numpy()
+            coef[j], icpt[j], iters[j], conv[j] = _solve_one(xj, y_dt, ybar, l2, gtol, max_iter)
 
-    jobs = max(1, min(nb, n_jobs or torch.get_num_threads()))
-    threads = torch.get_num_threads()
     from threadpoolctl import threadpool_limits
 
     # One BLAS thread per matrix: the products are small, and idle BLAS threads spin on shared cores.
     with threadpool_limits(1, user_api="blas"):
-        torch.set_num_threads(1)
-        try:
-            if jobs == 1:
-                for j in range(nb):
-                    solve(j)
-            else:
-                with ThreadPoolExecutor(jobs) as pool:
-                    list(pool.map(solve, range(nb)))
-        finally:
-            torch.set_num_threads(threads)
+        run_chunks(solve, [slice(j, j + 1) for j in range(nb)], n_jobs or torch.get_num_threads())
     return torch.from_numpy(coef), torch.from_numpy(icpt), torch.from_numpy(iters), torch.from_numpy(conv)
 
 
@@ -137,7 +128,7 @@ def _solve_one(x: NDArray[np.floating], y: NDArray[np.floating], ybar: float, l2
     q = np.empty_like(z)
     tmp = np.empty_like(z)
     tmp2 = np.empty_like(z)
-    z_t, p_t, tmp2_t = torch.from_numpy(z), torch.from_numpy(p), torch.from_numpy(tmp2)
+    z_t, p_t, tmp2_t = torch.from_numpy(z), torch.from_numpy(p), torch.from_numpy(tmp2)  # views, for sigmoid
     dw = np.zeros(d)
     db = 0.0
     gw_prev = np.zeros(d)
@@ -180,7 +171,7 @@ def _solve_one(x: NDArray[np.floating], y: NDArray[np.floating], ybar: float, l2
         np.matmul(x, dw.astype(x.dtype), out=q)
         q += db - float(mu @ dw)
         lwd, ldd = l2 * float(w @ dw), l2 * float(dw @ dw)
-        t = _line_search(z, p, q, y, slope, lwd, ldd, inv_n, tmp, tmp2, z_t, tmp2_t)
+        t = _line_search(z, p, q, y, slope, lwd, ldd, inv_n, tmp, tmp2, tmp2_t)
         if not math.isfinite(t):  # no step to take (see _line_search)
             return w, b - float(mu @ w), it, False
         w += t * dw
@@ -193,12 +184,11 @@ def _solve_one(x: NDArray[np.floating], y: NDArray[np.floating], ybar: float, l2
 
 def _line_search(z: NDArray[np.floating], p: NDArray[np.floating], q: NDArray[np.floating],
                  y: NDArray[np.floating], slope: float, lwd: float, ldd: float, inv_n: float,
-                 tmp: NDArray[np.floating], tmp2: NDArray[np.floating], z_t: torch.Tensor,
-                 tmp2_t: torch.Tensor) -> float:
+                 tmp: NDArray[np.floating], tmp2: NDArray[np.floating], tmp2_t: torch.Tensor) -> float:
     """Step near the minimiser of the convex ``φ(t) = F(θ + t·d)``: two Newton steps, the second kept inside
     the bracket the first reveals (as :func:`~intervene.probes.solvers.pcg._line_search`). ``φ'(0) = slope``;
     the margins move along ``q``; ``lwd``, ``ldd`` are the penalty's parts of ``φ'`` and ``φ''``. ``p`` is
-    ``sigmoid(z)`` and is overwritten; ``tmp``, ``tmp2`` are scratch."""
+    ``sigmoid(z)`` and is overwritten; ``tmp``, ``tmp2`` are scratch (``tmp2_t`` a tensor view of ``tmp2``)."""
     np.multiply(q, q, out=tmp)
     tmp *= inv_n  # q² / N
     np.multiply(p, p, out=tmp2)
