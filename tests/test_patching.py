@@ -65,6 +65,18 @@ def _capture(model, site: str, out: dict):
     return _hook(model, site, keep)
 
 
+@torch.no_grad()
+def _states(model, site: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One run of ``model`` on ``batch``: the activation at ``site`` (``[batch, seq, *site]``), by a hand hook."""
+    captured: dict = {}
+    h = _capture(model, site, captured)
+    try:
+        model(**batch)
+    finally:
+        h.remove()
+    return captured["x"]
+
+
 def _batch(rows: list[list[int]], side: str = "left") -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -87,13 +99,7 @@ SOURCE = [[21, 22, 23], [24, 25, 26, 27, 28, 29, 30], [31, 32, 33, 34]]
 @torch.no_grad()
 def _reference_interchange(model, base, source, site, base_pos, src_pos, heads=None):
     """Two runs by hand: capture the source site, then overwrite the base site at the mapped columns."""
-    captured: dict = {}
-    h = _capture(model, site, captured)
-    try:
-        model(**source)
-    finally:
-        h.remove()
-    src = captured["x"]
+    src = _states(model, site, source)
 
     def patch(x):
         x = x.clone()
@@ -153,17 +159,13 @@ def test_subspace_interchange_patches_only_the_span() -> None:
     d = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
     q = torch.linalg.qr(d.T).Q.T  # orthonormal rows spanning d
 
-    captured: dict = {}
-    h = _capture(model, "layers.0", captured)
-    with torch.no_grad():
-        model(**source)
-    h.remove()
+    src = _states(model, "layers.0", source)
 
     def patch(x):
         x = x.clone()
         for i in range(3):
             bc, sc = _cols(base, i)[-1], _cols(source, i)[-1]
-            x[i, bc] = x[i, bc] + ((captured["x"][i, sc] - x[i, bc]) @ q.T) @ q
+            x[i, bc] = x[i, bc] + ((src[i, sc] - x[i, bc]) @ q.T) @ q
         return x
 
     h = _hook(model, "layers.0", patch)
@@ -201,17 +203,13 @@ def test_interchange_composes_with_an_intervenable_and_restores_it() -> None:
     assert ivm.attached and ivm.interventions == [steer]
     ivm.detach()
     # reference: both runs with the steering hook, plus the patch
-    captured: dict = {}
     s = _hook(model, "layers.1", lambda x: x + 3.0 * steer.vectors["layers.1"])
-    h = _capture(model, "layers.0", captured)
-    with torch.no_grad():
-        model(**source)
-    h.remove()
+    src = _states(model, "layers.0", source)
 
     def patch(x):
         x = x.clone()
         for i in range(3):
-            x[i, _cols(base, i)[-1]] = captured["x"][i, _cols(source, i)[-1]]
+            x[i, _cols(base, i)[-1]] = src[i, _cols(source, i)[-1]]
         return x
 
     h = _hook(model, "layers.0", patch)
@@ -289,16 +287,11 @@ def test_noise_is_seeded_per_token_and_scaled() -> None:
     base = _batch(BASE)
     noise = iv.Noise("layers.0:input", scale=0.5, positions=[0, 1], seed=7)
     captured: dict = {}
-    clean: dict = {}
     with torch.no_grad(), iv.Intervenable(model, [noise]) as ivm:
         h = _capture(model, "layers.0:input", captured)  # registered after ours: sees the noisy input
         ivm(**base)
         h.remove()
-    with torch.no_grad():
-        h = _capture(model, "layers.0:input", clean)
-        model(**base)
-        h.remove()
-    delta = captured["x"] - clean["x"]
+    delta = captured["x"] - _states(model, "layers.0:input", base)
     for i in range(3):
         cols = _cols(base, i)
         for p in (0, 1):
